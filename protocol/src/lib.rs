@@ -1,0 +1,52 @@
+//! The thingport wire formats, the one home of every byte that crosses a thingport connection.
+//!
+//! - [`frame`]: device frames (HELLO, WELCOME, PROPERTIES, EVENT, SERVICE_REQUEST/RESPONSE, ACK, PING/PONG, GOAWAY,
+//!   ERROR) and [`value`]: the typed values they carry.
+//! - [`stream`]: length-prefixed framing for byte streams (device frames on QUIC, link frames on TCP).
+//! - [`link`]: the gateway ↔ foundation link format, a routing header in front of unchanged device frame bytes.
+//! - [`session`]: the device session state machine used by both ends (handshake, keepalive, sequence numbers,
+//!   retransmission after reconnect, duplicate detection).
+//!
+//! This crate does no I/O: no sockets, no clock, no randomness. Time comes in as an argument. Decoders check every
+//! declared length against [`Limits`] before allocating, reject trailing bytes, and hand strings and payloads out
+//! as `Bytes` slices of the input. The specification is `docs/PROTOCOL.md`; its hex test vectors are checked by
+//! this crate's tests.
+
+pub mod codes;
+pub mod error;
+pub mod frame;
+pub mod limits;
+pub mod link;
+pub mod session;
+pub mod stream;
+pub mod value;
+pub mod varint;
+mod wire;
+
+pub use bytes::Bytes;
+pub use bytestring::ByteString;
+pub use codes::{Action, ErrorCode, GoawayReason, Quality, ServiceErrorCode};
+pub use error::{DecodeError, SendError, SessionError};
+pub use frame::{
+    Credential, DataHeader, ErrorFrame, Event, Frame, FrameType, Goaway, Hello, Properties,
+    PropertyUpdate, ServiceRequest, ServiceResponse, ServiceResult, Welcome,
+};
+pub use limits::Limits;
+pub use link::{LinkDecoder, LinkFrame, Transport};
+pub use session::{
+    DeviceConfig, DeviceEvent, DeviceSession, DeviceState, ServerConfig, ServerEvent,
+    ServerSession, ServerState,
+};
+pub use value::Value;
+
+/// Lowest device protocol version this crate speaks.
+pub const MIN_VERSION: u8 = 1;
+/// Highest device protocol version this crate speaks.
+pub const MAX_VERSION: u8 = 1;
+
+/// TLS ALPN protocol name of the device protocol over QUIC (`docs/PROTOCOL.md` §2.3).
+pub const QUIC_ALPN: &[u8] = b"thingport/1";
+/// WebSocket subprotocol (`Sec-WebSocket-Protocol`) of the device protocol over WSS (`docs/PROTOCOL.md` §2.2).
+pub const WS_SUBPROTOCOL: &str = "thingport.v1";
+/// Request path of the device WebSocket endpoint.
+pub const WS_PATH: &str = "/v1/device";

@@ -1,0 +1,422 @@
+//! The gateway ↔ foundation link format (`docs/PROTOCOL.md` §8).
+//!
+//! A link is one TCP connection (TLS optional) carrying length-prefixed link frames both ways, many per write. A
+//! device frame travels inside `UPSTREAM` / `DOWNSTREAM` behind a short routing header, its bytes unchanged, so the
+//! gateway forwards without re-encoding.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
+
+use crate::codes::ErrorCode;
+use crate::error::DecodeError;
+use crate::limits::Limits;
+use crate::stream;
+use crate::varint;
+use crate::wire::{Reader, len_prefixed_len, put_len_prefixed};
+
+/// Version of the link format.
+pub const LINK_VERSION: u8 = 1;
+
+/// Bytes a routing header adds at most to a device frame: type, session id, thing name at its length limit.
+pub fn max_overhead(limits: &Limits) -> usize {
+    1 + varint::MAX_LEN * 2 + limits.max_name
+}
+
+/// Link frame type bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum LinkType {
+    Hello = 0x01,
+    Welcome = 0x02,
+    Open = 0x03,
+    Close = 0x04,
+    Upstream = 0x05,
+    Stored = 0x06,
+    Downstream = 0x07,
+    Undeliverable = 0x08,
+    Ping = 0x09,
+    Pong = 0x0a,
+    Load = 0x0b,
+    Goaway = 0x0c,
+}
+
+impl LinkType {
+    fn from_u8(byte: u8) -> Result<LinkType, DecodeError> {
+        Ok(match byte {
+            0x01 => LinkType::Hello,
+            0x02 => LinkType::Welcome,
+            0x03 => LinkType::Open,
+            0x04 => LinkType::Close,
+            0x05 => LinkType::Upstream,
+            0x06 => LinkType::Stored,
+            0x07 => LinkType::Downstream,
+            0x08 => LinkType::Undeliverable,
+            0x09 => LinkType::Ping,
+            0x0a => LinkType::Pong,
+            0x0b => LinkType::Load,
+            0x0c => LinkType::Goaway,
+            other => return Err(DecodeError::UnknownFrameType(other)),
+        })
+    }
+}
+
+/// How the device reached the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Transport {
+    Wss = 1,
+    Quic = 2,
+}
+
+/// A link frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkFrame {
+    /// Gateway → worker, first on a link.
+    Hello {
+        version: u8,
+        gateway_id: ByteString,
+        link_index: u32,
+    },
+    /// Worker → gateway, the reply to `Hello`.
+    Welcome {
+        version: u8,
+        worker_id: ByteString,
+    },
+    /// Gateway → worker: a device session was authenticated (the thing's binding is this gateway and session).
+    Open {
+        session_id: u64,
+        thing: ByteString,
+        transport: Transport,
+        resume_seq: u64,
+    },
+    /// Gateway → worker: the session ended; `code` says why (0: the device closed normally).
+    Close {
+        session_id: u64,
+        thing: ByteString,
+        code: ErrorCode,
+    },
+    /// Gateway → worker: a device frame from a session, unchanged.
+    Upstream {
+        session_id: u64,
+        thing: ByteString,
+        frame: Bytes,
+    },
+    /// Worker → gateway: the data frame `seq` of a session is durably handled; the gateway may acknowledge it.
+    Stored {
+        session_id: u64,
+        seq: u64,
+    },
+    /// Worker → gateway: a device frame for a session. A data frame's sequence number is set by the gateway.
+    /// `reference` is the worker's, returned in `Undeliverable` if the frame cannot be delivered.
+    Downstream {
+        session_id: u64,
+        reference: u64,
+        frame: Bytes,
+    },
+    /// Gateway → worker: a `Downstream` frame was not delivered.
+    Undeliverable {
+        session_id: u64,
+        reference: u64,
+        code: ErrorCode,
+    },
+    /// Either way: liveness probe, answered by `Pong` with the same nonce.
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// Worker → gateway: while `saturated`, send new device frames to other links.
+    Load {
+        saturated: bool,
+    },
+    /// Either way: the sender is draining; send nothing new on this link, finish what is in flight.
+    Goaway,
+}
+
+impl LinkFrame {
+    fn link_type(&self) -> LinkType {
+        match self {
+            LinkFrame::Hello { .. } => LinkType::Hello,
+            LinkFrame::Welcome { .. } => LinkType::Welcome,
+            LinkFrame::Open { .. } => LinkType::Open,
+            LinkFrame::Close { .. } => LinkType::Close,
+            LinkFrame::Upstream { .. } => LinkType::Upstream,
+            LinkFrame::Stored { .. } => LinkType::Stored,
+            LinkFrame::Downstream { .. } => LinkType::Downstream,
+            LinkFrame::Undeliverable { .. } => LinkType::Undeliverable,
+            LinkFrame::Ping { .. } => LinkType::Ping,
+            LinkFrame::Pong { .. } => LinkType::Pong,
+            LinkFrame::Load { .. } => LinkType::Load,
+            LinkFrame::Goaway => LinkType::Goaway,
+        }
+    }
+
+    /// Bytes the frame takes, without its length prefix.
+    pub fn encoded_len(&self) -> usize {
+        use varint::encoded_len as v;
+        1 + match self {
+            LinkFrame::Hello {
+                gateway_id,
+                link_index,
+                ..
+            } => 1 + len_prefixed_len(gateway_id.as_bytes()) + v((*link_index).into()),
+            LinkFrame::Welcome { worker_id, .. } => 1 + len_prefixed_len(worker_id.as_bytes()),
+            LinkFrame::Open {
+                session_id,
+                thing,
+                resume_seq,
+                ..
+            } => v(*session_id) + len_prefixed_len(thing.as_bytes()) + 1 + v(*resume_seq),
+            LinkFrame::Close {
+                session_id,
+                thing,
+                code,
+            } => v(*session_id) + len_prefixed_len(thing.as_bytes()) + v(code.0.into()),
+            LinkFrame::Upstream {
+                session_id,
+                thing,
+                frame,
+            } => v(*session_id) + len_prefixed_len(thing.as_bytes()) + frame.len(),
+            LinkFrame::Stored { session_id, seq } => v(*session_id) + v(*seq),
+            LinkFrame::Downstream {
+                session_id,
+                reference,
+                frame,
+            } => v(*session_id) + v(*reference) + frame.len(),
+            LinkFrame::Undeliverable {
+                session_id,
+                reference,
+                code,
+            } => v(*session_id) + v(*reference) + v(code.0.into()),
+            LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => v(*nonce),
+            LinkFrame::Load { .. } => 1,
+            LinkFrame::Goaway => 0,
+        }
+    }
+
+    /// Appends the frame without its length prefix.
+    pub fn encode(&self, dst: &mut impl BufMut) {
+        dst.put_u8(self.link_type() as u8);
+        match self {
+            LinkFrame::Hello {
+                version,
+                gateway_id,
+                link_index,
+            } => {
+                dst.put_u8(*version);
+                put_len_prefixed(dst, gateway_id.as_bytes());
+                varint::put(dst, (*link_index).into());
+            }
+            LinkFrame::Welcome { version, worker_id } => {
+                dst.put_u8(*version);
+                put_len_prefixed(dst, worker_id.as_bytes());
+            }
+            LinkFrame::Open {
+                session_id,
+                thing,
+                transport,
+                resume_seq,
+            } => {
+                varint::put(dst, *session_id);
+                put_len_prefixed(dst, thing.as_bytes());
+                dst.put_u8(*transport as u8);
+                varint::put(dst, *resume_seq);
+            }
+            LinkFrame::Close {
+                session_id,
+                thing,
+                code,
+            } => {
+                varint::put(dst, *session_id);
+                put_len_prefixed(dst, thing.as_bytes());
+                varint::put(dst, code.0.into());
+            }
+            LinkFrame::Upstream {
+                session_id,
+                thing,
+                frame,
+            } => {
+                varint::put(dst, *session_id);
+                put_len_prefixed(dst, thing.as_bytes());
+                dst.put_slice(frame);
+            }
+            LinkFrame::Stored { session_id, seq } => {
+                varint::put(dst, *session_id);
+                varint::put(dst, *seq);
+            }
+            LinkFrame::Downstream {
+                session_id,
+                reference,
+                frame,
+            } => {
+                varint::put(dst, *session_id);
+                varint::put(dst, *reference);
+                dst.put_slice(frame);
+            }
+            LinkFrame::Undeliverable {
+                session_id,
+                reference,
+                code,
+            } => {
+                varint::put(dst, *session_id);
+                varint::put(dst, *reference);
+                varint::put(dst, code.0.into());
+            }
+            LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => varint::put(dst, *nonce),
+            LinkFrame::Load { saturated } => dst.put_u8(u8::from(*saturated)),
+            LinkFrame::Goaway => {}
+        }
+    }
+
+    /// Appends the frame with its length prefix, as it goes on the link. Many frames are appended to one buffer
+    /// and written with one call.
+    pub fn encode_framed(&self, dst: &mut impl BufMut) {
+        stream::put_len(dst, self.encoded_len());
+        self.encode(dst);
+    }
+
+    /// The frame with its length prefix as one buffer.
+    pub fn to_framed_bytes(&self) -> Bytes {
+        let len = self.encoded_len();
+        let mut buf = BytesMut::with_capacity(stream::framed_len(len));
+        self.encode_framed(&mut buf);
+        buf.freeze()
+    }
+
+    /// Decodes one link frame (without its length prefix). Device frames inside are slices of `frame`, not
+    /// decoded: the receiver decodes them with its own limits.
+    pub fn decode(frame: Bytes, limits: &Limits) -> Result<LinkFrame, DecodeError> {
+        let mut r = Reader::new(frame);
+        let frame = match LinkType::from_u8(r.u8()?)? {
+            LinkType::Hello => LinkFrame::Hello {
+                version: r.u8()?,
+                gateway_id: r.name("gateway id", limits.max_name)?,
+                link_index: r.varint_as("link index")?,
+            },
+            LinkType::Welcome => LinkFrame::Welcome {
+                version: r.u8()?,
+                worker_id: r.name("worker id", limits.max_name)?,
+            },
+            LinkType::Open => LinkFrame::Open {
+                session_id: r.varint()?,
+                thing: r.name("thing name", limits.max_name)?,
+                transport: match r.u8()? {
+                    1 => Transport::Wss,
+                    2 => Transport::Quic,
+                    other => {
+                        return Err(DecodeError::InvalidField {
+                            what: "transport",
+                            value: other.into(),
+                        });
+                    }
+                },
+                resume_seq: r.varint()?,
+            },
+            LinkType::Close => LinkFrame::Close {
+                session_id: r.varint()?,
+                thing: r.name("thing name", limits.max_name)?,
+                code: ErrorCode(r.varint_as("error code")?),
+            },
+            LinkType::Upstream => {
+                let session_id = r.varint()?;
+                let thing = r.name("thing name", limits.max_name)?;
+                LinkFrame::Upstream {
+                    session_id,
+                    thing,
+                    frame: device_frame(&mut r, limits)?,
+                }
+            }
+            LinkType::Stored => LinkFrame::Stored {
+                session_id: r.varint()?,
+                seq: r.varint()?,
+            },
+            LinkType::Downstream => {
+                let session_id = r.varint()?;
+                let reference = r.varint()?;
+                LinkFrame::Downstream {
+                    session_id,
+                    reference,
+                    frame: device_frame(&mut r, limits)?,
+                }
+            }
+            LinkType::Undeliverable => LinkFrame::Undeliverable {
+                session_id: r.varint()?,
+                reference: r.varint()?,
+                code: ErrorCode(r.varint_as("error code")?),
+            },
+            LinkType::Ping => LinkFrame::Ping { nonce: r.varint()? },
+            LinkType::Pong => LinkFrame::Pong { nonce: r.varint()? },
+            LinkType::Load => LinkFrame::Load {
+                saturated: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(DecodeError::InvalidField {
+                            what: "saturated",
+                            value: other.into(),
+                        });
+                    }
+                },
+            },
+            LinkType::Goaway => LinkFrame::Goaway,
+        };
+        r.finish()?;
+        Ok(frame)
+    }
+}
+
+/// The rest of a link frame as a device frame: non-empty and within the device frame limit.
+fn device_frame(r: &mut Reader, limits: &Limits) -> Result<Bytes, DecodeError> {
+    let len = r.remaining();
+    if len == 0 {
+        return Err(DecodeError::Empty {
+            what: "device frame",
+        });
+    }
+    if len > limits.max_frame {
+        return Err(DecodeError::TooLong {
+            what: "frame",
+            len: len as u64,
+            limit: limits.max_frame,
+        });
+    }
+    Ok(r.rest())
+}
+
+/// Writes the length prefix and routing header of an `UPSTREAM` frame; the caller appends the device frame's
+/// `frame_len` bytes. This lets a gateway copy a device frame straight from its receive buffer into the link's
+/// batch buffer.
+pub fn put_upstream_header(dst: &mut impl BufMut, session_id: u64, thing: &str, frame_len: usize) {
+    let len = 1 + varint::encoded_len(session_id) + len_prefixed_len(thing.as_bytes()) + frame_len;
+    stream::put_len(dst, len);
+    dst.put_u8(LinkType::Upstream as u8);
+    varint::put(dst, session_id);
+    put_len_prefixed(dst, thing.as_bytes());
+}
+
+/// Splits link frames off a receive buffer.
+#[derive(Debug, Clone)]
+pub struct LinkDecoder {
+    limits: Limits,
+    max_link_frame: usize,
+}
+
+impl LinkDecoder {
+    /// A decoder for device frames within `limits`, plus routing headers.
+    pub fn new(limits: Limits) -> Self {
+        LinkDecoder {
+            limits,
+            max_link_frame: limits.max_frame + max_overhead(&limits),
+        }
+    }
+
+    /// The next whole link frame in `buf`, or `None` until one is complete.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<LinkFrame>, DecodeError> {
+        match stream::next_frame(buf, self.max_link_frame)? {
+            Some(frame) => LinkFrame::decode(frame, &self.limits).map(Some),
+            None => Ok(None),
+        }
+    }
+}
