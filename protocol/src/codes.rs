@@ -104,7 +104,7 @@ impl ErrorCode {
     }
 }
 
-/// Reason of a `GOAWAY` frame (`docs/PROTOCOL.md` §5.11).
+/// Reason of a `GOAWAY` frame (`docs/PROTOCOL.md` §5.10).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GoawayReason(pub u8);
 
@@ -117,7 +117,7 @@ codes!(GoawayReason {
     REBALANCE = 3;
 });
 
-/// Service error code in a failed `SERVICE_RESPONSE` (`docs/PROTOCOL.md` §5.8).
+/// Service error code in a failed `SERVICE_RESPONSE` (`docs/PROTOCOL.md` §5.6).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ServiceErrorCode(pub u16);
 
