@@ -23,7 +23,7 @@ pub mod value;
 pub mod varint;
 mod wire;
 
-pub use bytes::Bytes;
+pub use bytes::{Bytes, BytesMut};
 pub use bytestring::ByteString;
 pub use codes::{Action, ErrorCode, GoawayReason, Quality, ServiceErrorCode};
 pub use error::{DecodeError, SendError, SessionError};
