@@ -104,6 +104,10 @@ pub struct Hello {
     pub credential: Credential,
     /// Keepalive the device asks for, in seconds; 0 lets the server choose.
     pub keepalive_secs: u16,
+    /// Random number the device chose when it last started numbering its data frames from 1 (first boot, or after
+    /// losing its stored counter). The server deduplicates data by (thing, incarnation, sequence number), so a
+    /// device that restarts its numbering is not mistaken for a retransmission.
+    pub incarnation: u64,
     /// Sequence number of the device's oldest unacknowledged data frame (its next new one if none): the server
     /// expects data frames from here on.
     pub resume_seq: u64,
@@ -278,6 +282,7 @@ impl Frame {
                         Credential::Token(t) => 1 + len_prefixed_len(t),
                     }
                     + varint::encoded_len(h.keepalive_secs.into())
+                    + varint::encoded_len(h.incarnation)
                     + varint::encoded_len(h.resume_seq)
             }
             Frame::Welcome(w) => {
@@ -357,6 +362,7 @@ impl Frame {
                     }
                 }
                 varint::put(dst, h.keepalive_secs.into());
+                varint::put(dst, h.incarnation);
                 varint::put(dst, h.resume_seq);
             }
             Frame::Welcome(w) => {
@@ -448,7 +454,11 @@ impl Frame {
                 credential: match r.u8()? {
                     CREDENTIAL_NONE => Credential::None,
                     CREDENTIAL_TOKEN => {
-                        Credential::Token(r.len_prefixed("credential", limits.max_string)?)
+                        let token = r.len_prefixed("credential", limits.max_string)?;
+                        if token.is_empty() {
+                            return Err(DecodeError::Empty { what: "credential" });
+                        }
+                        Credential::Token(token)
                     }
                     other => {
                         return Err(DecodeError::InvalidField {
@@ -458,6 +468,7 @@ impl Frame {
                     }
                 },
                 keepalive_secs: r.varint_as("keepalive")?,
+                incarnation: r.varint()?,
                 // §5.1: sequence numbers start at 1
                 resume_seq: match r.varint()? {
                     0 => {
@@ -486,12 +497,14 @@ impl Frame {
                 for _ in 0..count {
                     let name = r.name("property name", limits.max_name)?;
                     let delta = varint::unzigzag(r.varint()?);
-                    let timestamp_ms = base
-                        .checked_add_signed(delta)
+                    // §4.2: base + delta must lie in 0..=MAX_TIMESTAMP
+                    let sum = i128::from(base) + i128::from(delta);
+                    let timestamp_ms = u64::try_from(sum)
+                        .ok()
                         .filter(|t| *t <= MAX_TIMESTAMP)
                         .ok_or(DecodeError::OutOfRange {
                             what: "timestamp",
-                            value: base,
+                            value: sum.clamp(0, u64::MAX.into()) as u64,
                         })?;
                     let quality = r.u8()?;
                     let quality = Quality::from_u8(quality).ok_or(DecodeError::InvalidField {

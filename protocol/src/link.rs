@@ -39,6 +39,7 @@ pub enum LinkType {
     Pong = 0x0a,
     Load = 0x0b,
     Goaway = 0x0c,
+    Rejected = 0x0d,
 }
 
 impl LinkType {
@@ -56,6 +57,7 @@ impl LinkType {
             0x0a => LinkType::Pong,
             0x0b => LinkType::Load,
             0x0c => LinkType::Goaway,
+            0x0d => LinkType::Rejected,
             other => return Err(DecodeError::UnknownFrameType(other)),
         })
     }
@@ -88,6 +90,7 @@ pub enum LinkFrame {
         session_id: u64,
         thing: ByteString,
         transport: Transport,
+        incarnation: u64,
         resume_seq: u64,
     },
     /// Gateway → worker: the session ended; `code` says why (0: the device closed normally).
@@ -133,6 +136,13 @@ pub enum LinkFrame {
     },
     /// Either way: the sender is draining; send nothing new on this link, finish what is in flight.
     Goaway,
+    /// Worker → gateway: the data frame `seq` of a session cannot be handled (malformed content, a type mismatch
+    /// with the thing model); the gateway ends the session with an `ERROR` carrying `code`.
+    Rejected {
+        session_id: u64,
+        seq: u64,
+        code: ErrorCode,
+    },
 }
 
 impl LinkFrame {
@@ -150,6 +160,7 @@ impl LinkFrame {
             LinkFrame::Pong { .. } => LinkType::Pong,
             LinkFrame::Load { .. } => LinkType::Load,
             LinkFrame::Goaway => LinkType::Goaway,
+            LinkFrame::Rejected { .. } => LinkType::Rejected,
         }
     }
 
@@ -166,9 +177,16 @@ impl LinkFrame {
             LinkFrame::Open {
                 session_id,
                 thing,
+                incarnation,
                 resume_seq,
                 ..
-            } => v(*session_id) + len_prefixed_len(thing.as_bytes()) + 1 + v(*resume_seq),
+            } => {
+                v(*session_id)
+                    + len_prefixed_len(thing.as_bytes())
+                    + 1
+                    + v(*incarnation)
+                    + v(*resume_seq)
+            }
             LinkFrame::Close {
                 session_id,
                 thing,
@@ -193,6 +211,11 @@ impl LinkFrame {
             LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => v(*nonce),
             LinkFrame::Load { .. } => 1,
             LinkFrame::Goaway => 0,
+            LinkFrame::Rejected {
+                session_id,
+                seq,
+                code,
+            } => v(*session_id) + v(*seq) + v(code.0.into()),
         }
     }
 
@@ -217,11 +240,13 @@ impl LinkFrame {
                 session_id,
                 thing,
                 transport,
+                incarnation,
                 resume_seq,
             } => {
                 varint::put(dst, *session_id);
                 put_len_prefixed(dst, thing.as_bytes());
                 dst.put_u8(*transport as u8);
+                varint::put(dst, *incarnation);
                 varint::put(dst, *resume_seq);
             }
             LinkFrame::Close {
@@ -267,6 +292,15 @@ impl LinkFrame {
             LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => varint::put(dst, *nonce),
             LinkFrame::Load { saturated } => dst.put_u8(u8::from(*saturated)),
             LinkFrame::Goaway => {}
+            LinkFrame::Rejected {
+                session_id,
+                seq,
+                code,
+            } => {
+                varint::put(dst, *session_id);
+                varint::put(dst, *seq);
+                varint::put(dst, code.0.into());
+            }
         }
     }
 
@@ -312,7 +346,16 @@ impl LinkFrame {
                         });
                     }
                 },
-                resume_seq: r.varint()?,
+                incarnation: r.varint()?,
+                resume_seq: match r.varint()? {
+                    0 => {
+                        return Err(DecodeError::InvalidField {
+                            what: "resume_seq",
+                            value: 0,
+                        });
+                    }
+                    seq => seq,
+                },
             },
             LinkType::Close => LinkFrame::Close {
                 session_id: r.varint()?,
@@ -361,6 +404,11 @@ impl LinkFrame {
                 },
             },
             LinkType::Goaway => LinkFrame::Goaway,
+            LinkType::Rejected => LinkFrame::Rejected {
+                session_id: r.varint()?,
+                seq: r.varint()?,
+                code: ErrorCode(r.varint_as("error code")?),
+            },
         };
         r.finish()?;
         Ok(frame)

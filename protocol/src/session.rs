@@ -44,6 +44,8 @@ pub struct DeviceConfig {
     pub handshake_timeout: Duration,
     /// Most unacknowledged data frames kept for retransmission (the server's `WELCOME` may lower it).
     pub window: usize,
+    /// Random number chosen when this device's sequence numbering last started at 1; kept with the counter.
+    pub incarnation: u64,
 }
 
 /// Where a device session is.
@@ -160,6 +162,7 @@ impl DeviceSession {
             thing: self.config.thing.clone(),
             credential: self.config.credential.clone(),
             keepalive_secs: self.config.keepalive_secs,
+            incarnation: self.config.incarnation,
             resume_seq,
         }));
     }
@@ -286,7 +289,8 @@ impl DeviceSession {
             if let Some(seq) = self.ack_pending.take() {
                 return Some(Frame::Ack { seq });
             }
-            if self.state != DeviceState::Established {
+            // §3.3: never more than the window in flight, even when retransmitting a backlog
+            if self.state != DeviceState::Established || self.unsent >= self.window {
                 return None;
             }
             let frame = self.unacked.get(self.unsent).cloned()?;
@@ -302,12 +306,13 @@ impl DeviceSession {
         match self.state {
             DeviceState::Disconnected => None,
             DeviceState::Handshaking => self.deadline,
+            DeviceState::Established | DeviceState::Draining if self.keepalive.is_zero() => None,
             DeviceState::Established | DeviceState::Draining => {
                 let dead = self.last_rx + dead_after(self.keepalive);
-                if self.ping_outstanding || self.keepalive.is_zero() {
+                if self.ping_outstanding {
                     Some(dead)
                 } else {
-                    Some(dead.min(self.last_tx + self.keepalive))
+                    Some(dead.min(self.ping_due()))
                 }
             }
         }
@@ -329,7 +334,7 @@ impl DeviceSession {
                 if now >= self.last_rx + dead_after(self.keepalive) {
                     return Err(SessionError::KeepaliveTimeout);
                 }
-                if !self.ping_outstanding && now >= self.last_tx + self.keepalive {
+                if !self.ping_outstanding && now >= self.ping_due() {
                     self.ping_nonce += 1;
                     self.ping_outstanding = true;
                     self.outbox.push_back(Frame::Ping {
@@ -339,6 +344,14 @@ impl DeviceSession {
                 Ok(())
             }
         }
+    }
+}
+
+impl DeviceSession {
+    /// §3.4: a `PING` goes out after one keepalive period with nothing sent or nothing received, so that a device
+    /// streaming data to a server that stopped answering still finds out.
+    fn ping_due(&self) -> Instant {
+        self.last_tx.min(self.last_rx) + self.keepalive
     }
 }
 
@@ -436,6 +449,8 @@ pub struct ServerSession {
     /// Next server data sequence number, and the highest the device acknowledged.
     tx_next: u64,
     tx_acked: u64,
+    /// Version chosen at `HELLO`.
+    version: u8,
     outbox: VecDeque<Frame>,
 }
 
@@ -443,6 +458,12 @@ impl ServerSession {
     /// A session for a transport accepted at `accepted` (the handshake deadline counts from then).
     pub fn new(config: ServerConfig, session_id: u64, accepted: Instant) -> Self {
         let deadline = accepted + config.handshake_timeout;
+        // a window of 0 would refuse every data frame
+        let config = ServerConfig {
+            window: config.window.max(1),
+            send_window: config.send_window.max(1),
+            ..config
+        };
         ServerSession {
             keepalive: keepalive_from_secs(config.default_keepalive_secs),
             config,
@@ -456,6 +477,7 @@ impl ServerSession {
             ack_pending: false,
             tx_next: 1,
             tx_acked: 0,
+            version: MAX_VERSION,
             outbox: VecDeque::new(),
         }
     }
@@ -509,13 +531,17 @@ impl ServerSession {
             }
             (ServerState::AwaitingHello, Frame::Hello(hello)) => {
                 // §3.2: the highest version both sides speak
-                if hello.max_version < MIN_VERSION || hello.min_version > MAX_VERSION {
+                if hello.min_version > hello.max_version
+                    || hello.max_version < MIN_VERSION
+                    || hello.min_version > MAX_VERSION
+                {
                     return Err(SessionError::UnsupportedVersion {
                         min: hello.min_version,
                         max: hello.max_version,
                     });
                 }
                 self.state = ServerState::Authenticating;
+                self.version = hello.max_version.min(MAX_VERSION);
                 self.rx_expected = hello.resume_seq;
                 self.acked = hello.resume_seq - 1;
                 let asked = hello.keepalive_secs;
@@ -598,7 +624,7 @@ impl ServerSession {
     /// Accepts the authenticated `HELLO`: queues `WELCOME` and returns it.
     pub fn accept(&mut self) -> Welcome {
         let welcome = Welcome {
-            version: MAX_VERSION,
+            version: self.version,
             session_id: self.session_id,
             keepalive_secs: self.keepalive.as_secs() as u16,
             max_frame: self.config.max_frame,

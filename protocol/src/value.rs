@@ -150,7 +150,7 @@ impl Value {
                 let count = r.count("map", limits.max_collection, 2)?;
                 let mut entries: Vec<(ByteString, Value)> = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let key = r.text("map key", limits.max_name)?;
+                    let key = r.name("map key", limits.max_name)?;
                     if entries.iter().any(|(k, _)| *k == key) {
                         return Err(DecodeError::DuplicateKey);
                     }

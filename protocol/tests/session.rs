@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use thingport_protocol::{
-    ByteString, Credential, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, ErrorCode, Event, Frame,
-    GoawayReason, Limits, Properties, PropertyUpdate, Quality, SendError, ServerConfig, ServerEvent,
-    ServerSession, ServerState, SessionError, Value,
+    ByteString, Credential, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, ErrorCode,
+    Event, Frame, GoawayReason, Limits, Properties, PropertyUpdate, Quality, SendError,
+    ServerConfig, ServerEvent, ServerSession, ServerState, SessionError, Value,
 };
 
 struct Clock(Instant);
@@ -26,6 +26,7 @@ fn device_config() -> DeviceConfig {
         keepalive_secs: 30,
         handshake_timeout: Duration::from_secs(10),
         window: 16,
+        incarnation: 0x5eed,
     }
 }
 
@@ -84,8 +85,16 @@ fn data_before_hello_is_refused() {
     let clock = Clock(Instant::now());
     let mut server = ServerSession::new(ServerConfig::default(), 1, clock.at(0));
     let err = server.handle_frame(reading(1), clock.at(1)).unwrap_err();
-    assert_eq!(err, SessionError::UnexpectedFrame { frame: "PROPERTIES", state: "awaiting HELLO" });
-    let Frame::Error(e) = ServerSession::error_frame(&err) else { panic!() };
+    assert_eq!(
+        err,
+        SessionError::UnexpectedFrame {
+            frame: "PROPERTIES",
+            state: "awaiting HELLO"
+        }
+    );
+    let Frame::Error(e) = ServerSession::error_frame(&err) else {
+        panic!()
+    };
     assert_eq!(e.code, ErrorCode::UNEXPECTED_FRAME);
 }
 
@@ -96,7 +105,10 @@ fn a_second_hello_is_refused() {
     let mut server = handshake(&mut device, clock.at(0));
     device.connect(clock.at(1));
     let hello = drain_device(&mut device, clock.at(1)).remove(0);
-    assert!(matches!(server.handle_frame(hello, clock.at(1)), Err(SessionError::UnexpectedFrame { .. })));
+    assert!(matches!(
+        server.handle_frame(hello, clock.at(1)),
+        Err(SessionError::UnexpectedFrame { .. })
+    ));
 }
 
 #[test]
@@ -105,10 +117,14 @@ fn unsupported_versions_are_refused() {
     let mut server = ServerSession::new(ServerConfig::default(), 1, clock.at(0));
     let mut device = DeviceSession::new(device_config(), 1, clock.at(0));
     device.connect(clock.at(0));
-    let Some(Frame::Hello(mut hello)) = device.poll_transmit(clock.at(0)) else { panic!() };
+    let Some(Frame::Hello(mut hello)) = device.poll_transmit(clock.at(0)) else {
+        panic!()
+    };
     hello.min_version = 2;
     hello.max_version = 3;
-    let err = server.handle_frame(Frame::Hello(hello), clock.at(0)).unwrap_err();
+    let err = server
+        .handle_frame(Frame::Hello(hello), clock.at(0))
+        .unwrap_err();
     assert_eq!(err.code(), ErrorCode::UNSUPPORTED_VERSION);
 }
 
@@ -120,7 +136,13 @@ fn data_must_arrive_in_order() {
     let mut skipped = reading(1);
     skipped.set_seq(2);
     let err = server.handle_frame(skipped, clock.at(1)).unwrap_err();
-    assert_eq!(err, SessionError::Sequence { expected: 1, got: 2 });
+    assert_eq!(
+        err,
+        SessionError::Sequence {
+            expected: 1,
+            got: 2
+        }
+    );
     assert_eq!(err.code(), ErrorCode::SEQUENCE_ERROR);
 }
 
@@ -133,7 +155,10 @@ fn acks_are_cumulative_over_out_of_order_storage() {
         device.send(reading(v)).unwrap();
     }
     for frame in drain_device(&mut device, clock.at(1)) {
-        assert!(matches!(server.handle_frame(frame, clock.at(1)), Ok(Some(ServerEvent::Data { .. }))));
+        assert!(matches!(
+            server.handle_frame(frame, clock.at(1)),
+            Ok(Some(ServerEvent::Data { .. }))
+        ));
     }
     assert_eq!(server.in_flight(), 3);
     assert!(!server.stored(2), "a gap at 1 holds the ack back");
@@ -144,7 +169,10 @@ fn acks_are_cumulative_over_out_of_order_storage() {
     assert!(server.stored(3));
     let acks = drain_server(&mut server);
     assert_eq!(acks, vec![Frame::Ack { seq: 3 }]);
-    assert_eq!(device.handle_frame(acks[0].clone(), clock.at(2)), Ok(Some(DeviceEvent::Acked { seq: 3 })));
+    assert_eq!(
+        device.handle_frame(acks[0].clone(), clock.at(2)),
+        Ok(Some(DeviceEvent::Acked { seq: 3 }))
+    );
     assert_eq!(device.unacked(), 0);
 }
 
@@ -166,19 +194,27 @@ fn unacknowledged_data_is_retransmitted_after_reconnect() {
     // the connection drops with 2 and 3 unacknowledged; a 4th reading is taken while offline
     device.disconnected();
     assert_eq!(device.send(reading(3)), Ok(4));
-    assert!(drain_device(&mut device, clock.at(3)).is_empty(), "nothing goes out while disconnected");
+    assert!(
+        drain_device(&mut device, clock.at(3)).is_empty(),
+        "nothing goes out while disconnected"
+    );
 
     let mut server = ServerSession::new(ServerConfig::default(), 8, clock.at(4));
     device.connect(clock.at(4));
     let hello = drain_device(&mut device, clock.at(4));
-    let [Frame::Hello(h)] = &hello[..] else { panic!("{hello:?}") };
+    let [Frame::Hello(h)] = &hello[..] else {
+        panic!("{hello:?}")
+    };
     assert_eq!(h.resume_seq, 2);
     server.handle_frame(hello[0].clone(), clock.at(4)).unwrap();
     server.accept();
     for frame in drain_server(&mut server) {
         device.handle_frame(frame, clock.at(5)).unwrap();
     }
-    let resent: Vec<u64> = drain_device(&mut device, clock.at(5)).iter().filter_map(Frame::seq).collect();
+    let resent: Vec<u64> = drain_device(&mut device, clock.at(5))
+        .iter()
+        .filter_map(Frame::seq)
+        .collect();
     assert_eq!(resent, vec![2, 3, 4]);
 }
 
@@ -189,7 +225,13 @@ fn a_replayed_acknowledged_frame_is_a_sequence_error() {
     let mut server = handshake(&mut device, clock.at(0));
     let mut old = reading(0);
     old.set_seq(4);
-    assert_eq!(server.handle_frame(old, clock.at(1)), Err(SessionError::Sequence { expected: 5, got: 4 }));
+    assert_eq!(
+        server.handle_frame(old, clock.at(1)),
+        Err(SessionError::Sequence {
+            expected: 5,
+            got: 4
+        })
+    );
 }
 
 #[test]
@@ -201,10 +243,16 @@ fn keepalive_pings_then_declares_the_server_dead() {
     device.handle_timeout(clock.at(29_999)).unwrap();
     assert!(drain_device(&mut device, clock.at(29_999)).is_empty());
     device.handle_timeout(clock.at(30_000)).unwrap();
-    assert_eq!(drain_device(&mut device, clock.at(30_000)), vec![Frame::Ping { nonce: 1 }]);
+    assert_eq!(
+        drain_device(&mut device, clock.at(30_000)),
+        vec![Frame::Ping { nonce: 1 }]
+    );
     // no pong: dead 1.5 keepalives after the last thing received
     assert_eq!(device.poll_timeout(), Some(clock.at(45_000)));
-    assert_eq!(device.handle_timeout(clock.at(45_000)), Err(SessionError::KeepaliveTimeout));
+    assert_eq!(
+        device.handle_timeout(clock.at(45_000)),
+        Err(SessionError::KeepaliveTimeout)
+    );
 }
 
 #[test]
@@ -223,7 +271,10 @@ fn a_pong_keeps_the_device_alive() {
     device.handle_timeout(clock.at(45_000)).unwrap();
     server.handle_timeout(clock.at(45_000)).unwrap();
     assert_eq!(server.poll_timeout(), Some(clock.at(75_010)));
-    assert_eq!(server.handle_timeout(clock.at(75_010)), Err(SessionError::KeepaliveTimeout));
+    assert_eq!(
+        server.handle_timeout(clock.at(75_010)),
+        Err(SessionError::KeepaliveTimeout)
+    );
 }
 
 #[test]
@@ -237,8 +288,14 @@ fn handshake_deadlines() {
     for f in drain_device(&mut device, clock.at(9_000)) {
         server.handle_frame(f, clock.at(9_000)).unwrap();
     }
-    assert_eq!(server.handle_timeout(clock.at(10_000)), Err(SessionError::HandshakeTimeout));
-    assert_eq!(device.handle_timeout(clock.at(19_000)), Err(SessionError::HandshakeTimeout));
+    assert_eq!(
+        server.handle_timeout(clock.at(10_000)),
+        Err(SessionError::HandshakeTimeout)
+    );
+    assert_eq!(
+        device.handle_timeout(clock.at(19_000)),
+        Err(SessionError::HandshakeTimeout)
+    );
 }
 
 #[test]
@@ -250,10 +307,20 @@ fn windows_bound_unacknowledged_data() {
     device.send(reading(0)).unwrap();
     device.send(reading(1)).unwrap();
     assert_eq!(device.send(reading(2)), Err(SendError::WindowFull));
-    assert_eq!(device.send(Frame::Ping { nonce: 1 }), Err(SendError::NotData));
+    assert_eq!(
+        device.send(Frame::Ping { nonce: 1 }),
+        Err(SendError::NotData)
+    );
 
     // a device ignoring the server's window
-    let mut server = ServerSession::new(ServerConfig { window: 1, ..ServerConfig::default() }, 1, clock.at(0));
+    let mut server = ServerSession::new(
+        ServerConfig {
+            window: 1,
+            ..ServerConfig::default()
+        },
+        1,
+        clock.at(0),
+    );
     let mut device = DeviceSession::new(device_config(), 1, clock.at(0));
     device.connect(clock.at(0));
     for f in drain_device(&mut device, clock.at(0)) {
@@ -281,7 +348,9 @@ fn goaway_stops_new_data_but_not_acks() {
     server.goaway(GoawayReason::DRAINING, 2_000, "restarting");
     server.stored(1);
     let out = drain_server(&mut server);
-    assert!(matches!(&out[0], Frame::Goaway(g) if g.reason == GoawayReason::DRAINING && g.reconnect_after_ms == 2_000));
+    assert!(
+        matches!(&out[0], Frame::Goaway(g) if g.reason == GoawayReason::DRAINING && g.reconnect_after_ms == 2_000)
+    );
     assert_eq!(out[1], Frame::Ack { seq: 1 });
     for f in out {
         device.handle_frame(f, clock.at(2)).unwrap();
@@ -289,7 +358,10 @@ fn goaway_stops_new_data_but_not_acks() {
     assert_eq!(device.state(), DeviceState::Draining);
     assert_eq!(device.unacked(), 0);
     device.send(reading(1)).unwrap();
-    assert!(drain_device(&mut device, clock.at(3)).is_empty(), "no new data while draining");
+    assert!(
+        drain_device(&mut device, clock.at(3)).is_empty(),
+        "no new data while draining"
+    );
     assert_eq!(device.unacked(), 1, "kept for the next connection");
 }
 
@@ -298,17 +370,28 @@ fn server_data_is_stamped_and_acknowledged() {
     let clock = Clock(Instant::now());
     let mut device = DeviceSession::new(device_config(), 1, clock.at(0));
     let mut server = handshake(&mut device, clock.at(0));
-    let from_worker = Frame::Event(Event { seq: 0, timestamp_ms: 9, name: "reboot".into(), payload: Value::Null });
+    let from_worker = Frame::Event(Event {
+        seq: 0,
+        timestamp_ms: 9,
+        name: "reboot".into(),
+        payload: Value::Null,
+    });
     for expected in 1..=2 {
         let stamped = server.stamp(&from_worker.to_bytes()).unwrap();
         let frame = Frame::decode(stamped, &Limits::DEFAULT).unwrap();
         assert_eq!(frame.seq(), Some(expected));
-        assert!(matches!(device.handle_frame(frame, clock.at(1)), Ok(Some(DeviceEvent::Data(_)))));
+        assert!(matches!(
+            device.handle_frame(frame, clock.at(1)),
+            Ok(Some(DeviceEvent::Data(_)))
+        ));
     }
     assert_eq!(server.unacked_sent(), 2);
     let acks = drain_device(&mut device, clock.at(2));
     assert_eq!(acks, vec![Frame::Ack { seq: 2 }], "one coalesced ack");
-    assert_eq!(server.handle_frame(acks[0].clone(), clock.at(3)), Ok(Some(ServerEvent::Acked { seq: 2 })));
+    assert_eq!(
+        server.handle_frame(acks[0].clone(), clock.at(3)),
+        Ok(Some(ServerEvent::Acked { seq: 2 }))
+    );
     assert_eq!(server.unacked_sent(), 0);
     assert!(matches!(
         server.handle_frame(Frame::Ack { seq: 3 }, clock.at(3)),
@@ -328,8 +411,16 @@ fn refusal_reaches_the_device_with_its_code() {
     }
     server.refuse(ErrorCode::TOKEN_EXPIRED, 0, "token expired");
     let frames = drain_server(&mut server);
-    let err = device.handle_frame(frames[0].clone(), clock.at(1)).unwrap_err();
-    assert!(matches!(err, SessionError::Peer { code: ErrorCode::TOKEN_EXPIRED, .. }));
+    let err = device
+        .handle_frame(frames[0].clone(), clock.at(1))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SessionError::Peer {
+            code: ErrorCode::TOKEN_EXPIRED,
+            ..
+        }
+    ));
     assert_eq!(device.state(), DeviceState::Disconnected);
     assert_eq!(server.state(), ServerState::Closed);
 }
@@ -358,7 +449,14 @@ impl Rng {
 fn simulate(seed: u64, readings: i64) {
     let clock = Clock(Instant::now());
     let mut rng = Rng(seed | 1);
-    let mut device = DeviceSession::new(DeviceConfig { window: 8, ..device_config() }, 1, clock.at(0));
+    let mut device = DeviceSession::new(
+        DeviceConfig {
+            window: 8,
+            ..device_config()
+        },
+        1,
+        clock.at(0),
+    );
     let mut server: Option<ServerSession> = None;
     // frames on the wire each way, and frames the workers hold before storing (seq, value)
     let mut to_server: VecDeque<Frame> = VecDeque::new();
@@ -406,7 +504,9 @@ fn simulate(seed: u64, readings: i64) {
                     srv.accept();
                 }
                 Ok(Some(ServerEvent::Data { seq })) => {
-                    let Some(Value::Int(v)) = value else { panic!("not a reading") };
+                    let Some(Value::Int(v)) = value else {
+                        panic!("not a reading")
+                    };
                     workers.push((seq, v));
                 }
                 Ok(_) => {}
@@ -419,7 +519,10 @@ fn simulate(seed: u64, readings: i64) {
             if rng.chance(40) {
                 let (seq, v) = workers.swap_remove(i);
                 let previous = store.insert(seq, v);
-                assert!(previous.is_none_or(|p| p == v), "seq {seq} stored with two values");
+                assert!(
+                    previous.is_none_or(|p| p == v),
+                    "seq {seq} stored with two values"
+                );
                 srv.stored(seq);
             } else {
                 i += 1;
@@ -430,14 +533,21 @@ fn simulate(seed: u64, readings: i64) {
         }
         while let Some(frame) = to_device.pop_front() {
             if let Ok(Some(DeviceEvent::Acked { seq })) = device.handle_frame(frame, now) {
-                assert!((1..=seq).all(|s| store.contains_key(&s)), "acked {seq} before it was stored");
+                assert!(
+                    (1..=seq).all(|s| store.contains_key(&s)),
+                    "acked {seq} before it was stored"
+                );
             }
         }
         if taken == readings && device.unacked() == 0 {
             break;
         }
     }
-    assert_eq!(device.unacked(), 0, "seed {seed}: readings left unacknowledged");
+    assert_eq!(
+        device.unacked(),
+        0,
+        "seed {seed}: readings left unacknowledged"
+    );
     assert_eq!(store.len() as i64, readings);
     for (seq, v) in store {
         assert_eq!(seq as i64, v + 1, "seq {seq} holds another reading");
@@ -451,4 +561,104 @@ proptest! {
     fn lossy_connection_loses_no_reading(seed: u64) {
         simulate(seed, 60);
     }
+}
+
+#[test]
+fn a_backlog_is_retransmitted_within_the_servers_window() {
+    let clock = Clock(Instant::now());
+    let mut device = DeviceSession::new(
+        DeviceConfig {
+            window: 10,
+            ..device_config()
+        },
+        1,
+        clock.at(0),
+    );
+    for v in 0..10 {
+        device.send(reading(v)).unwrap();
+    }
+    let mut server = ServerSession::new(
+        ServerConfig {
+            window: 4,
+            ..ServerConfig::default()
+        },
+        1,
+        clock.at(0),
+    );
+    device.connect(clock.at(0));
+    for f in drain_device(&mut device, clock.at(0)) {
+        server.handle_frame(f, clock.at(0)).unwrap();
+    }
+    server.accept();
+    for f in drain_server(&mut server) {
+        device.handle_frame(f, clock.at(1)).unwrap();
+    }
+    let first: Vec<u64> = drain_device(&mut device, clock.at(1))
+        .iter()
+        .filter_map(Frame::seq)
+        .collect();
+    assert_eq!(first, vec![1, 2, 3, 4], "only the server's window goes out");
+    for seq in first {
+        let mut f = reading(0);
+        f.set_seq(seq);
+        server.handle_frame(f, clock.at(2)).unwrap();
+        server.stored(seq);
+    }
+    for f in drain_server(&mut server) {
+        device.handle_frame(f, clock.at(3)).unwrap();
+    }
+    let next: Vec<u64> = drain_device(&mut device, clock.at(3))
+        .iter()
+        .filter_map(Frame::seq)
+        .collect();
+    assert_eq!(next, vec![5, 6, 7, 8]);
+}
+
+#[test]
+fn a_device_streaming_into_silence_pings_and_gives_up() {
+    let clock = Clock(Instant::now());
+    let mut device = DeviceSession::new(
+        DeviceConfig {
+            window: 1_000,
+            ..device_config()
+        },
+        1,
+        clock.at(0),
+    );
+    let _server = handshake(&mut device, clock.at(0));
+    // data goes out every second; nothing comes back
+    let mut pinged = false;
+    for s in 1..=45u64 {
+        let now = clock.at(s * 1_000);
+        device.send(reading(s as i64)).unwrap();
+        match device.handle_timeout(now) {
+            Ok(()) => {}
+            Err(e) => {
+                assert_eq!(e, SessionError::KeepaliveTimeout);
+                assert!(pinged, "a ping went out before giving up");
+                assert_eq!(s, 45);
+                return;
+            }
+        }
+        pinged |= drain_device(&mut device, now).contains(&Frame::Ping { nonce: 1 });
+    }
+    panic!("the silent server was never declared dead");
+}
+
+#[test]
+fn keepalive_zero_sets_no_timer() {
+    let clock = Clock(Instant::now());
+    let mut device = DeviceSession::new(device_config(), 1, clock.at(0));
+    device.connect(clock.at(0));
+    drain_device(&mut device, clock.at(0));
+    let welcome = Frame::Welcome(thingport_protocol::Welcome {
+        version: 1,
+        session_id: 1,
+        keepalive_secs: 0,
+        max_frame: 65_536,
+        max_batch: 256,
+        window: 8,
+    });
+    device.handle_frame(welcome, clock.at(1)).unwrap();
+    assert_eq!(device.poll_timeout(), None);
 }

@@ -5,9 +5,9 @@
 
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::{
-    ByteString, Credential, ErrorCode, ErrorFrame, Event, Frame, Goaway, GoawayReason, Hello, LinkDecoder, LinkFrame,
-    Limits, Properties, PropertyUpdate, Quality, ServiceErrorCode, ServiceRequest, ServiceResponse, ServiceResult,
-    Transport, Value, Welcome,
+    ByteString, Credential, ErrorCode, ErrorFrame, Event, Frame, Goaway, GoawayReason, Hello,
+    Limits, LinkDecoder, LinkFrame, Properties, PropertyUpdate, Quality, ServiceErrorCode,
+    ServiceRequest, ServiceResponse, ServiceResult, Transport, Value, Welcome,
 };
 
 enum Vector {
@@ -20,25 +20,27 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
     vec![
         (
             "hello-token",
-            "HELLO: versions 1..=1, thing `pump-1`, token `tok`, keepalive 30 s, resume_seq 1.",
+            "HELLO: versions 1..=1, thing `pump-1`, token `tok`, keepalive 30 s, incarnation 0x1234, resume_seq 1.",
             Device(Frame::Hello(Hello {
                 min_version: 1,
                 max_version: 1,
                 thing: "pump-1".into(),
                 credential: Credential::Token(Bytes::from_static(b"tok")),
                 keepalive_secs: 30,
+                incarnation: 0x1234,
                 resume_seq: 1,
             })),
         ),
         (
             "hello-mtls",
-            "HELLO without a credential (mTLS), keepalive left to the server, resuming at sequence 300.",
+            "HELLO offering versions 1..=2, without a credential (mTLS), keepalive left to the server, incarnation 0, resuming at sequence 300.",
             Device(Frame::Hello(Hello {
                 min_version: 1,
                 max_version: 2,
                 thing: "cnc-7".into(),
                 credential: Credential::None,
                 keepalive_secs: 0,
+                incarnation: 0,
                 resume_seq: 300,
             })),
         ),
@@ -106,7 +108,10 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
                     (ByteString::from_static("level"), Value::Int(-2)),
                     (
                         ByteString::from_static("tags"),
-                        Value::List(vec![Value::Bytes(Bytes::from_static(&[0xbe, 0xef])), Value::Null]),
+                        Value::List(vec![
+                            Value::Bytes(Bytes::from_static(&[0xbe, 0xef])),
+                            Value::Null,
+                        ]),
                     ),
                 ]),
             })),
@@ -144,7 +149,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
                 },
             })),
         ),
-        ("ack", "ACK of every data frame up to 300.", Device(Frame::Ack { seq: 300 })),
+        (
+            "ack",
+            "ACK of every data frame up to 300.",
+            Device(Frame::Ack { seq: 300 }),
+        ),
         ("ping", "PING nonce 1.", Device(Frame::Ping { nonce: 1 })),
         ("pong", "PONG nonce 1.", Device(Frame::Pong { nonce: 1 })),
         (
@@ -177,12 +186,21 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
         (
             "link-stored",
             "Link STORED (with its length prefix): session 5, data frame 300 handled.",
-            Link(LinkFrame::Stored { session_id: 5, seq: 300 }),
+            Link(LinkFrame::Stored {
+                session_id: 5,
+                seq: 300,
+            }),
         ),
         (
             "link-open",
-            "Link OPEN (with its length prefix): session 5, thing `t1`, over QUIC, resuming at 1.",
-            Link(LinkFrame::Open { session_id: 5, thing: "t1".into(), transport: Transport::Quic, resume_seq: 1 }),
+            "Link OPEN (with its length prefix): session 5, thing `t1`, over QUIC, incarnation 0x1234, resuming at 1.",
+            Link(LinkFrame::Open {
+                session_id: 5,
+                thing: "t1".into(),
+                transport: Transport::Quic,
+                incarnation: 0x1234,
+                resume_seq: 1,
+            }),
         ),
     ]
 }
@@ -197,7 +215,12 @@ fn encode(vector: &Vector) -> Bytes {
 fn hex_lines(bytes: &[u8]) -> String {
     bytes
         .chunks(16)
-        .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "))
+        .map(|c| {
+            c.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -208,8 +231,12 @@ fn vectors_in_spec() -> Vec<(String, Vec<u8>)> {
     let mut found = Vec::new();
     let mut lines = spec.lines();
     while let Some(line) = lines.next() {
-        let Some(rest) = line.strip_prefix("### 9.") else { continue };
-        let Some(name) = rest.split('`').nth(1) else { continue };
+        let Some(rest) = line.strip_prefix("### 9.") else {
+            continue;
+        };
+        let Some(name) = rest.split('`').nth(1) else {
+            continue;
+        };
         let hex: String = lines
             .by_ref()
             .skip_while(|l| l.trim() != "```hex")
@@ -219,7 +246,10 @@ fn vectors_in_spec() -> Vec<(String, Vec<u8>)> {
             .join("")
             .split_whitespace()
             .collect();
-        found.push((name.to_string(), hex::decode(&hex).unwrap_or_else(|e| panic!("vector {name}: {e}"))));
+        found.push((
+            name.to_string(),
+            hex::decode(&hex).unwrap_or_else(|e| panic!("vector {name}: {e}")),
+        ));
     }
     found
 }
@@ -229,15 +259,26 @@ fn specification_vectors() {
     let vectors = vectors();
     if std::env::var_os("THINGPORT_PRINT_VECTORS").is_some() {
         for (i, (name, description, vector)) in vectors.iter().enumerate() {
-            println!("### 9.{} `{name}`\n\n{description}\n\n```hex\n{}\n```\n", i + 1, hex_lines(&encode(vector)));
+            println!(
+                "### 9.{} `{name}`\n\n{description}\n\n```hex\n{}\n```\n",
+                i + 1,
+                hex_lines(&encode(vector))
+            );
         }
+    }
+    if let Some(dir) = std::env::var_os("THINGPORT_WRITE_CORPUS") {
+        write_corpus(std::path::Path::new(&dir), &vectors);
     }
     let in_spec = vectors_in_spec();
     let names: Vec<&str> = in_spec.iter().map(|(n, _)| n.as_str()).collect();
     let expected: Vec<&str> = vectors.iter().map(|(n, _, _)| *n).collect();
     assert_eq!(names, expected, "docs/PROTOCOL.md §9 lists other vectors");
     for ((name, bytes), (_, _, vector)) in in_spec.into_iter().zip(&vectors) {
-        assert_eq!(hex_lines(&encode(vector)), hex_lines(&bytes), "encoding of {name}");
+        assert_eq!(
+            hex_lines(&encode(vector)),
+            hex_lines(&bytes),
+            "encoding of {name}"
+        );
         match vector {
             Vector::Device(frame) => {
                 let decoded = Frame::decode(Bytes::from(bytes), &Limits::DEFAULT).unwrap();
@@ -251,4 +292,56 @@ fn specification_vectors() {
             }
         }
     }
+}
+
+/// Writes the vectors as seeds for each fuzz target (`fuzz/corpus/TARGET/NAME`), in the form that target reads.
+fn write_corpus(dir: &std::path::Path, vectors: &[(&str, &str, Vector)]) {
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        let path = dir.join(target);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join(name), bytes).unwrap();
+    };
+    let mut stream = vec![7u8];
+    let mut session = Vec::new();
+    for (name, _, vector) in vectors {
+        let encoded = encode(vector);
+        match vector {
+            Vector::Device(frame) => {
+                write("device_frame", name, &encoded);
+                let mut framed = BytesMut::new();
+                thingport_protocol::stream::put_len(&mut framed, encoded.len());
+                framed.extend_from_slice(&encoded);
+                stream.extend_from_slice(&framed);
+                // a session the server accepts: HELLO, data 1, 2, 3, then PING
+                if [
+                    "hello-token",
+                    "properties-small",
+                    "properties-batch",
+                    "event-structured",
+                    "ping",
+                ]
+                .contains(name)
+                {
+                    session.extend_from_slice(&framed);
+                }
+                let payload = match frame {
+                    Frame::Event(e) => Some(&e.payload),
+                    Frame::ServiceRequest(r) => Some(&r.params),
+                    _ => None,
+                };
+                if let Some(value) = payload {
+                    let mut buf = BytesMut::new();
+                    value.encode(&mut buf);
+                    write("value", name, &buf);
+                }
+            }
+            Vector::Link(_) => {
+                let mut seed = vec![encoded.len() as u8 / 2];
+                seed.extend_from_slice(&encoded);
+                write("link_stream", name, &seed);
+            }
+        }
+    }
+    write("device_stream", "all-vectors", &stream);
+    write("server_session", "all-vectors", &session);
 }
