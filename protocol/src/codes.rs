@@ -111,7 +111,8 @@ pub struct GoawayReason(pub u8);
 codes!(GoawayReason {
     /// The server is shutting down or restarting; reconnect after the hint, to any address of the service.
     DRAINING = 1;
-    /// A newer session for the same thing was opened; do not reconnect from this connection's client.
+    /// A newer session for the same thing was opened on another connection; wait at least the hint, then back off
+    /// exponentially (two clients configured with the same thing name would otherwise take it from each other).
     REPLACED = 2;
     /// The server asks the device to move for balance; reconnect after the hint.
     REBALANCE = 3;

@@ -96,7 +96,7 @@ pub enum SessionError {
     /// No version is supported by both sides.
     #[error("no common protocol version (peer offers {min}..={max})")]
     UnsupportedVersion { min: u8, max: u8 },
-    /// The `HELLO` did not arrive before the handshake deadline.
+    /// The session was not established (`WELCOME` sent or received) before the handshake deadline.
     #[error("handshake deadline passed")]
     HandshakeTimeout,
     /// Nothing was received for longer than the keepalive window allows.

@@ -6,7 +6,7 @@
 //!
 //! Delivery (§3.3): each side numbers its data frames 1, 2, 3, … and the other acknowledges them cumulatively with
 //! `ACK`. A device keeps every unacknowledged data frame and sends them again, with their original numbers, after
-//! it reconnects; the server applies data idempotently by (thing, sequence number), so a retransmission is never
+//! it reconnects; the server applies data idempotently by (thing, incarnation, sequence number), so a retransmission is never
 //! applied twice. Server → device data is numbered per session and is not retransmitted across sessions.
 
 use std::collections::VecDeque;
@@ -42,7 +42,8 @@ pub struct DeviceConfig {
     pub keepalive_secs: u16,
     /// Longest wait for `WELCOME` after the transport is up.
     pub handshake_timeout: Duration,
-    /// Most unacknowledged data frames kept for retransmission (the server's `WELCOME` may lower it).
+    /// Most unacknowledged data frames kept for retransmission, connected or not. The server's `WELCOME` may
+    /// lower how many of them are in flight at once.
     pub window: usize,
     /// Random number chosen when this device's sequence numbering last started at 1; kept with the counter.
     pub incarnation: u64,
@@ -139,9 +140,9 @@ impl DeviceSession {
         self.next_seq
     }
 
-    /// Whether another data frame fits the window.
+    /// Whether another data frame fits the retransmission buffer (`DeviceConfig::window`).
     pub fn can_send(&self) -> bool {
-        self.unacked.len() < self.window
+        self.unacked.len() < self.config.window.max(1)
     }
 
     /// The transport is up: queues `HELLO` and starts the handshake deadline.
@@ -230,9 +231,10 @@ impl DeviceSession {
                 self.state = DeviceState::Established;
                 self.deadline = None;
                 self.keepalive = keepalive_from_secs(welcome.keepalive_secs);
-                if welcome.window > 0 {
-                    self.window = self.config.window.min(welcome.window as usize).max(1);
-                }
+                self.window = match welcome.window {
+                    0 => self.config.window.max(1),
+                    w => self.config.window.min(w as usize).max(1),
+                };
                 Ok(Some(DeviceEvent::Connected(welcome)))
             }
             (DeviceState::Handshaking, frame) => Err(unexpected(&frame)),
@@ -258,8 +260,10 @@ impl DeviceSession {
                 self.outbox.push_back(Frame::Pong { nonce });
                 Ok(None)
             }
-            (_, Frame::Pong { .. }) => {
-                self.ping_outstanding = false;
+            (_, Frame::Pong { nonce }) => {
+                if nonce == self.ping_nonce {
+                    self.ping_outstanding = false;
+                }
                 Ok(None)
             }
             (_, Frame::Goaway(goaway)) => {
@@ -371,7 +375,8 @@ fn device_state_name(state: DeviceState) -> &'static str {
 /// What a server session is configured with.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Deadline for `HELLO`, counted from when the transport was accepted (the caller passes that instant).
+    /// Deadline for the whole handshake up to `WELCOME`, counted from when the transport was accepted (the caller
+    /// passes that instant), so it covers TLS and the WebSocket upgrade too.
     pub handshake_timeout: Duration,
     /// Keepalive used when the device asks for 0.
     pub default_keepalive_secs: u16,
