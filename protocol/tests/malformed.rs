@@ -1,5 +1,11 @@
 //! Bad input: every decoder returns a typed error, never panics, and never accepts a damaged frame silently.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
 mod strategies;
 
 use bytes::{Bytes, BytesMut};

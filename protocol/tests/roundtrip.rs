@@ -1,5 +1,11 @@
 //! Every frame round-trips through its encoding, and `encoded_len()` is the length of that encoding.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
 mod strategies;
 
 use bytes::{Bytes, BytesMut};

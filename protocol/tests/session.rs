@@ -1,6 +1,12 @@
 //! The session state machines on a virtual clock: handshake, ordering, acknowledgement, retransmission after
 //! reconnect, keepalive, windows and draining. Time is an `Instant` base plus offsets; nothing sleeps.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,12 @@
 //!
 //! `THINGPORT_PRINT_VECTORS=1 cargo test -p thingport-protocol --test vectors -- --nocapture` prints the section.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::{
     ByteString, Credential, ErrorCode, ErrorFrame, Event, Frame, Goaway, GoawayReason, Hello,

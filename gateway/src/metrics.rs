@@ -1,0 +1,131 @@
+//! The gateway's Prometheus metrics: names, labels and the recorder.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `thingport_gateway_sessions_active` | gauge | `transport` |
+//! | `thingport_gateway_handshakes_total` | counter | `transport`, `result` (`ok` or a refusal reason) |
+//! | `thingport_gateway_refused_total` | counter | `transport`, `reason` |
+//! | `thingport_gateway_frames_total` | counter | `direction` (`upstream`, `downstream`) |
+//! | `thingport_gateway_bytes_total` | counter | `direction` |
+//! | `thingport_gateway_dropped_total` | counter | `reason` |
+//! | `thingport_gateway_sessions_closed_total` | counter | `reason` |
+//! | `thingport_gateway_links_up` | gauge | |
+//! | `thingport_gateway_link_events_total` | counter | `event` (`connected`, `failed`, `saturated`) |
+//! | `thingport_gateway_link_frames_per_write` | histogram | |
+//! | `thingport_gateway_link_queue_bytes` | gauge | |
+//! | `thingport_gateway_retried_total` | counter | | frames re-sent on another link after a link failed |
+//! | `thingport_gateway_send_queue_frames` | histogram | | depth of a session's send queue when it grows |
+//! | `thingport_gateway_worker_round_trip_seconds` | histogram | | gateway → worker → `STORED` |
+//! | `thingport_gateway_cert_reloads_total` | counter | `result` |
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SESSIONS_ACTIVE: &str = "thingport_gateway_sessions_active";
+pub const HANDSHAKES: &str = "thingport_gateway_handshakes_total";
+pub const REFUSED: &str = "thingport_gateway_refused_total";
+pub const FRAMES: &str = "thingport_gateway_frames_total";
+pub const BYTES: &str = "thingport_gateway_bytes_total";
+pub const DROPPED: &str = "thingport_gateway_dropped_total";
+pub const CLOSED: &str = "thingport_gateway_sessions_closed_total";
+pub const LINKS_UP: &str = "thingport_gateway_links_up";
+pub const LINK_EVENTS: &str = "thingport_gateway_link_events_total";
+pub const FRAMES_PER_WRITE: &str = "thingport_gateway_link_frames_per_write";
+pub const LINK_QUEUE_BYTES: &str = "thingport_gateway_link_queue_bytes";
+pub const RETRIED: &str = "thingport_gateway_retried_total";
+pub const SEND_QUEUE: &str = "thingport_gateway_send_queue_frames";
+pub const WORKER_RTT: &str = "thingport_gateway_worker_round_trip_seconds";
+pub const CERT_RELOADS: &str = "thingport_gateway_cert_reloads_total";
+
+/// The process's Prometheus recorder, installed on first use (one per process, shared by every gateway in it).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(FRAMES_PER_WRITE.into()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(SEND_QUEUE.into()),
+                    &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0],
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(WORKER_RTT.into()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 1.0,
+                    ],
+                )
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // another recorder may already be installed (a test process with several components): ours then only
+        // renders what it sees
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(SESSIONS_ACTIVE, "Device sessions open, by transport");
+    describe_counter!(
+        HANDSHAKES,
+        "Device handshakes finished, by transport and result"
+    );
+    describe_counter!(
+        REFUSED,
+        "Connections or sessions refused, by transport and reason"
+    );
+    describe_counter!(FRAMES, "Device frames forwarded, by direction");
+    describe_counter!(BYTES, "Device frame bytes forwarded, by direction");
+    describe_counter!(DROPPED, "Frames dropped, by reason");
+    describe_counter!(CLOSED, "Device sessions closed, by reason");
+    describe_gauge!(LINKS_UP, "Upstream links to foundation workers that are up");
+    describe_counter!(LINK_EVENTS, "Upstream link events");
+    describe_histogram!(FRAMES_PER_WRITE, "Link frames written per write call");
+    describe_gauge!(LINK_QUEUE_BYTES, "Bytes queued on upstream links");
+    describe_counter!(
+        RETRIED,
+        "Device frames sent again on another link after their link failed"
+    );
+    describe_histogram!(
+        SEND_QUEUE,
+        "Depth of a session's queue towards its device when a frame is added"
+    );
+    describe_histogram!(
+        WORKER_RTT,
+        metrics::Unit::Seconds,
+        "Gateway to worker to STORED round trip"
+    );
+    describe_counter!(CERT_RELOADS, "Certificate reloads, by result");
+}
+
+pub fn refused(transport: &'static str, reason: &'static str) {
+    metrics::counter!(REFUSED, "transport" => transport, "reason" => reason).increment(1);
+}
+
+pub fn handshake(transport: &'static str, result: &'static str) {
+    metrics::counter!(HANDSHAKES, "transport" => transport, "result" => result).increment(1);
+}
+
+pub fn closed(reason: &'static str) {
+    metrics::counter!(CLOSED, "reason" => reason).increment(1);
+}
+
+pub fn dropped(reason: &'static str) {
+    metrics::counter!(DROPPED, "reason" => reason).increment(1);
+}
+
+pub fn counter_retried() {
+    metrics::counter!(RETRIED).increment(1);
+}

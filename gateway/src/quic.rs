@@ -1,0 +1,176 @@
+//! The QUIC listener (quinn): admission before the handshake (`refuse`), then one bidirectional stream per device
+//! carrying varint length-prefixed frames.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use rustls_pki_types::CertificateDer;
+use thingport_protocol::{DecodeError, Transport, stream};
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::config::Config;
+use crate::metrics;
+use crate::session::{self, Accepted, CloseCode, DeviceIo, IoError};
+use crate::tls::{ServerTls, client_cert_names};
+
+/// A QUIC endpoint on `socket` with the gateway's TLS and limits.
+pub fn endpoint(
+    config: &Config,
+    tls: &ServerTls,
+    socket: std::net::UdpSocket,
+) -> anyhow::Result<Endpoint> {
+    let crypto = QuicServerConfig::try_from(tls.quic.clone()).context("QUIC TLS configuration")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let window = (config.limits.max_frame as u32)
+        .saturating_mul(2)
+        .max(16 * 1024);
+    let idle = Duration::from_secs(u64::from(config.session.max_keepalive_secs) * 3 / 2)
+        .max(config.limits.handshake_timeout);
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(window.into())
+        .receive_window(window.into())
+        .send_window(u64::from(window) * 2)
+        .datagram_receive_buffer_size(None)
+        .max_idle_timeout(Some(idle.try_into().context("QUIC idle timeout")?));
+    server.transport_config(Arc::new(transport));
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .context("QUIC endpoint")
+}
+
+/// Accepts QUIC connections until `cancel`.
+pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => return,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { return };
+        // refused before the handshake: one CONNECTION_CLOSE, no crypto
+        let Ok((permit, handshake)) = shared
+            .admission
+            .admit(incoming.remote_address().ip(), "quic")
+        else {
+            incoming.refuse();
+            continue;
+        };
+        let at = Instant::now();
+        let peer = incoming.remote_address();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let deadline =
+                tokio::time::Instant::from_std(at + shared.config.limits.handshake_timeout);
+            let opened = tokio::time::timeout_at(deadline, async {
+                let connection = incoming
+                    .accept()
+                    .map_err(|_| "quic_failed")?
+                    .await
+                    .map_err(|_| "tls_failed")?;
+                let (send, recv) = connection.accept_bi().await.map_err(|_| "no_stream")?;
+                Ok::<_, &'static str>((connection, send, recv))
+            })
+            .await;
+            let (connection, send, recv) = match opened {
+                Ok(Ok(opened)) => opened,
+                Ok(Err(reason)) => {
+                    metrics::handshake("quic", reason);
+                    return;
+                }
+                Err(_) => {
+                    metrics::handshake("quic", "handshake_timeout");
+                    return;
+                }
+            };
+            let cert_names = connection
+                .peer_identity()
+                .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .and_then(|chain| chain.first().map(client_cert_names))
+                .unwrap_or_default();
+            let io = QuicIo {
+                connection,
+                send,
+                recv,
+                buf: BytesMut::with_capacity(4096),
+                max_frame: shared.config.limits.max_frame,
+            };
+            let accepted = Accepted {
+                transport: Transport::Quic,
+                peer,
+                at,
+                cert_names,
+                permit,
+                handshake,
+            };
+            session::run(shared, io, accepted).await;
+        });
+    }
+}
+
+struct QuicIo {
+    connection: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+impl DeviceIo for QuicIo {
+    async fn recv(&mut self) -> Result<Option<Bytes>, IoError> {
+        loop {
+            match stream::next_frame(&mut self.buf, self.max_frame) {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(e) => {
+                    let close = if matches!(e, DecodeError::TooLong { .. }) {
+                        1009
+                    } else {
+                        1002
+                    };
+                    return Err(IoError::Refused {
+                        code: e.code(),
+                        close,
+                        message: e.to_string(),
+                    });
+                }
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(IoError::Broken(e.to_string())),
+            }
+        }
+    }
+
+    async fn send(&mut self, frames: Vec<Bytes>) -> Result<(), IoError> {
+        let total = frames.iter().map(|f| stream::framed_len(f.len())).sum();
+        let mut out = BytesMut::with_capacity(total);
+        for frame in &frames {
+            stream::put_len(&mut out, frame.len());
+            out.extend_from_slice(frame);
+        }
+        self.send
+            .write_all(&out)
+            .await
+            .map_err(|e| IoError::Broken(e.to_string()))
+    }
+
+    async fn close(&mut self, code: CloseCode) {
+        // let what was written (an ERROR, a GOAWAY) arrive before the connection closes
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.send.stopped()).await;
+        self.connection.close(VarInt::from_u32(code.quic()), b"");
+    }
+}

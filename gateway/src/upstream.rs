@@ -1,0 +1,519 @@
+//! The upstream link pool: a few persistent TCP links to every foundation worker, carrying the device frames of
+//! all sessions.
+//!
+//! - **Batching**: a link's writer takes every frame queued since its last write and writes them with one call
+//!   (`thingport_gateway_link_frames_per_write`).
+//! - **Round-robin with high-water skip**: each device data frame goes to the next link that is up, not saturated
+//!   (`LOAD`), not draining, and has fewer than `high_water_bytes` queued. When none can take it the session waits
+//!   (and stops reading its device) until one can.
+//! - **Retry**: a link keeps every data frame it sent until the worker answers `STORED`. When the link fails, those
+//!   frames are sent again on other links (or held until a link is up); workers apply data idempotently, so a
+//!   frame stored twice is applied once.
+//! - **Heartbeats**: a link silent for three heartbeat intervals is closed and its frames retried.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use thingport_protocol::link::{self, LINK_VERSION};
+use thingport_protocol::{ByteString, ErrorCode, LinkDecoder, LinkFrame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+use crate::metrics;
+use crate::registry::{Downstream, Push, Registry};
+
+/// Largest batch a link writes at once.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+const DOWN: u8 = 0;
+const UP: u8 = 1;
+const SATURATED: u8 = 2;
+const DRAINING: u8 = 3;
+
+/// A device data frame on its way to a worker, kept until the worker answers `STORED`.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub session_id: u64,
+    pub seq: u64,
+    pub thing: ByteString,
+    pub frame: Bytes,
+    pub sent: Instant,
+}
+
+#[derive(Debug)]
+enum Outbound {
+    Data(Pending),
+    Control(LinkFrame),
+}
+
+/// No link can take a frame now: every link is down, saturated or over its high-water mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+/// One persistent link to a worker (reconnected as needed).
+#[derive(Debug)]
+struct Link {
+    index: usize,
+    addr: SocketAddr,
+    state: AtomicU8,
+    queued: AtomicUsize,
+    tx: mpsc::Sender<Outbound>,
+    rx: Mutex<Option<mpsc::Receiver<Outbound>>>,
+    inflight: Mutex<HashMap<(u64, u64), Pending>>,
+}
+
+impl Link {
+    fn writable(&self, high_water: usize) -> bool {
+        self.state.load(Ordering::Acquire) == UP && self.queued.load(Ordering::Relaxed) < high_water
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Pending>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send_control(&self, frame: LinkFrame) -> bool {
+        self.state.load(Ordering::Acquire) != DOWN
+            && self.tx.try_send(Outbound::Control(frame)).is_ok()
+    }
+}
+
+/// The links to every worker.
+#[derive(Debug)]
+pub struct Pool {
+    gateway_id: ByteString,
+    links: Vec<Arc<Link>>,
+    next: AtomicUsize,
+    high_water: usize,
+    ready: Notify,
+    orphans: Mutex<VecDeque<Pending>>,
+    registry: Arc<Registry>,
+    limits: thingport_protocol::Limits,
+    config: config::Upstream,
+}
+
+impl Pool {
+    pub fn new(config: &config::Config, registry: Arc<Registry>) -> Arc<Pool> {
+        let upstream = &config.upstream;
+        let mut links = Vec::new();
+        for addr in &upstream.foundations {
+            for _ in 0..upstream.links_per_foundation {
+                let (tx, rx) = mpsc::channel(upstream.queue_frames);
+                links.push(Arc::new(Link {
+                    index: links.len(),
+                    addr: *addr,
+                    state: AtomicU8::new(DOWN),
+                    queued: AtomicUsize::new(0),
+                    tx,
+                    rx: Mutex::new(Some(rx)),
+                    inflight: Mutex::default(),
+                }));
+            }
+        }
+        Arc::new(Pool {
+            gateway_id: ByteString::from(config.id.clone()),
+            links,
+            next: AtomicUsize::new(0),
+            high_water: upstream.high_water_bytes,
+            ready: Notify::new(),
+            orphans: Mutex::default(),
+            registry,
+            limits: config.protocol_limits(),
+            config: upstream.clone(),
+        })
+    }
+
+    /// Starts every link's task; they run until `cancel`.
+    pub fn start(self: &Arc<Self>, cancel: CancellationToken) {
+        for link in &self.links {
+            tokio::spawn(run_link(self.clone(), link.clone(), cancel.clone()));
+        }
+    }
+
+    /// Links that are up (saturated or not).
+    pub fn links_up(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| matches!(l.state.load(Ordering::Acquire), UP | SATURATED))
+            .count()
+    }
+
+    /// Sends a device data frame on the next link that can take it.
+    pub fn send(&self, pending: Pending) -> Result<(), Busy> {
+        let n = self.links.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let link = &self.links[(start + i) % n];
+            if !link.writable(self.high_water) {
+                continue;
+            }
+            let key = (pending.session_id, pending.seq);
+            let len = pending.frame.len();
+            // recorded before sending, so that a fast STORED always finds it
+            link.inflight().insert(key, pending.clone());
+            match link.tx.try_send(Outbound::Data(pending.clone())) {
+                Ok(()) => {
+                    link.queued.fetch_add(len, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(_) => {
+                    link.inflight().remove(&key);
+                }
+            }
+        }
+        Err(Busy)
+    }
+
+    /// Waits until a link may be able to take a frame (a link came up or drained), or `max` passed.
+    pub async fn wait_ready(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.ready.notified()).await;
+    }
+
+    /// Sends a control frame (`OPEN`, `CLOSE`) on any link that is up; returns false if none is.
+    pub fn send_control(&self, frame: LinkFrame) -> bool {
+        let n = self.links.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).any(|i| self.links[(start + i) % n].send_control(frame.clone()))
+    }
+
+    /// Tells the worker behind `link` that a `DOWNSTREAM` frame was not delivered.
+    pub fn undeliverable(&self, link: usize, session_id: u64, reference: u64, code: ErrorCode) {
+        self.send_control_on(
+            link,
+            LinkFrame::Undeliverable {
+                session_id,
+                reference,
+                code,
+            },
+        );
+    }
+
+    fn send_control_on(&self, link: usize, frame: LinkFrame) {
+        if let Some(link) = self.links.get(link) {
+            link.send_control(frame);
+        }
+    }
+
+    /// Frames a failed link had not had acknowledged: sent again elsewhere, in order, or held.
+    fn resend(&self, mut frames: Vec<Pending>) {
+        frames.sort_by_key(|p| (p.session_id, p.seq));
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        for pending in frames {
+            if self.registry.get(pending.session_id).is_none() {
+                continue; // the session is gone; its device retransmits after reconnecting
+            }
+            metrics::counter_retried();
+            if orphans.is_empty() && self.send(pending.clone()).is_ok() {
+                continue;
+            }
+            orphans.push_back(pending);
+        }
+    }
+
+    fn flush_orphans(&self) {
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(pending) = orphans.pop_front() {
+            if let Err(Busy) = self.send(pending.clone()) {
+                orphans.push_front(pending);
+                break;
+            }
+        }
+    }
+
+    /// Tells every worker this gateway is draining.
+    pub fn goaway(&self) {
+        for link in &self.links {
+            link.send_control(LinkFrame::Goaway);
+        }
+    }
+
+    fn handle(&self, link: &Link, frame: LinkFrame) {
+        match frame {
+            LinkFrame::Stored { session_id, seq } => {
+                if let Some(pending) = link.inflight().remove(&(session_id, seq)) {
+                    ::metrics::histogram!(metrics::WORKER_RTT)
+                        .record(pending.sent.elapsed().as_secs_f64());
+                }
+                if let Some(inbox) = self.registry.get(session_id) {
+                    inbox.stored(seq);
+                }
+            }
+            LinkFrame::Downstream {
+                session_id,
+                reference,
+                frame,
+            } => {
+                let undeliverable = |code| LinkFrame::Undeliverable {
+                    session_id,
+                    reference,
+                    code,
+                };
+                match self.registry.get(session_id) {
+                    None => {
+                        metrics::dropped("no_session");
+                        link.send_control(undeliverable(ErrorCode::UNAVAILABLE));
+                    }
+                    Some(inbox) => match inbox.push(Downstream {
+                        frame,
+                        link: link.index,
+                        reference,
+                    }) {
+                        Push::Queued => {}
+                        Push::QueuedDropping(dropped) => self.send_control_on(
+                            dropped.link,
+                            LinkFrame::Undeliverable {
+                                session_id,
+                                reference: dropped.reference,
+                                code: ErrorCode::SLOW_CONSUMER,
+                            },
+                        ),
+                        Push::Refused => {
+                            link.send_control(undeliverable(ErrorCode::SLOW_CONSUMER));
+                        }
+                    },
+                }
+            }
+            LinkFrame::Rejected {
+                session_id,
+                seq,
+                code,
+            } => {
+                link.inflight().remove(&(session_id, seq));
+                if let Some(inbox) = self.registry.get(session_id) {
+                    inbox.rejected(seq, code);
+                }
+            }
+            LinkFrame::Ping { nonce } => {
+                link.send_control(LinkFrame::Pong { nonce });
+            }
+            LinkFrame::Load { saturated } => {
+                let (from, to) = if saturated {
+                    (UP, SATURATED)
+                } else {
+                    (SATURATED, UP)
+                };
+                if link
+                    .state
+                    .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    if saturated {
+                        ::metrics::counter!(metrics::LINK_EVENTS, "event" => "saturated")
+                            .increment(1);
+                    } else {
+                        self.ready.notify_waiters();
+                    }
+                }
+            }
+            LinkFrame::Goaway => link.state.store(DRAINING, Ordering::Release),
+            LinkFrame::Pong { .. } | LinkFrame::Welcome { .. } => {}
+            other => {
+                tracing::debug!(link = link.index, frame = ?other, "unexpected link frame from worker")
+            }
+        }
+    }
+}
+
+/// Why a connected link ended.
+#[derive(Debug)]
+enum LinkEnd {
+    Cancelled,
+    Failed(anyhow::Error),
+}
+
+async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
+    let Some(mut rx) = link.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        return;
+    };
+    let mut backoff = pool.config.reconnect_min;
+    loop {
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = connect(&pool, &link) => r,
+        };
+        let (reader, writer, buf) = match connected {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::debug!(link = link.index, addr = %link.addr, error = %e, "link connect failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(pool.config.reconnect_max);
+                continue;
+            }
+        };
+        backoff = pool.config.reconnect_min;
+        link.state.store(UP, Ordering::Release);
+        ::metrics::gauge!(metrics::LINKS_UP).increment(1.0);
+        ::metrics::counter!(metrics::LINK_EVENTS, "event" => "connected").increment(1);
+        tracing::info!(link = link.index, addr = %link.addr, "link up");
+        pool.ready.notify_waiters();
+        pool.flush_orphans();
+
+        let stop = cancel.child_token();
+        let writer_task = tokio::spawn(write_loop(
+            pool.clone(),
+            link.clone(),
+            writer,
+            rx,
+            stop.clone(),
+        ));
+        let end = read_loop(&pool, &link, reader, buf, &stop).await;
+        stop.cancel();
+        rx = match writer_task.await {
+            Ok(rx) => rx,
+            Err(_) => return,
+        };
+
+        link.state.store(DOWN, Ordering::Release);
+        ::metrics::gauge!(metrics::LINKS_UP).decrement(1.0);
+        // frames queued but not written are in `inflight` too: drop the queue, resend from `inflight`
+        while rx.try_recv().is_ok() {}
+        let queued = link.queued.swap(0, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::LINK_QUEUE_BYTES).decrement(queued as f64);
+        let unacked: Vec<Pending> = link.inflight().drain().map(|(_, p)| p).collect();
+        match end {
+            LinkEnd::Cancelled => return,
+            LinkEnd::Failed(e) => {
+                ::metrics::counter!(metrics::LINK_EVENTS, "event" => "failed").increment(1);
+                tracing::warn!(link = link.index, addr = %link.addr, error = %e, unacked = unacked.len(), "link failed");
+            }
+        }
+        pool.resend(unacked);
+    }
+}
+
+async fn connect(
+    pool: &Pool,
+    link: &Link,
+) -> anyhow::Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
+    let timeout = pool.config.connect_timeout;
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(link.addr)).await??;
+    stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = stream.into_split();
+    let hello = LinkFrame::Hello {
+        version: LINK_VERSION,
+        gateway_id: pool.gateway_id.clone(),
+        link_index: link.index as u32,
+    };
+    writer.write_all(&hello.to_framed_bytes()).await?;
+    let decoder = LinkDecoder::new(pool.limits);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let welcome = tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(frame) = decoder.decode(&mut buf)? {
+                return Ok::<_, anyhow::Error>(frame);
+            }
+            if reader.read_buf(&mut buf).await? == 0 {
+                anyhow::bail!("worker closed the link during its handshake");
+            }
+        }
+    })
+    .await??;
+    match welcome {
+        LinkFrame::Welcome {
+            version: LINK_VERSION,
+            ..
+        } => Ok((reader, writer, buf)),
+        other => anyhow::bail!("expected link WELCOME, got {other:?}"),
+    }
+}
+
+async fn read_loop(
+    pool: &Pool,
+    link: &Link,
+    mut reader: OwnedReadHalf,
+    mut buf: BytesMut,
+    stop: &CancellationToken,
+) -> LinkEnd {
+    let decoder = LinkDecoder::new(pool.limits);
+    let silence = pool.config.heartbeat * 3;
+    loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(frame)) => pool.handle(link, frame),
+                Ok(None) => break,
+                Err(e) => return LinkEnd::Failed(anyhow::anyhow!("undecodable link frame: {e}")),
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return LinkEnd::Cancelled,
+            read = tokio::time::timeout(silence, reader.read_buf(&mut buf)) => match read {
+                Err(_) => return LinkEnd::Failed(anyhow::anyhow!("worker silent for {silence:?}")),
+                Ok(Err(e)) => return LinkEnd::Failed(e.into()),
+                Ok(Ok(0)) => return LinkEnd::Failed(anyhow::anyhow!("worker closed the link")),
+                Ok(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn write_loop(
+    pool: Arc<Pool>,
+    link: Arc<Link>,
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outbound>,
+    stop: CancellationToken,
+) -> mpsc::Receiver<Outbound> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut nonce = 0u64;
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return rx,
+            item = rx.recv() => item,
+            _ = tokio::time::sleep(pool.config.heartbeat) => {
+                nonce += 1;
+                Some(Outbound::Control(LinkFrame::Ping { nonce }))
+            }
+        };
+        let Some(first) = first else { return rx };
+        let mut frames = 0usize;
+        let mut data_bytes = 0usize;
+        let mut item = Some(first);
+        while let Some(outbound) = item {
+            match outbound {
+                Outbound::Data(p) => {
+                    link::put_upstream_header(&mut buf, p.session_id, &p.thing, p.frame.len());
+                    buf.extend_from_slice(&p.frame);
+                    data_bytes += p.frame.len();
+                }
+                Outbound::Control(frame) => frame.encode_framed(&mut buf),
+            }
+            frames += 1;
+            item = if buf.len() < MAX_BATCH_BYTES {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        let written = tokio::select! {
+            _ = stop.cancelled() => return rx,
+            r = writer.write_all(&buf) => r,
+        };
+        buf.clear();
+        if written.is_err() {
+            // the reader sees the broken connection too; wait for it to stop us
+            stop.cancelled().await;
+            return rx;
+        }
+        link.queued.fetch_sub(
+            data_bytes.min(link.queued.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        ::metrics::histogram!(metrics::FRAMES_PER_WRITE).record(frames as f64);
+        if link.queued.load(Ordering::Relaxed) < pool.high_water {
+            pool.ready.notify_waiters();
+        }
+    }
+}

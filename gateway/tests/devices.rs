@@ -1,0 +1,440 @@
+//! Devices through the gateway over real TLS on loopback: both transports, acknowledgements, worker-initiated
+//! service calls, and the refusals RELIABILITY.md asks for.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Harness, device_config, within};
+use thingport_loadtest::client::{Closed, DeviceError, FrameConn, Transport};
+use thingport_loadtest::worker::WorkerEvent;
+use thingport_protocol::{
+    Credential, DeviceEvent, ErrorCode, Frame, Properties, PropertyUpdate, Quality, ServiceRequest,
+    ServiceResponse, ServiceResult, SessionError, Value,
+};
+
+fn reading(v: i64) -> Frame {
+    Frame::Properties(Properties {
+        seq: 0,
+        updates: vec![PropertyUpdate {
+            name: "level".into(),
+            timestamp_ms: 1_000,
+            quality: Quality::Good,
+            value: Value::Int(v),
+        }],
+    })
+}
+
+async fn round_trip(transport: Transport) {
+    let harness = Harness::start(1, |_| {}).await;
+    let mut device = harness.device("pump-1");
+    let welcome = within("connect", device.connect(&harness.endpoint(transport)))
+        .await
+        .unwrap();
+    assert_eq!(welcome.version, 1);
+    for v in 0..3 {
+        device.send(reading(v)).await.unwrap();
+    }
+    let mut acked = 0;
+    while acked < 3 {
+        if let DeviceEvent::Acked { seq } = within("acks", device.next_event()).await.unwrap() {
+            acked = seq;
+        }
+    }
+    assert_eq!(device.session.unacked(), 0);
+    // frames of one device travel over both links, so the worker may see them in any order
+    let mut stored = harness.workers[0].stored("pump-1");
+    stored.sort_unstable();
+    assert_eq!(stored, vec![1, 2, 3]);
+    device.disconnect().await;
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn wss_device_sends_properties_and_gets_acks() {
+    round_trip(Transport::Wss).await;
+}
+
+#[tokio::test]
+async fn quic_device_sends_properties_and_gets_acks() {
+    round_trip(Transport::Quic).await;
+}
+
+#[tokio::test]
+async fn worker_initiated_service_call_reaches_the_device_and_its_answer_returns() {
+    for transport in [Transport::Wss, Transport::Quic] {
+        let harness = Harness::start(1, |_| {}).await;
+        let mut events = harness.workers[0].subscribe();
+        let mut device = harness.device("valve-7");
+        within("connect", device.connect(&harness.endpoint(transport)))
+            .await
+            .unwrap();
+        let session_id = within("open", async {
+            loop {
+                if let Ok(WorkerEvent::Open { session_id, thing }) = events.recv().await {
+                    assert_eq!(thing, "valve-7");
+                    return session_id;
+                }
+            }
+        })
+        .await;
+        let request = Frame::ServiceRequest(ServiceRequest {
+            seq: 0,
+            call_id: 99,
+            timeout_ms: 5_000,
+            service: "close".into(),
+            params: Value::Map(vec![("speed".into(), Value::Int(3))]),
+        });
+        assert!(harness.workers[0].send_downstream(session_id, 1, &request));
+        let call = within("service request", async {
+            loop {
+                if let DeviceEvent::Data(Frame::ServiceRequest(call)) =
+                    device.next_event().await.unwrap()
+                {
+                    return call;
+                }
+            }
+        })
+        .await;
+        assert_eq!((call.call_id, &*call.service, call.seq), (99, "close", 1));
+        let answer = Frame::ServiceResponse(ServiceResponse {
+            seq: 0,
+            call_id: 99,
+            result: ServiceResult::Ok(Value::from_static("closed")),
+        });
+        device.send(answer).await.unwrap();
+        let response = within("service response at the worker", async {
+            loop {
+                if let Ok(WorkerEvent::Frame {
+                    frame: Frame::ServiceResponse(r),
+                    ..
+                }) = events.recv().await
+                {
+                    return r;
+                }
+            }
+        })
+        .await;
+        assert_eq!(response.call_id, 99);
+        assert_eq!(
+            response.result,
+            ServiceResult::Ok(Value::from_static("closed"))
+        );
+        harness.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn frames_for_an_unknown_session_are_reported_undeliverable() {
+    let harness = Harness::start(1, |_| {}).await;
+    let mut events = harness.workers[0].subscribe();
+    assert!(harness.workers[0].send_downstream(424_242, 7, &reading(1)));
+    let (session_id, reference, code) = within("undeliverable", async {
+        loop {
+            if let Ok(WorkerEvent::Undeliverable {
+                session_id,
+                reference,
+                code,
+            }) = events.recv().await
+            {
+                return (session_id, reference, code);
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (session_id, reference, code),
+        (424_242, 7, ErrorCode::UNAVAILABLE)
+    );
+    harness.stop().await.unwrap();
+}
+
+async fn refused_with(
+    harness: &Harness,
+    transport: Transport,
+    credential: Credential,
+) -> ErrorCode {
+    let mut device =
+        thingport_loadtest::client::Device::new(device_config("pump-1", credential), 1);
+    match within("refusal", device.connect(&harness.endpoint(transport))).await {
+        Err(DeviceError::Session(SessionError::Peer { code, .. })) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_expired_and_revoked_tokens_are_refused() {
+    let harness = Harness::start(1, |c| c.auth.revocation_file = None).await;
+    for transport in [Transport::Wss, Transport::Quic] {
+        let forged = Credential::Token(b"tp1.99999999999.AAAA".to_vec().into());
+        assert_eq!(
+            refused_with(&harness, transport, forged).await,
+            ErrorCode::AUTH_FAILED
+        );
+        let expired = Credential::Token(harness.token("pump-1", -10).into());
+        assert_eq!(
+            refused_with(&harness, transport, expired).await,
+            ErrorCode::TOKEN_EXPIRED
+        );
+        let other_thing = Credential::Token(harness.token("pump-2", 3_600).into());
+        assert_eq!(
+            refused_with(&harness, transport, other_thing).await,
+            ErrorCode::AUTH_FAILED
+        );
+        assert_eq!(
+            refused_with(&harness, transport, Credential::None).await,
+            ErrorCode::AUTH_FAILED
+        );
+    }
+    let (_, metrics) = harness.admin_get("/metrics").await;
+    assert!(
+        metrics.contains(
+            "thingport_gateway_handshakes_total{transport=\"wss\",result=\"token_expired\"}"
+        ),
+        "{metrics}"
+    );
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn revoked_things_are_refused_after_reload() {
+    let lists = tempfile::tempdir().unwrap();
+    let list = lists.path().join("revoked.txt");
+    std::fs::write(&list, "").unwrap();
+    let harness = Harness::start(1, |c| c.auth.revocation_file = Some(list.clone())).await;
+    let mut device = harness.device("pump-1");
+    within("connect", device.connect(&harness.endpoint(Transport::Wss)))
+        .await
+        .unwrap();
+    device.disconnect().await;
+    std::fs::write(&list, "# stolen\npump-1\n").unwrap();
+    harness.handle.reload().unwrap();
+    let token = Credential::Token(harness.token("pump-1", 3_600).into());
+    assert_eq!(
+        refused_with(&harness, Transport::Wss, token).await,
+        ErrorCode::REVOKED
+    );
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn data_before_hello_is_a_protocol_error() {
+    let harness = Harness::start(1, |_| {}).await;
+    for transport in [Transport::Wss, Transport::Quic] {
+        let mut conn = within("connect", FrameConn::connect(&harness.endpoint(transport)))
+            .await
+            .unwrap();
+        let mut frame = reading(1);
+        frame.set_seq(1);
+        conn.send(&[frame.to_bytes()]).await.unwrap();
+        let reply = within("error", conn.recv()).await.unwrap().unwrap();
+        let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
+            panic!("not an ERROR")
+        };
+        assert_eq!(error.code, ErrorCode::UNEXPECTED_FRAME);
+        let closed = within("close", conn.recv()).await.unwrap();
+        let expected = match transport {
+            Transport::Wss => Closed::Code(4302),
+            Transport::Quic => Closed::Code(0x0302),
+        };
+        assert_eq!(closed, Err(expected));
+    }
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_frames_end_the_session_with_a_readable_error() {
+    let harness = Harness::start(1, |_| {}).await;
+    for (bytes, code) in [
+        (vec![0x42], ErrorCode::MALFORMED_FRAME),
+        (vec![0x07, 0x80], ErrorCode::MALFORMED_FRAME),
+        (vec![0x08, 0x01, 0x00], ErrorCode::MALFORMED_FRAME),
+    ] {
+        let mut conn = FrameConn::connect(&harness.endpoint(Transport::Wss))
+            .await
+            .unwrap();
+        conn.send(&[bytes.into()]).await.unwrap();
+        let reply = within("error", conn.recv()).await.unwrap().unwrap();
+        let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
+            panic!("not an ERROR")
+        };
+        assert_eq!(error.code, code);
+    }
+    // a text message on WSS
+    let mut conn = FrameConn::connect(&harness.endpoint(Transport::Wss))
+        .await
+        .unwrap();
+    conn.send_text("hello").await.unwrap();
+    let reply = within("error", conn.recv()).await.unwrap().unwrap();
+    let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
+        panic!("not an ERROR")
+    };
+    assert_eq!(error.code, ErrorCode::MALFORMED_FRAME);
+    assert_eq!(
+        within("close", conn.recv()).await.unwrap(),
+        Err(Closed::Code(1003))
+    );
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn frames_over_the_limit_are_refused() {
+    let harness = Harness::start(1, |c| c.limits.max_frame = 1_024).await;
+    // WSS: the WebSocket layer refuses the message with 1009
+    let mut device = harness.device("pump-1");
+    within("connect", device.connect(&harness.endpoint(Transport::Wss)))
+        .await
+        .unwrap();
+    let conn = device.conn().unwrap();
+    conn.send(&[vec![0x08; 4_096].into()]).await.unwrap();
+    let closed = within("close", async {
+        loop {
+            match conn.recv().await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(closed)) => return closed,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Closed::Code(1009));
+
+    // QUIC: a length prefix over the limit ends the session before the frame is buffered
+    let mut device = harness.device("pump-2");
+    within(
+        "connect",
+        device.connect(&harness.endpoint(Transport::Quic)),
+    )
+    .await
+    .unwrap();
+    let conn = device.conn().unwrap();
+    let mut frame = reading(1);
+    if let Frame::Properties(p) = &mut frame {
+        p.updates[0].value = Value::Bytes(vec![0u8; 2_000].into());
+    }
+    conn.send(&[frame.to_bytes()]).await.unwrap();
+    let reply = within("error", conn.recv()).await.unwrap().unwrap();
+    let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
+        panic!("not an ERROR")
+    };
+    assert_eq!(error.code, ErrorCode::FRAME_TOO_LARGE);
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn quic_with_a_wrong_alpn_is_refused_in_the_tls_handshake() {
+    let harness = Harness::start(1, |_| {}).await;
+    let mut endpoint = harness.endpoint(Transport::Quic);
+    endpoint.quic_tls =
+        thingport_loadtest::client::tls_config(std::slice::from_ref(&harness.cert), b"h3").unwrap();
+    let err = within("refusal", FrameConn::connect(&endpoint))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no_application_protocol")
+            || format!("{err:#}").contains("120"),
+        "{err:#}"
+    );
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tls12_only_clients_are_refused() {
+    let harness = Harness::start(1, |_| {}).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(harness.cert.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let err = within(
+        "refusal",
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("ProtocolVersion"), "{err}");
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_handshake_is_cut_at_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let harness = Harness::start(1, |c| {
+        c.limits.handshake_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // TCP only: no ClientHello
+    let mut silent = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap())
+        .await
+        .unwrap();
+    // TLS and upgrade done, no HELLO
+    let mut no_hello = FrameConn::connect(&harness.endpoint(Transport::Wss))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = within("silent close", silent.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the server closes without answering");
+    let reply = within("error", no_hello.recv()).await.unwrap().unwrap();
+    let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
+        panic!("not an ERROR")
+    };
+    assert_eq!(error.code, ErrorCode::HANDSHAKE_TIMEOUT);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // a trickle does not extend the deadline
+    let mut trickle = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let closed = within("trickle close", async {
+        loop {
+            if trickle.write_all(&[0x16]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let _: () = closed;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_serves_metrics_and_health() {
+    let harness = Harness::start(1, |_| {}).await;
+    let mut device = harness.device("pump-1");
+    device
+        .connect(&harness.endpoint(Transport::Wss))
+        .await
+        .unwrap();
+    let (status, body) = harness.admin_get("/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = harness.admin_get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = harness.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "thingport_gateway_sessions_active",
+        "thingport_gateway_links_up",
+        "thingport_gateway_handshakes_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    harness.stop().await.unwrap();
+}

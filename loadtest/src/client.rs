@@ -1,0 +1,388 @@
+//! A device client over WSS or QUIC, built on the protocol crate's [`DeviceSession`]: what the load generator
+//! runs thousands of, and what a device developer can read as a reference client.
+//!
+//! [`FrameConn`] moves whole frames over either transport; [`Device`] adds the session (HELLO, acknowledgements,
+//! keepalive, retransmission).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::{CertificateDer, ServerName};
+use thingport_protocol::{
+    DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Frame, Limits, SessionError, Welcome,
+    stream,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::{Message, WebSocketConfig};
+
+/// Which transport a device uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Transport {
+    Wss,
+    Quic,
+}
+
+/// TLS settings of a client: trust one certificate (the gateway's self-signed one) or a CA bundle.
+pub fn tls_config(
+    trusted: &[CertificateDer<'static>],
+    alpn: &[u8],
+) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots
+            .add(cert.clone())
+            .context("adding a trusted certificate")?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Name checked against the server certificate.
+    pub server_name: String,
+    pub transport: Transport,
+    /// Client TLS for WSS (ALPN `http/1.1`) and QUIC (ALPN `thingport/1`).
+    pub wss_tls: Arc<rustls::ClientConfig>,
+    pub quic_tls: Arc<rustls::ClientConfig>,
+    /// Local address to connect from (several source addresses get past the ephemeral-port limit).
+    pub bind: Option<std::net::IpAddr>,
+}
+
+impl Endpoint {
+    /// An endpoint trusting `cert` for both transports.
+    pub fn new(
+        addr: SocketAddr,
+        server_name: &str,
+        transport: Transport,
+        trusted: &[CertificateDer<'static>],
+    ) -> Result<Self> {
+        Ok(Endpoint {
+            addr,
+            server_name: server_name.to_string(),
+            transport,
+            wss_tls: tls_config(trusted, b"http/1.1")?,
+            quic_tls: tls_config(trusted, thingport_protocol::QUIC_ALPN)?,
+            bind: None,
+        })
+    }
+}
+
+type Wss = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A connection moving whole device frames.
+#[derive(Debug)]
+pub enum FrameConn {
+    Wss(Box<Wss>),
+    Quic {
+        connection: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        buf: BytesMut,
+        _endpoint: quinn::Endpoint,
+    },
+}
+
+/// How a connection ended, as the device saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// WebSocket close frame with this code, or a QUIC application close with this code.
+    Code(u32),
+    /// The connection ended without a code.
+    Plain,
+}
+
+impl FrameConn {
+    /// Connects and finishes TLS (and the WebSocket upgrade).
+    pub async fn connect(endpoint: &Endpoint) -> Result<FrameConn> {
+        let name = ServerName::try_from(endpoint.server_name.clone()).context("server name")?;
+        match endpoint.transport {
+            Transport::Wss => {
+                let socket = match endpoint.addr {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                if let Some(ip) = endpoint.bind {
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                }
+                let tcp = socket.connect(endpoint.addr).await.context("TCP connect")?;
+                tcp.set_nodelay(true)?;
+                let tls = TlsConnector::from(endpoint.wss_tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS handshake")?;
+                let url = format!(
+                    "wss://{}{}",
+                    endpoint.server_name,
+                    thingport_protocol::WS_PATH
+                );
+                let mut request = url.into_client_request()?;
+                request.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    HeaderValue::from_static(thingport_protocol::WS_SUBPROTOCOL),
+                );
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(4096)
+                    .write_buffer_size(0);
+                let (ws, _) =
+                    tokio_tungstenite::client_async_with_config(request, tls, Some(config))
+                        .await
+                        .context("WebSocket upgrade")?;
+                Ok(FrameConn::Wss(Box::new(ws)))
+            }
+            Transport::Quic => {
+                let bind = SocketAddr::new(
+                    endpoint.bind.unwrap_or(if endpoint.addr.is_ipv4() {
+                        [0, 0, 0, 0].into()
+                    } else {
+                        std::net::Ipv6Addr::UNSPECIFIED.into()
+                    }),
+                    0,
+                );
+                let mut quic = quinn::Endpoint::client(bind)?;
+                let crypto =
+                    quinn::crypto::rustls::QuicClientConfig::try_from(endpoint.quic_tls.clone())?;
+                quic.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+                let connection = quic
+                    .connect(endpoint.addr, &endpoint.server_name)?
+                    .await
+                    .context("QUIC handshake")?;
+                let (send, recv) = connection
+                    .open_bi()
+                    .await
+                    .context("opening the device stream")?;
+                Ok(FrameConn::Quic {
+                    connection,
+                    send,
+                    recv,
+                    buf: BytesMut::new(),
+                    _endpoint: quic,
+                })
+            }
+        }
+    }
+
+    /// Sends encoded frames, flushing once.
+    pub async fn send(&mut self, frames: &[Bytes]) -> Result<()> {
+        match self {
+            FrameConn::Wss(ws) => {
+                for frame in frames {
+                    ws.feed(Message::Binary(frame.clone())).await?;
+                }
+                ws.flush().await?;
+            }
+            FrameConn::Quic { send, .. } => {
+                let mut out = BytesMut::new();
+                for frame in frames {
+                    stream::put_len(&mut out, frame.len());
+                    out.extend_from_slice(frame);
+                }
+                send.write_all(&out).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one WebSocket text message (WSS only): a protocol violation, for tests.
+    pub async fn send_text(&mut self, text: &str) -> Result<()> {
+        match self {
+            FrameConn::Wss(ws) => Ok(ws.send(Message::Text(text.into())).await?),
+            FrameConn::Quic { .. } => bail!("text messages exist only on WSS"),
+        }
+    }
+
+    /// The next frame, or how the connection closed. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Result<Bytes, Closed>> {
+        match self {
+            FrameConn::Wss(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(frame))) => return Ok(Ok(frame)),
+                    Some(Ok(Message::Close(frame))) => {
+                        return Ok(Err(frame.map_or(Closed::Plain, |f| {
+                            Closed::Code(u16::from(f.code).into())
+                        })));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(anyhow!(e)),
+                    None => return Ok(Err(Closed::Plain)),
+                }
+            },
+            FrameConn::Quic {
+                connection,
+                recv,
+                buf,
+                ..
+            } => loop {
+                if let Some(frame) = stream::next_frame(buf, usize::MAX >> 1)? {
+                    return Ok(Ok(frame));
+                }
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                    Ok(None) => return Ok(Err(quic_close(connection).await)),
+                    Err(quinn::ReadError::ConnectionLost(
+                        quinn::ConnectionError::ApplicationClosed(close),
+                    )) => {
+                        return Ok(Err(Closed::Code(close.error_code.into_inner() as u32)));
+                    }
+                    Err(quinn::ReadError::ConnectionLost(_)) => return Ok(Err(Closed::Plain)),
+                    Err(e) => return Err(anyhow!(e)),
+                }
+            },
+        }
+    }
+
+    /// Closes the connection (a normal close).
+    pub async fn close(&mut self) {
+        match self {
+            FrameConn::Wss(ws) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), (**ws).close(None)).await;
+            }
+            FrameConn::Quic { connection, .. } => connection.close(0u32.into(), b""),
+        }
+    }
+}
+
+async fn quic_close(connection: &quinn::Connection) -> Closed {
+    match tokio::time::timeout(Duration::from_secs(2), connection.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            Closed::Code(close.error_code.into_inner() as u32)
+        }
+        _ => Closed::Plain,
+    }
+}
+
+/// A device: a [`DeviceSession`] over a [`FrameConn`].
+#[derive(Debug)]
+pub struct Device {
+    pub session: DeviceSession,
+    conn: Option<FrameConn>,
+    limits: Limits,
+}
+
+/// What ended a device's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The server sent `ERROR` (or the session broke a rule): the session ended.
+    #[error("session ended: {0}")]
+    Session(#[from] SessionError),
+    /// The connection closed.
+    #[error("connection closed: {0:?}")]
+    Closed(Closed),
+    #[error("{0:#}")]
+    Io(#[from] anyhow::Error),
+}
+
+impl Device {
+    pub fn new(config: DeviceConfig, next_seq: u64) -> Device {
+        Device {
+            session: DeviceSession::new(config, next_seq, Instant::now()),
+            conn: None,
+            limits: Limits::DEFAULT,
+        }
+    }
+
+    /// Connects and completes the handshake; returns the server's `WELCOME`.
+    pub async fn connect(&mut self, endpoint: &Endpoint) -> Result<Welcome, DeviceError> {
+        let conn = FrameConn::connect(endpoint).await?;
+        self.conn = Some(conn);
+        self.session.connect(Instant::now());
+        loop {
+            match self.next_event().await? {
+                DeviceEvent::Connected(welcome) => return Ok(welcome),
+                other => tracing::debug!(event = ?other, "event before WELCOME"),
+            }
+        }
+    }
+
+    /// Queues a data frame and sends what can be sent now.
+    pub async fn send(&mut self, frame: Frame) -> Result<u64, DeviceError> {
+        let seq = self.session.send(frame).map_err(|e| anyhow!("{e}"))?;
+        self.flush().await?;
+        Ok(seq)
+    }
+
+    /// Sends whatever the session has to send.
+    pub async fn flush(&mut self) -> Result<(), DeviceError> {
+        let now = Instant::now();
+        let frames: Vec<Bytes> = std::iter::from_fn(|| self.session.poll_transmit(now))
+            .map(|f| f.to_bytes())
+            .collect();
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn.as_mut().ok_or_else(|| anyhow!("not connected"))?;
+        conn.send(&frames).await?;
+        Ok(())
+    }
+
+    /// Drives the session until it has an event for the application.
+    pub async fn next_event(&mut self) -> Result<DeviceEvent, DeviceError> {
+        loop {
+            self.flush().await?;
+            let timer = self
+                .session
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            let conn = self.conn.as_mut().ok_or_else(|| anyhow!("not connected"))?;
+            let received = tokio::select! {
+                received = conn.recv() => received?,
+                _ = async { match timer { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                    if let Err(e) = self.session.handle_timeout(Instant::now()) {
+                        self.disconnect().await;
+                        return Err(e.into());
+                    }
+                    continue;
+                }
+            };
+            let raw = match received {
+                Ok(raw) => raw,
+                Err(closed) => {
+                    self.session.disconnected();
+                    self.conn = None;
+                    return Err(DeviceError::Closed(closed));
+                }
+            };
+            let frame = Frame::decode(raw, &self.limits)
+                .map_err(|e| anyhow!("undecodable frame from server: {e}"))?;
+            match self.session.handle_frame(frame, Instant::now()) {
+                Ok(Some(event)) => return Ok(event),
+                Ok(None) => {}
+                Err(e) => {
+                    self.disconnect().await;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Closes the connection; unacknowledged data stays for the next one.
+    pub async fn disconnect(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.close().await;
+        }
+        if self.session.state() != DeviceState::Disconnected {
+            self.session.disconnected();
+        }
+    }
+
+    /// The underlying connection, for tests that misbehave on purpose.
+    pub fn conn(&mut self) -> Option<&mut FrameConn> {
+        self.conn.as_mut()
+    }
+}
