@@ -176,7 +176,7 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
             Instant::now(),
         ),
         out: Vec::new(),
-        draining: false,
+        draining: None,
     };
     let close = driver.run(&mut io).await;
     io.close(close).await;
@@ -339,8 +339,13 @@ struct Driver<'a> {
     rate: TokenBucket,
     /// Frames to send to the device at the next flush.
     out: Vec<Bytes>,
-    draining: bool,
+    /// Set by `GOAWAY`: the session closes once nothing is in flight and this instant has passed, so frames the
+    /// device sent before the `GOAWAY` reached it are still received and acknowledged.
+    draining: Option<TokioInstant>,
 }
+
+/// How long a draining session keeps reading after `GOAWAY` before it may close.
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
 
 /// What a step of the loop decided.
 enum Step {
@@ -360,13 +365,15 @@ impl Driver<'_> {
             if let Err(close) = self.flush(io).await {
                 return close;
             }
-            if self.draining && self.session.in_flight() == 0 {
+            let drained = self.draining.filter(|_| self.session.in_flight() == 0);
+            if drained.is_some_and(|grace| TokioInstant::now() >= grace) {
                 return CloseCode::Normal;
             }
             let timer = self.session.poll_timeout().map(TokioInstant::from_std);
             let step = tokio::select! {
                 biased;
-                _ = drain.changed(), if !self.draining => {
+                _ = sleep_until_opt(drained) => Step::Continue,
+                _ = drain.changed(), if self.draining.is_none() => {
                     self.start_drain(GoawayReason::DRAINING);
                     Step::Continue
                 }
@@ -393,10 +400,10 @@ impl Driver<'_> {
     }
 
     fn start_drain(&mut self, reason: GoawayReason) {
-        if self.draining {
+        if self.draining.is_some() {
             return;
         }
-        self.draining = true;
+        self.draining = Some(TokioInstant::now() + DRAIN_GRACE);
         let hint = self
             .shared
             .config
