@@ -36,6 +36,21 @@ pub fn tls_config(
     trusted: &[CertificateDer<'static>],
     alpn: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>> {
+    tls_config_with_identity(trusted, alpn, None)
+}
+
+/// A client certificate chain and its key, for mutual TLS.
+pub type Identity = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// TLS settings of a client that presents a client certificate when `identity` is given.
+pub fn tls_config_with_identity(
+    trusted: &[CertificateDer<'static>],
+    alpn: &[u8],
+    identity: Option<Identity>,
+) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in trusted {
         roots
@@ -43,10 +58,15 @@ pub fn tls_config(
             .context("adding a trusted certificate")?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .context("client certificate")?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }

@@ -1,0 +1,205 @@
+//! The `thingport-gateway` binary as an operator uses it: configuration checks, secrets, certificates, tokens,
+//! and a real process that drains on SIGTERM.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use thingport_gateway::Config;
+use thingport_gateway::token::TokenKey;
+
+fn gateway() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_thingport-gateway"))
+}
+
+#[test]
+fn the_default_configuration_is_valid_toml_with_every_key() {
+    let out = gateway().arg("print-default-config").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let parsed = Config::parse(&text).unwrap();
+    let defaults = Config::default();
+    assert_eq!(parsed.listen.address, defaults.listen.address);
+    assert_eq!(parsed.limits.max_frame, defaults.limits.max_frame);
+    assert_eq!(parsed.session.window, defaults.session.window);
+}
+
+#[test]
+fn a_bad_configuration_lists_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        "[limits]\nmax_frame = 10\nmax_sessions = 0\n[upstream]\nfoundations = []\n[tls]\ncert = \"/nonexistent.pem\"\n",
+    )
+    .unwrap();
+    let out = gateway()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for problem in [
+        "limits.max_frame",
+        "limits.max_sessions",
+        "upstream.foundations",
+        "tls.cert",
+    ] {
+        assert!(
+            stderr.contains(problem),
+            "{problem} not reported in\n{stderr}"
+        );
+    }
+    // unknown keys and bad syntax are refused too
+    std::fs::write(&path, "[limits]\nmax_frames = 10\n").unwrap();
+    let out = gateway()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("max_frames")
+    );
+}
+
+#[test]
+fn secrets_certificates_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("provisioning.key");
+    assert!(
+        gateway()
+            .args(["gen-secret", "--out"])
+            .arg(&secret)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // never overwritten
+    assert!(
+        !gateway()
+            .args(["gen-secret", "--out"])
+            .arg(&secret)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let status = gateway()
+        .args(["gen-cert", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    thingport_gateway::tls::ReloadableCert::load(&cert, &key).unwrap();
+    let out = gateway()
+        .args([
+            "token",
+            "issue",
+            "--thing",
+            "pump-1",
+            "--ttl",
+            "30d",
+            "--secret-file",
+        ])
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let key = TokenKey::from_file(&secret).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(key.verify("pump-1", token.trim().as_bytes(), now), Ok(()));
+    assert!(
+        key.verify("pump-1", token.trim().as_bytes(), now + 31 * 86_400)
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_running_process_reloads_on_sighup_and_drains_on_sigterm() {
+    let worker = thingport_loadtest::worker::AckWorker::start("127.0.0.1:0".parse().unwrap(), "w")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = support::write_cert(dir.path(), "server");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, support::SECRET).unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = {cert:?}\nkey = {key:?}\n[auth]\nsecret_file = {secret:?}\n\
+             [upstream]\nfoundations = [\"{}\"]\n[admin]\naddress = \"127.0.0.1:0\"\n",
+            worker.addr()
+        ),
+    )
+    .unwrap();
+    let mut child = gateway()
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_line = |needle: &str| loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("log line");
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    let listening = wait_line("listening");
+    assert!(listening.contains("127.0.0.1:"), "{listening}");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_line("certificate reloaded");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_line("drained");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    worker.kill().await;
+}
