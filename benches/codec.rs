@@ -39,10 +39,7 @@ fn typical_batch() -> Frame {
             },
         })
         .collect();
-    Frame::Properties(Properties {
-        seq: 123_456,
-        updates,
-    })
+    Frame::Properties(Properties { seq: 123_456, updates })
 }
 
 fn device_frames(c: &mut Criterion) {
@@ -99,11 +96,7 @@ fn link_frames(c: &mut Criterion) {
             n
         })
     });
-    let stored: Bytes = LinkFrame::Stored {
-        session_id: 77,
-        seq: 123_456,
-    }
-    .to_framed_bytes();
+    let stored: Bytes = LinkFrame::Stored { session_id: 77, seq: 123_456 }.to_framed_bytes();
     group.bench_function("stored_roundtrip", |b| {
         b.iter(|| {
             let mut buf = BytesMut::from(&black_box(&stored)[..]);

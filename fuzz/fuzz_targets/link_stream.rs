@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use thingport_protocol::{BytesMut, Frame, LinkDecoder, LinkFrame, Limits};
+use thingport_protocol::{BytesMut, Frame, Limits, LinkDecoder, LinkFrame};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, data)) = data.split_first() else { return };

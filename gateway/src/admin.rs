@@ -19,9 +19,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(shared);
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await;
+    let served =
+        axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned()).await;
     if let Err(e) = served {
         tracing::error!(error = %e, "admin endpoint failed");
     }
@@ -32,17 +31,11 @@ async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
     if shared.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
     } else if links == 0 {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no upstream link is up\n".into(),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "no upstream link is up\n".into())
     } else {
         (
             StatusCode::OK,
-            format!(
-                "ready: {links} upstream links up, {} sessions\n",
-                shared.registry.len()
-            ),
+            format!("ready: {links} upstream links up, {} sessions\n", shared.registry.len()),
         )
     }
 }

@@ -176,10 +176,7 @@ impl Default for Tls {
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth {
-            secret_file: "/etc/thingport/provisioning.key".into(),
-            revocation_file: None,
-        }
+        Auth { secret_file: "/etc/thingport/provisioning.key".into(), revocation_file: None }
     }
 }
 
@@ -230,9 +227,7 @@ impl Default for Session {
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin {
-            address: Some(SocketAddr::from(([127, 0, 0, 1], 9443))),
-        }
+        Admin { address: Some(SocketAddr::from(([127, 0, 0, 1], 9443))) }
     }
 }
 
@@ -251,31 +246,16 @@ impl Config {
                 problems.push(problem.to_string());
             }
         };
-        check(
-            !self.id.is_empty() && self.id.len() <= 64,
-            "id: must be 1 to 64 bytes",
-        );
-        check(
-            self.listen.wss || self.listen.quic,
-            "listen: enable at least one of wss and quic",
-        );
-        check(
-            self.listen.backlog > 0,
-            "listen.backlog: must be at least 1",
-        );
+        check(!self.id.is_empty() && self.id.len() <= 64, "id: must be 1 to 64 bytes");
+        check(self.listen.wss || self.listen.quic, "listen: enable at least one of wss and quic");
+        check(self.listen.backlog > 0, "listen.backlog: must be at least 1");
         check(
             self.tls.cert.is_file(),
             &format!("tls.cert: no file at {}", self.tls.cert.display()),
         );
-        check(
-            self.tls.key.is_file(),
-            &format!("tls.key: no file at {}", self.tls.key.display()),
-        );
+        check(self.tls.key.is_file(), &format!("tls.key: no file at {}", self.tls.key.display()));
         if let Some(ca) = &self.tls.client_ca {
-            check(
-                ca.is_file(),
-                &format!("tls.client_ca: no file at {}", ca.display()),
-            );
+            check(ca.is_file(), &format!("tls.client_ca: no file at {}", ca.display()));
         }
         check(
             self.tls.client_ca.is_some() || !self.tls.require_client_cert,
@@ -283,10 +263,7 @@ impl Config {
         );
         check(
             self.auth.secret_file.is_file(),
-            &format!(
-                "auth.secret_file: no file at {}",
-                self.auth.secret_file.display()
-            ),
+            &format!("auth.secret_file: no file at {}", self.auth.secret_file.display()),
         );
         check(
             !self.upstream.foundations.is_empty(),
@@ -300,34 +277,19 @@ impl Config {
             self.upstream.high_water_bytes >= 4096,
             "upstream.high_water_bytes: must be at least 4096",
         );
-        check(
-            self.upstream.queue_frames >= 16,
-            "upstream.queue_frames: must be at least 16",
-        );
+        check(self.upstream.queue_frames >= 16, "upstream.queue_frames: must be at least 16");
         check(
             self.upstream.reconnect_min <= self.upstream.reconnect_max,
             "upstream.reconnect_min: must not exceed reconnect_max",
         );
-        check(
-            !self.upstream.heartbeat.is_zero(),
-            "upstream.heartbeat: must be more than 0",
-        );
-        check(
-            self.limits.max_sessions > 0,
-            "limits.max_sessions: must be at least 1",
-        );
+        check(!self.upstream.heartbeat.is_zero(), "upstream.heartbeat: must be more than 0");
+        check(self.limits.max_sessions > 0, "limits.max_sessions: must be at least 1");
         check(
             self.limits.max_sessions_per_ip > 0,
             "limits.max_sessions_per_ip: must be at least 1",
         );
-        check(
-            self.limits.accept_rate > 0,
-            "limits.accept_rate: must be at least 1",
-        );
-        check(
-            self.limits.max_handshakes > 0,
-            "limits.max_handshakes: must be at least 1",
-        );
+        check(self.limits.accept_rate > 0, "limits.accept_rate: must be at least 1");
+        check(self.limits.max_handshakes > 0, "limits.max_handshakes: must be at least 1");
         check(
             !self.limits.handshake_timeout.is_zero(),
             "limits.handshake_timeout: must be more than 0",
@@ -336,10 +298,7 @@ impl Config {
             (64..=16 << 20).contains(&self.limits.max_frame),
             "limits.max_frame: must be 64 bytes to 16 MiB",
         );
-        check(
-            self.limits.message_rate > 0,
-            "limits.message_rate: must be at least 1",
-        );
+        check(self.limits.message_rate > 0, "limits.message_rate: must be at least 1");
         check(
             self.limits.max_header_bytes >= 1024,
             "limits.max_header_bytes: must be at least 1024",
@@ -350,14 +309,8 @@ impl Config {
                 && self.session.keepalive_secs <= self.session.max_keepalive_secs,
             "session: need 1 <= min_keepalive_secs <= keepalive_secs <= max_keepalive_secs",
         );
-        check(
-            (1..=65_536).contains(&self.session.window),
-            "session.window: must be 1 to 65536",
-        );
-        check(
-            self.session.send_queue_frames >= 1,
-            "session.send_queue_frames: must be at least 1",
-        );
+        check((1..=65_536).contains(&self.session.window), "session.window: must be 1 to 65536");
+        check(self.session.send_queue_frames >= 1, "session.send_queue_frames: must be at least 1");
         check(
             self.session.send_queue_bytes >= self.limits.max_frame,
             "session.send_queue_bytes: must hold at least one frame of limits.max_frame",

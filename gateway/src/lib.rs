@@ -191,11 +191,7 @@ impl Gateway {
             tcp,
             quic,
             admin,
-            addrs: Addrs {
-                wss: wss_addr,
-                quic: quic_addr,
-                admin: admin_addr,
-            },
+            addrs: Addrs { wss: wss_addr, quic: quic_addr, admin: admin_addr },
         })
     }
 
@@ -204,21 +200,13 @@ impl Gateway {
     }
 
     pub fn handle(&self) -> Handle {
-        Handle {
-            shared: self.shared.clone(),
-        }
+        Handle { shared: self.shared.clone() }
     }
 
     /// Serves until `shutdown` completes, then drains: no new connections, `GOAWAY` to every device, and up to
     /// `session.drain_timeout` for in-flight data to be acknowledged.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Gateway {
-            shared,
-            tcp,
-            quic,
-            admin,
-            ..
-        } = self;
+        let Gateway { shared, tcp, quic, admin, .. } = self;
         let stop = CancellationToken::new();
         let listeners = CancellationToken::new();
         shared.pool.start(stop.clone());
@@ -250,11 +238,7 @@ impl Gateway {
             endpoint.close(0u32.into(), b"shutdown");
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
-        tracing::info!(
-            left,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "drained"
-        );
+        tracing::info!(left, elapsed_ms = started.elapsed().as_millis() as u64, "drained");
         Ok(())
     }
 }
@@ -263,9 +247,7 @@ fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding WSS to tcp/{addr}"))?;
+    socket.bind(&addr.into()).with_context(|| format!("binding WSS to tcp/{addr}"))?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(TcpListener::from_std(socket.into())?)
 }

@@ -45,12 +45,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
-        TokenBucket {
-            rate: rate.into(),
-            burst: burst.into(),
-            tokens: burst.into(),
-            last: now,
-        }
+        TokenBucket { rate: rate.into(), burst: burst.into(), tokens: burst.into(), last: now }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -144,24 +139,12 @@ impl Admission {
     }
 
     fn try_admit(&self, ip: IpAddr) -> Result<(SessionPermit, HandshakePermit), Refusal> {
-        if !self
-            .accept
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_take(Instant::now())
-        {
+        if !self.accept.lock().unwrap_or_else(|e| e.into_inner()).try_take(Instant::now()) {
             return Err(Refusal::AcceptRate);
         }
-        let handshake = self
-            .handshakes
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::MaxHandshakes)?;
-        let slot = self
-            .sessions
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::MaxSessions)?;
+        let handshake =
+            self.handshakes.clone().try_acquire_owned().map_err(|_| Refusal::MaxHandshakes)?;
+        let slot = self.sessions.clone().try_acquire_owned().map_err(|_| Refusal::MaxSessions)?;
         {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let count = per_ip.entry(ip).or_insert(0);
@@ -170,14 +153,7 @@ impl Admission {
             }
             *count += 1;
         }
-        Ok((
-            SessionPermit {
-                _slot: slot,
-                ip,
-                per_ip: self.per_ip.clone(),
-            },
-            handshake,
-        ))
+        Ok((SessionPermit { _slot: slot, ip, per_ip: self.per_ip.clone() }, handshake))
     }
 
     /// Stops admitting anything (drain).
@@ -200,33 +176,21 @@ mod tests {
         assert!(bucket.try_take(t0));
         assert!(!bucket.try_take(t0));
         assert!(bucket.try_take(t0 + Duration::from_millis(100)));
-        assert_eq!(
-            bucket.take(t0 + Duration::from_millis(100)),
-            Duration::from_millis(100)
-        );
+        assert_eq!(bucket.take(t0 + Duration::from_millis(100)), Duration::from_millis(100));
     }
 
     #[test]
     fn per_ip_and_global_caps() {
-        let limits = config::Limits {
-            max_sessions: 3,
-            max_sessions_per_ip: 2,
-            ..config::Limits::default()
-        };
+        let limits =
+            config::Limits { max_sessions: 3, max_sessions_per_ip: 2, ..config::Limits::default() };
         let admission = Admission::new(&limits);
         let a: IpAddr = [127, 0, 0, 2].into();
         let b: IpAddr = [127, 0, 0, 3].into();
         let first = admission.admit(a, "wss").unwrap();
         let _second = admission.admit(a, "wss").unwrap();
-        assert_eq!(
-            admission.admit(a, "wss").unwrap_err(),
-            Refusal::MaxSessionsPerIp
-        );
+        assert_eq!(admission.admit(a, "wss").unwrap_err(), Refusal::MaxSessionsPerIp);
         let _third = admission.admit(b, "quic").unwrap();
-        assert_eq!(
-            admission.admit(b, "quic").unwrap_err(),
-            Refusal::MaxSessions
-        );
+        assert_eq!(admission.admit(b, "quic").unwrap_err(), Refusal::MaxSessions);
         drop(first);
         assert!(admission.admit(a, "wss").is_ok());
     }

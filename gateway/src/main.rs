@@ -57,10 +57,13 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
-    /// Issue a token for one thing, signed with the provisioning secret.
+    /// Issue a token for one thing, signed with the provisioning secret. With `--count N`, `--thing` is a prefix:
+    /// tokens for PREFIX0 … PREFIX(N-1) are printed as `thing token` lines (a fleet for the load generator).
     Issue {
         #[arg(long)]
         thing: String,
+        #[arg(long)]
+        count: Option<u64>,
         /// How long the token is valid, e.g. 365d, 12h.
         #[arg(long, default_value = "365d")]
         ttl: String,
@@ -87,19 +90,9 @@ fn main() -> ExitCode {
         }
         Command::GenCert { cert, key, names } => report(gen_cert(&cert, &key, &names)),
         Command::GenSecret { out } => report(gen_secret(&out)),
-        Command::Token {
-            command:
-                TokenCommand::Issue {
-                    thing,
-                    ttl,
-                    secret_file,
-                },
-        } => report(issue_token(
-            &cli.config,
-            &thing,
-            &ttl,
-            secret_file.as_deref(),
-        )),
+        Command::Token { command: TokenCommand::Issue { thing, count, ttl, secret_file } } => {
+            report(issue_token(&cli.config, &thing, count, &ttl, secret_file.as_deref()))
+        }
         Command::Demo => {
             println!(
                 "thingport {}: the demo needs the foundation workers, which are not built yet.\n\
@@ -155,10 +148,7 @@ fn run(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -222,8 +212,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents)
-        .with_context(|| format!("writing {}", path.display()))
+    file.write_all(contents).with_context(|| format!("writing {}", path.display()))
 }
 
 fn gen_cert(cert: &Path, key: &Path, names: &[String]) -> Result<()> {
@@ -244,16 +233,19 @@ fn gen_secret(out: &Path) -> Result<()> {
     let mut secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
         .map_err(|_| anyhow::anyhow!("no system randomness"))?;
-    let text = format!(
-        "{}\n",
-        base64::engine::general_purpose::STANDARD.encode(secret)
-    );
+    let text = format!("{}\n", base64::engine::general_purpose::STANDARD.encode(secret));
     write_new(out, text.as_bytes(), 0o600)?;
     println!("wrote a new provisioning secret to {}", out.display());
     Ok(())
 }
 
-fn issue_token(config: &Path, thing: &str, ttl: &str, secret_file: Option<&Path>) -> Result<()> {
+fn issue_token(
+    config: &Path,
+    thing: &str,
+    count: Option<u64>,
+    ttl: &str,
+    secret_file: Option<&Path>,
+) -> Result<()> {
     let secret_file = match secret_file {
         Some(path) => path.to_path_buf(),
         None => {
@@ -266,6 +258,18 @@ fn issue_token(config: &Path, thing: &str, ttl: &str, secret_file: Option<&Path>
     let key = TokenKey::from_file(&secret_file)?;
     let ttl = parse_ttl(ttl)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    println!("{}", key.issue(thing, now + ttl.as_secs()));
+    let expiry = now + ttl.as_secs();
+    match count {
+        None => println!("{}", key.issue(thing, expiry)),
+        Some(count) => {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for i in 0..count {
+                let name = format!("{thing}{i}");
+                writeln!(out, "{name} {}", key.issue(&name, expiry))?;
+            }
+            out.flush()?;
+        }
+    }
     Ok(())
 }

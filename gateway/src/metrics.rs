@@ -78,14 +78,8 @@ pub fn handle() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open, by transport");
-    describe_counter!(
-        HANDSHAKES,
-        "Device handshakes finished, by transport and result"
-    );
-    describe_counter!(
-        REFUSED,
-        "Connections or sessions refused, by transport and reason"
-    );
+    describe_counter!(HANDSHAKES, "Device handshakes finished, by transport and result");
+    describe_counter!(REFUSED, "Connections or sessions refused, by transport and reason");
     describe_counter!(FRAMES, "Device frames forwarded, by direction");
     describe_counter!(BYTES, "Device frame bytes forwarded, by direction");
     describe_counter!(DROPPED, "Frames dropped, by reason");
@@ -94,10 +88,7 @@ fn describe() {
     describe_counter!(LINK_EVENTS, "Upstream link events");
     describe_histogram!(FRAMES_PER_WRITE, "Link frames written per write call");
     describe_gauge!(LINK_QUEUE_BYTES, "Bytes queued on upstream links");
-    describe_counter!(
-        RETRIED,
-        "Device frames sent again on another link after their link failed"
-    );
+    describe_counter!(RETRIED, "Device frames sent again on another link after their link failed");
     describe_histogram!(
         SEND_QUEUE,
         "Depth of a session's queue towards its device when a frame is added"

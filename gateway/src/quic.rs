@@ -26,9 +26,7 @@ pub fn endpoint(
 ) -> anyhow::Result<Endpoint> {
     let crypto = QuicServerConfig::try_from(tls.quic.clone()).context("QUIC TLS configuration")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let window = (config.limits.max_frame as u32)
-        .saturating_mul(2)
-        .max(16 * 1024);
+    let window = (config.limits.max_frame as u32).saturating_mul(2).max(16 * 1024);
     let idle = Duration::from_secs(u64::from(config.session.max_keepalive_secs) * 3 / 2)
         .max(config.limits.handshake_timeout);
     let mut transport = quinn::TransportConfig::default();
@@ -42,13 +40,8 @@ pub fn endpoint(
         .max_idle_timeout(Some(idle.try_into().context("QUIC idle timeout")?));
     server.transport_config(Arc::new(transport));
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        runtime,
-    )
-    .context("QUIC endpoint")
+    Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        .context("QUIC endpoint")
 }
 
 /// Accepts QUIC connections until `cancel`.
@@ -60,9 +53,8 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
         };
         let Some(incoming) = incoming else { return };
         // refused before the handshake: one CONNECTION_CLOSE, no crypto
-        let Ok((permit, handshake)) = shared
-            .admission
-            .admit(incoming.remote_address().ip(), "quic")
+        let Ok((permit, handshake)) =
+            shared.admission.admit(incoming.remote_address().ip(), "quic")
         else {
             incoming.refuse();
             continue;
@@ -106,14 +98,8 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
                 buf: BytesMut::with_capacity(4096),
                 max_frame: shared.config.limits.max_frame,
             };
-            let accepted = Accepted {
-                transport: Transport::Quic,
-                peer,
-                at,
-                cert_names,
-                permit,
-                handshake,
-            };
+            let accepted =
+                Accepted { transport: Transport::Quic, peer, at, cert_names, permit, handshake };
             session::run(shared, io, accepted).await;
         });
     }
@@ -134,16 +120,8 @@ impl DeviceIo for QuicIo {
                 Ok(Some(frame)) => return Ok(Some(frame)),
                 Ok(None) => {}
                 Err(e) => {
-                    let close = if matches!(e, DecodeError::TooLong { .. }) {
-                        1009
-                    } else {
-                        1002
-                    };
-                    return Err(IoError::Refused {
-                        code: e.code(),
-                        close,
-                        message: e.to_string(),
-                    });
+                    let close = if matches!(e, DecodeError::TooLong { .. }) { 1009 } else { 1002 };
+                    return Err(IoError::Refused { code: e.code(), close, message: e.to_string() });
                 }
             }
             match self.recv.read_chunk(64 * 1024, true).await {
@@ -161,10 +139,7 @@ impl DeviceIo for QuicIo {
             stream::put_len(&mut out, frame.len());
             out.extend_from_slice(frame);
         }
-        self.send
-            .write_all(&out)
-            .await
-            .map_err(|e| IoError::Broken(e.to_string()))
+        self.send.write_all(&out).await.map_err(|e| IoError::Broken(e.to_string()))
     }
 
     async fn close(&mut self, code: CloseCode) {

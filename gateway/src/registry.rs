@@ -130,18 +130,12 @@ impl Inbox {
             s.delivered.downstream.len() >= self.max_frames || s.bytes + len > self.max_bytes
         };
         if full(&state) {
-            let oldest_telemetry = state
-                .delivered
-                .downstream
-                .iter()
-                .position(Downstream::is_telemetry);
+            let oldest_telemetry =
+                state.delivered.downstream.iter().position(Downstream::is_telemetry);
             match oldest_telemetry {
                 Some(i) => {
-                    let dropped = state
-                        .delivered
-                        .downstream
-                        .remove(i)
-                        .unwrap_or_else(|| unreachable!());
+                    let dropped =
+                        state.delivered.downstream.remove(i).unwrap_or_else(|| unreachable!());
                     state.bytes -= dropped.frame.len();
                     metrics::dropped("send_queue_full");
                     outcome = Push::QueuedDropping(Box::new(DownstreamRef {
@@ -186,17 +180,9 @@ impl Inbox {
         };
         let taken = std::mem::replace(
             &mut state.delivered,
-            Delivered {
-                downstream: rest,
-                ..Delivered::default()
-            },
+            Delivered { downstream: rest, ..Delivered::default() },
         );
-        state.bytes = state
-            .delivered
-            .downstream
-            .iter()
-            .map(|d| d.frame.len())
-            .sum();
+        state.bytes = state.delivered.downstream.iter().map(|d| d.frame.len()).sum();
         taken
     }
 
@@ -245,8 +231,7 @@ impl Registry {
     /// Removes a session (and its thing's entry if it still points at it).
     pub fn remove(&self, session_id: u64) {
         if let Some((_, entry)) = self.sessions.remove(&session_id) {
-            self.things
-                .remove_if(&entry.thing, |_, id| *id == session_id);
+            self.things.remove_if(&entry.thing, |_, id| *id == session_id);
         }
     }
 
@@ -270,28 +255,18 @@ mod tests {
     fn frame(kind: FrameType, len: usize) -> Downstream {
         let mut bytes = vec![0u8; len];
         bytes[0] = kind as u8;
-        Downstream {
-            frame: Bytes::from(bytes),
-            link: 0,
-            reference: len as u64,
-        }
+        Downstream { frame: Bytes::from(bytes), link: 0, reference: len as u64 }
     }
 
     #[test]
     fn full_queue_drops_oldest_telemetry() {
         let inbox = Inbox::new(2, 1 << 20);
-        assert_eq!(
-            inbox.push(frame(FrameType::ServiceRequest, 10)),
-            Push::Queued
-        );
+        assert_eq!(inbox.push(frame(FrameType::ServiceRequest, 10)), Push::Queued);
         assert_eq!(inbox.push(frame(FrameType::Properties, 11)), Push::Queued);
         let pushed = inbox.push(frame(FrameType::Properties, 12));
         assert_eq!(
             pushed,
-            Push::QueuedDropping(Box::new(DownstreamRef {
-                link: 0,
-                reference: 11
-            }))
+            Push::QueuedDropping(Box::new(DownstreamRef { link: 0, reference: 11 }))
         );
         let taken = inbox.take(10);
         let kept: Vec<u64> = taken.downstream.iter().map(|d| d.reference).collect();
@@ -302,14 +277,8 @@ mod tests {
     #[test]
     fn full_queue_of_service_traffic_overflows_the_session() {
         let inbox = Inbox::new(1, 1 << 20);
-        assert_eq!(
-            inbox.push(frame(FrameType::ServiceRequest, 10)),
-            Push::Queued
-        );
-        assert_eq!(
-            inbox.push(frame(FrameType::ServiceResponse, 10)),
-            Push::Refused
-        );
+        assert_eq!(inbox.push(frame(FrameType::ServiceRequest, 10)), Push::Queued);
+        assert_eq!(inbox.push(frame(FrameType::ServiceResponse, 10)), Push::Refused);
         assert!(inbox.take(0).overflowed);
     }
 
@@ -337,10 +306,7 @@ mod tests {
         registry.insert(2, entry("pump"));
         assert!(first_inbox.take(0).replaced);
         registry.remove(1);
-        assert!(
-            registry.get(2).is_some(),
-            "removing the old session keeps the new one"
-        );
+        assert!(registry.get(2).is_some(), "removing the old session keeps the new one");
         registry.remove(2);
         assert!(registry.is_empty());
     }

@@ -26,11 +26,7 @@ use crate::upstream::{Busy, Pending};
 pub enum IoError {
     /// The device sent something the transport refuses (a text message, an oversized message).
     #[error("{message}")]
-    Refused {
-        code: ErrorCode,
-        close: u16,
-        message: String,
-    },
+    Refused { code: ErrorCode, close: u16, message: String },
     #[error("transport: {0}")]
     Broken(String),
 }
@@ -102,9 +98,7 @@ pub fn transport_label(transport: Transport) -> &'static str {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Checks a `HELLO`'s credential: a token, or a client certificate naming the thing.
@@ -154,8 +148,7 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
                 ServerSession::error_frame(&thingport_protocol::SessionError::HandshakeTimeout),
             )
             .await;
-            io.close(CloseCode::Error(ErrorCode::HANDSHAKE_TIMEOUT))
-                .await;
+            io.close(CloseCode::Error(ErrorCode::HANDSHAKE_TIMEOUT)).await;
             return;
         }
     };
@@ -183,22 +176,13 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
 
     shared.registry.remove(session_id);
     for left in inbox.close() {
-        shared.pool.undeliverable(
-            left.link,
-            session_id,
-            left.reference,
-            ErrorCode::UNAVAILABLE,
-        );
+        shared.pool.undeliverable(left.link, session_id, left.reference, ErrorCode::UNAVAILABLE);
     }
     let code = match close {
         CloseCode::Normal => ErrorCode(0),
         CloseCode::Error(code) | CloseCode::WebSocket(_, code) => code,
     };
-    shared.pool.send_control(LinkFrame::Close {
-        session_id,
-        thing,
-        code,
-    });
+    shared.pool.send_control(LinkFrame::Close { session_id, thing, code });
     ::metrics::gauge!(metrics::SESSIONS_ACTIVE, "transport" => label).decrement(1.0);
     drop(accepted.permit);
 }
@@ -221,11 +205,7 @@ async fn open<Io: DeviceIo>(
             metrics::handshake(label, "closed");
             return Err(CloseCode::Normal);
         }
-        Err(IoError::Refused {
-            code,
-            close,
-            message,
-        }) => {
+        Err(IoError::Refused { code, close, message }) => {
             metrics::handshake(label, "malformed");
             send_error(io, error_frame(code, &message)).await;
             return Err(CloseCode::WebSocket(close, code));
@@ -267,12 +247,7 @@ async fn open<Io: DeviceIo>(
     }
     if shared.draining() {
         metrics::handshake(label, "draining");
-        let retry = shared
-            .config
-            .session
-            .reconnect_hint
-            .as_millis()
-            .min(u32::MAX.into()) as u32;
+        let retry = shared.config.session.reconnect_hint.as_millis().min(u32::MAX.into()) as u32;
         session.refuse(ErrorCode::OVERLOADED, retry, "gateway is draining");
         flush_control(io, session).await.ok();
         return Err(CloseCode::Error(ErrorCode::OVERLOADED));
@@ -283,11 +258,7 @@ async fn open<Io: DeviceIo>(
     ));
     shared.registry.insert(
         session.session_id(),
-        SessionEntry {
-            thing: hello.thing.clone(),
-            inbox: inbox.clone(),
-            opened: Instant::now(),
-        },
+        SessionEntry { thing: hello.thing.clone(), inbox: inbox.clone(), opened: Instant::now() },
     );
     shared.pool.send_control(LinkFrame::Open {
         session_id: session.session_id(),
@@ -321,9 +292,8 @@ async fn flush_control<Io: DeviceIo>(
     io: &mut Io,
     session: &mut ServerSession,
 ) -> Result<(), IoError> {
-    let frames: Vec<Bytes> = std::iter::from_fn(|| session.poll_transmit())
-        .map(|f| f.to_bytes())
-        .collect();
+    let frames: Vec<Bytes> =
+        std::iter::from_fn(|| session.poll_transmit()).map(|f| f.to_bytes()).collect();
     if frames.is_empty() {
         return Ok(());
     }
@@ -404,13 +374,8 @@ impl Driver<'_> {
             return;
         }
         self.draining = Some(TokioInstant::now() + DRAIN_GRACE);
-        let hint = self
-            .shared
-            .config
-            .session
-            .reconnect_hint
-            .as_millis()
-            .min(u32::MAX.into()) as u32;
+        let hint =
+            self.shared.config.session.reconnect_hint.as_millis().min(u32::MAX.into()) as u32;
         let message = if reason == GoawayReason::REPLACED {
             "replaced by a newer session"
         } else {
@@ -466,11 +431,8 @@ impl Driver<'_> {
         if delivered.overflowed {
             metrics::closed("slow_consumer");
             self.out.push(
-                error_frame(
-                    ErrorCode::SLOW_CONSUMER,
-                    "send queue full of service traffic",
-                )
-                .to_bytes(),
+                error_frame(ErrorCode::SLOW_CONSUMER, "send queue full of service traffic")
+                    .to_bytes(),
             );
             return Step::Close(CloseCode::Error(ErrorCode::SLOW_CONSUMER));
         }
@@ -515,11 +477,7 @@ impl Driver<'_> {
                 metrics::closed("device_closed");
                 return Step::Close(CloseCode::Normal);
             }
-            Err(IoError::Refused {
-                code,
-                close,
-                message,
-            }) => {
+            Err(IoError::Refused { code, close, message }) => {
                 metrics::closed("malformed");
                 self.out.push(error_frame(code, &message).to_bytes());
                 return Step::Close(CloseCode::WebSocket(close, code));
@@ -534,8 +492,7 @@ impl Driver<'_> {
             Ok(frame) => frame,
             Err(e) => {
                 metrics::closed("malformed");
-                self.out
-                    .push(ServerSession::decode_error_frame(&e).to_bytes());
+                self.out.push(ServerSession::decode_error_frame(&e).to_bytes());
                 return Step::Close(CloseCode::Error(e.code()));
             }
         };
@@ -606,10 +563,7 @@ mod tests {
 
     #[test]
     fn close_codes_follow_the_specification() {
-        assert_eq!(
-            CloseCode::Error(ErrorCode::FRAME_TOO_LARGE).websocket(),
-            4303
-        );
+        assert_eq!(CloseCode::Error(ErrorCode::FRAME_TOO_LARGE).websocket(), 4303);
         assert_eq!(CloseCode::Error(ErrorCode::OVERLOADED).websocket(), 4101);
         assert_eq!(CloseCode::Error(ErrorCode::AUTH_FAILED).websocket(), 4201);
         assert_eq!(CloseCode::Normal.websocket(), 1000);

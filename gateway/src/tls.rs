@@ -104,16 +104,9 @@ impl ServerTls {
                 }
                 let builder =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-                let builder = if tls.require_client_cert {
-                    builder
-                } else {
-                    builder.allow_unauthenticated()
-                };
-                Some(
-                    builder
-                        .build()
-                        .context("building the client certificate verifier")?,
-                )
+                let builder =
+                    if tls.require_client_cert { builder } else { builder.allow_unauthenticated() };
+                Some(builder.build().context("building the client certificate verifier")?)
             }
             None => None,
         };
@@ -141,11 +134,7 @@ impl ServerTls {
         let wss = build(wss_versions, b"http/1.1")?;
         let mut quic = build(&[&rustls::version::TLS13], thingport_protocol::QUIC_ALPN)?;
         quic.max_early_data_size = 0;
-        Ok(ServerTls {
-            cert,
-            wss: Arc::new(wss),
-            quic: Arc::new(quic),
-        })
+        Ok(ServerTls { cert, wss: Arc::new(wss), quic: Arc::new(quic) })
     }
 }
 

@@ -67,9 +67,7 @@ impl TokenKey {
                 secret.len()
             );
         }
-        Ok(TokenKey {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-        })
+        Ok(TokenKey { key: hmac::Key::new(hmac::HMAC_SHA256, secret) })
     }
 
     /// Reads a secret file (its bytes, with surrounding whitespace removed).
@@ -89,10 +87,7 @@ impl TokenKey {
 
     /// A token for `thing` valid until `expiry` (seconds since the Unix epoch).
     pub fn issue(&self, thing: &str, expiry: u64) -> String {
-        format!(
-            "{PREFIX}.{expiry}.{}",
-            URL_SAFE_NO_PAD.encode(self.mac(thing, expiry).as_ref())
-        )
+        format!("{PREFIX}.{expiry}.{}", URL_SAFE_NO_PAD.encode(self.mac(thing, expiry).as_ref()))
     }
 
     /// Checks a token presented for `thing` at `now` (seconds since the Unix epoch). The MAC is checked before the
@@ -110,9 +105,7 @@ impl TokenKey {
         if expiry_value.to_string() != expiry {
             return Err(TokenError::Invalid);
         }
-        let mac = URL_SAFE_NO_PAD
-            .decode(mac)
-            .map_err(|_| TokenError::Invalid)?;
+        let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| TokenError::Invalid)?;
         let mut message = Vec::with_capacity(CONTEXT.len() + thing.len() + 24);
         message.extend_from_slice(CONTEXT);
         message.extend_from_slice(thing.as_bytes());
@@ -137,11 +130,7 @@ impl Revocations {
     /// Parses a revocation list: one thing name or whole token per line; `#` starts a comment line.
     pub fn parse(text: &str) -> Revocations {
         let mut revoked = Revocations::default();
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             if line.starts_with("tp1.") {
                 revoked.tokens.insert(line.to_string());
             } else {
@@ -192,52 +181,27 @@ mod tests {
         let token = key().issue("pump-1", 2_000);
         assert!(token.starts_with("tp1.2000."));
         assert_eq!(key().verify("pump-1", token.as_bytes(), 1_999), Ok(()));
-        assert_eq!(
-            key().verify("pump-2", token.as_bytes(), 1_999),
-            Err(TokenError::Invalid)
-        );
-        assert_eq!(
-            key().verify("pump-1", token.as_bytes(), 2_000),
-            Err(TokenError::Expired)
-        );
+        assert_eq!(key().verify("pump-2", token.as_bytes(), 1_999), Err(TokenError::Invalid));
+        assert_eq!(key().verify("pump-1", token.as_bytes(), 2_000), Err(TokenError::Expired));
         let other = TokenKey::new(&[8u8; 32]).unwrap();
-        assert_eq!(
-            other.verify("pump-1", token.as_bytes(), 0),
-            Err(TokenError::Invalid)
-        );
+        assert_eq!(other.verify("pump-1", token.as_bytes(), 0), Err(TokenError::Invalid));
     }
 
     #[test]
     fn tampered_tokens_are_invalid() {
         let token = key().issue("pump-1", 2_000);
         let later = token.replace("tp1.2000.", "tp1.9000.");
-        assert_eq!(
-            key().verify("pump-1", later.as_bytes(), 0),
-            Err(TokenError::Invalid)
-        );
+        assert_eq!(key().verify("pump-1", later.as_bytes(), 0), Err(TokenError::Invalid));
         let padded = token.replace("tp1.2000.", "tp1.02000.");
-        assert_eq!(
-            key().verify("pump-1", padded.as_bytes(), 0),
-            Err(TokenError::Invalid)
-        );
-        for bad in [
-            "",
-            "tp1",
-            "tp1..",
-            "tp2.1.AAAA",
-            "tp1.1.@@@",
-            &format!("{token}.x"),
-        ] {
+        assert_eq!(key().verify("pump-1", padded.as_bytes(), 0), Err(TokenError::Invalid));
+        for bad in ["", "tp1", "tp1..", "tp2.1.AAAA", "tp1.1.@@@", &format!("{token}.x")] {
             assert_eq!(
                 key().verify("pump-1", bad.as_bytes(), 0),
                 Err(TokenError::Invalid),
                 "{bad}"
             );
         }
-        assert_eq!(
-            key().verify("pump-1", &[0xff, 0xfe], 0),
-            Err(TokenError::Invalid)
-        );
+        assert_eq!(key().verify("pump-1", &[0xff, 0xfe], 0), Err(TokenError::Invalid));
     }
 
     #[test]

@@ -185,14 +185,7 @@ impl Pool {
 
     /// Tells the worker behind `link` that a `DOWNSTREAM` frame was not delivered.
     pub fn undeliverable(&self, link: usize, session_id: u64, reference: u64, code: ErrorCode) {
-        self.send_control_on(
-            link,
-            LinkFrame::Undeliverable {
-                session_id,
-                reference,
-                code,
-            },
-        );
+        self.send_control_on(link, LinkFrame::Undeliverable { session_id, reference, code });
     }
 
     fn send_control_on(&self, link: usize, frame: LinkFrame) {
@@ -245,46 +238,32 @@ impl Pool {
                     inbox.stored(seq);
                 }
             }
-            LinkFrame::Downstream {
-                session_id,
-                reference,
-                frame,
-            } => {
-                let undeliverable = |code| LinkFrame::Undeliverable {
-                    session_id,
-                    reference,
-                    code,
-                };
+            LinkFrame::Downstream { session_id, reference, frame } => {
+                let undeliverable = |code| LinkFrame::Undeliverable { session_id, reference, code };
                 match self.registry.get(session_id) {
                     None => {
                         metrics::dropped("no_session");
                         link.send_control(undeliverable(ErrorCode::UNAVAILABLE));
                     }
-                    Some(inbox) => match inbox.push(Downstream {
-                        frame,
-                        link: link.index,
-                        reference,
-                    }) {
-                        Push::Queued => {}
-                        Push::QueuedDropping(dropped) => self.send_control_on(
-                            dropped.link,
-                            LinkFrame::Undeliverable {
-                                session_id,
-                                reference: dropped.reference,
-                                code: ErrorCode::SLOW_CONSUMER,
-                            },
-                        ),
-                        Push::Refused => {
-                            link.send_control(undeliverable(ErrorCode::SLOW_CONSUMER));
+                    Some(inbox) => {
+                        match inbox.push(Downstream { frame, link: link.index, reference }) {
+                            Push::Queued => {}
+                            Push::QueuedDropping(dropped) => self.send_control_on(
+                                dropped.link,
+                                LinkFrame::Undeliverable {
+                                    session_id,
+                                    reference: dropped.reference,
+                                    code: ErrorCode::SLOW_CONSUMER,
+                                },
+                            ),
+                            Push::Refused => {
+                                link.send_control(undeliverable(ErrorCode::SLOW_CONSUMER));
+                            }
                         }
-                    },
+                    }
                 }
             }
-            LinkFrame::Rejected {
-                session_id,
-                seq,
-                code,
-            } => {
+            LinkFrame::Rejected { session_id, seq, code } => {
                 link.inflight().remove(&(session_id, seq));
                 if let Some(inbox) = self.registry.get(session_id) {
                     inbox.rejected(seq, code);
@@ -294,11 +273,7 @@ impl Pool {
                 link.send_control(LinkFrame::Pong { nonce });
             }
             LinkFrame::Load { saturated } => {
-                let (from, to) = if saturated {
-                    (UP, SATURATED)
-                } else {
-                    (SATURATED, UP)
-                };
+                let (from, to) = if saturated { (UP, SATURATED) } else { (SATURATED, UP) };
                 if link
                     .state
                     .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
@@ -359,13 +334,8 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
         pool.flush_orphans();
 
         let stop = cancel.child_token();
-        let writer_task = tokio::spawn(write_loop(
-            pool.clone(),
-            link.clone(),
-            writer,
-            rx,
-            stop.clone(),
-        ));
+        let writer_task =
+            tokio::spawn(write_loop(pool.clone(), link.clone(), writer, rx, stop.clone()));
         let end = read_loop(&pool, &link, reader, buf, &stop).await;
         stop.cancel();
         rx = match writer_task.await {
@@ -419,10 +389,7 @@ async fn connect(
     })
     .await??;
     match welcome {
-        LinkFrame::Welcome {
-            version: LINK_VERSION,
-            ..
-        } => Ok((reader, writer, buf)),
+        LinkFrame::Welcome { version: LINK_VERSION, .. } => Ok((reader, writer, buf)),
         other => anyhow::bail!("expected link WELCOME, got {other:?}"),
     }
 }
@@ -491,11 +458,7 @@ async fn write_loop(
                 Outbound::Control(frame) => frame.encode_framed(&mut buf),
             }
             frames += 1;
-            item = if buf.len() < MAX_BATCH_BYTES {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            item = if buf.len() < MAX_BATCH_BYTES { rx.try_recv().ok() } else { None };
         }
         let written = tokio::select! {
             _ = stop.cancelled() => return rx,
@@ -507,10 +470,8 @@ async fn write_loop(
             stop.cancelled().await;
             return rx;
         }
-        link.queued.fetch_sub(
-            data_bytes.min(link.queued.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        link.queued
+            .fetch_sub(data_bytes.min(link.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
         ::metrics::histogram!(metrics::FRAMES_PER_WRITE).record(frames as f64);
         if link.queued.load(Ordering::Relaxed) < pool.high_water {
             pool.ready.notify_waiters();

@@ -65,14 +65,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
                 }
             };
             let io = WssIo { ws };
-            let accepted = Accepted {
-                transport: Transport::Wss,
-                peer,
-                at,
-                cert_names,
-                permit,
-                handshake,
-            };
+            let accepted =
+                Accepted { transport: Transport::Wss, peer, at, cert_names, permit, handshake };
             session::run(shared, io, accepted).await;
         });
     }
@@ -83,10 +77,8 @@ type Ws = WebSocketStream<HeaderCap<TlsStream<TcpStream>>>;
 /// TLS and the WebSocket upgrade. The error is the label of the failed handshake.
 async fn upgrade(shared: &Shared, stream: TcpStream) -> Result<(Ws, Vec<String>), &'static str> {
     let _ = stream.set_nodelay(true);
-    let tls = TlsAcceptor::from(shared.tls.wss.clone())
-        .accept(stream)
-        .await
-        .map_err(|_| "tls_failed")?;
+    let tls =
+        TlsAcceptor::from(shared.tls.wss.clone()).accept(stream).await.map_err(|_| "tls_failed")?;
     let cert_names = tls
         .get_ref()
         .1
@@ -101,10 +93,7 @@ async fn upgrade(shared: &Shared, stream: TcpStream) -> Result<(Ws, Vec<String>)
         .max_write_buffer_size(shared.config.session.send_queue_bytes.max(max_frame) * 2)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame));
-    let capped = HeaderCap {
-        inner: tls,
-        left: Some(shared.config.limits.max_header_bytes),
-    };
+    let capped = HeaderCap { inner: tls, left: Some(shared.config.limits.max_header_bytes) };
     let mut ws =
         tokio_tungstenite::accept_hdr_async_with_config(capped, check_upgrade, Some(config))
             .await
@@ -127,10 +116,7 @@ fn check_upgrade(request: &Request, mut response: Response) -> Result<Response, 
         response
     };
     if request.uri().path() != WS_PATH {
-        return Err(refuse(
-            StatusCode::NOT_FOUND,
-            "the device endpoint is /v1/device\n",
-        ));
+        return Err(refuse(StatusCode::NOT_FOUND, "the device endpoint is /v1/device\n"));
     }
     let offered = request
         .headers()
@@ -145,10 +131,9 @@ fn check_upgrade(request: &Request, mut response: Response) -> Result<Response, 
             "offer the WebSocket subprotocol thingport.v1\n",
         ));
     }
-    response.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static(WS_SUBPROTOCOL),
-    );
+    response
+        .headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static(WS_SUBPROTOCOL));
     Ok(response)
 }
 
@@ -236,17 +221,11 @@ impl DeviceIo for WssIo {
                 .await
                 .map_err(|e| IoError::Broken(e.to_string()))?;
         }
-        self.ws
-            .flush()
-            .await
-            .map_err(|e| IoError::Broken(e.to_string()))
+        self.ws.flush().await.map_err(|e| IoError::Broken(e.to_string()))
     }
 
     async fn close(&mut self, code: CloseCode) {
-        let frame = CloseFrame {
-            code: code.websocket().into(),
-            reason: "".into(),
-        };
+        let frame = CloseFrame { code: code.websocket().into(), reason: "".into() };
         let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
     }
 }

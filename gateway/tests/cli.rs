@@ -41,96 +41,43 @@ fn a_bad_configuration_lists_every_problem_and_exits_64() {
         "[limits]\nmax_frame = 10\nmax_sessions = 0\n[upstream]\nfoundations = []\n[tls]\ncert = \"/nonexistent.pem\"\n",
     )
     .unwrap();
-    let out = gateway()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = gateway().args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    for problem in [
-        "limits.max_frame",
-        "limits.max_sessions",
-        "upstream.foundations",
-        "tls.cert",
-    ] {
-        assert!(
-            stderr.contains(problem),
-            "{problem} not reported in\n{stderr}"
-        );
+    for problem in ["limits.max_frame", "limits.max_sessions", "upstream.foundations", "tls.cert"] {
+        assert!(stderr.contains(problem), "{problem} not reported in\n{stderr}");
     }
     // unknown keys and bad syntax are refused too
     std::fs::write(&path, "[limits]\nmax_frames = 10\n").unwrap();
-    let out = gateway()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = gateway().args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(
-        String::from_utf8(out.stderr)
-            .unwrap()
-            .contains("max_frames")
-    );
+    assert!(String::from_utf8(out.stderr).unwrap().contains("max_frames"));
 }
 
 #[test]
 fn secrets_certificates_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("provisioning.key");
-    assert!(
-        gateway()
-            .args(["gen-secret", "--out"])
-            .arg(&secret)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(gateway().args(["gen-secret", "--out"]).arg(&secret).status().unwrap().success());
     // never overwritten
-    assert!(
-        !gateway()
-            .args(["gen-secret", "--out"])
-            .arg(&secret)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(!gateway().args(["gen-secret", "--out"]).arg(&secret).status().unwrap().success());
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
-    let status = gateway()
-        .args(["gen-cert", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .status()
-        .unwrap();
+    let status =
+        gateway().args(["gen-cert", "--cert"]).arg(&cert).arg("--key").arg(&key).status().unwrap();
     assert!(status.success());
     thingport_gateway::tls::ReloadableCert::load(&cert, &key).unwrap();
     let out = gateway()
-        .args([
-            "token",
-            "issue",
-            "--thing",
-            "pump-1",
-            "--ttl",
-            "30d",
-            "--secret-file",
-        ])
+        .args(["token", "issue", "--thing", "pump-1", "--ttl", "30d", "--secret-file"])
         .arg(&secret)
         .output()
         .unwrap();
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap();
     let key = TokenKey::from_file(&secret).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     assert_eq!(key.verify("pump-1", token.trim().as_bytes(), now), Ok(()));
-    assert!(
-        key.verify("pump-1", token.trim().as_bytes(), now + 31 * 86_400)
-            .is_err()
-    );
+    assert!(key.verify("pump-1", token.trim().as_bytes(), now + 31 * 86_400).is_err());
 }
 
 #[tokio::test]
@@ -170,9 +117,7 @@ async fn a_running_process_reloads_on_sighup_and_drains_on_sigterm() {
         }
     });
     let wait_line = |needle: &str| loop {
-        let line = lines_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("log line");
+        let line = lines_rx.recv_timeout(Duration::from_secs(10)).expect("log line");
         if line.contains(needle) {
             return line;
         }
@@ -180,26 +125,11 @@ async fn a_running_process_reloads_on_sighup_and_drains_on_sigterm() {
     let listening = wait_line("listening");
     assert!(listening.contains("127.0.0.1:"), "{listening}");
     let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     wait_line("certificate reloaded");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     wait_line("drained");
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "exit status {status}");
     worker.kill().await;
 }

@@ -34,9 +34,7 @@ fn reading(v: i64) -> Frame {
 async fn round_trip(transport: Transport) {
     let harness = Harness::start(1, |_| {}).await;
     let mut device = harness.device("pump-1");
-    let welcome = within("connect", device.connect(&harness.endpoint(transport)))
-        .await
-        .unwrap();
+    let welcome = within("connect", device.connect(&harness.endpoint(transport))).await.unwrap();
     assert_eq!(welcome.version, 1);
     for v in 0..3 {
         device.send(reading(v)).await.unwrap();
@@ -72,9 +70,7 @@ async fn worker_initiated_service_call_reaches_the_device_and_its_answer_returns
         let harness = Harness::start(1, |_| {}).await;
         let mut events = harness.workers[0].subscribe();
         let mut device = harness.device("valve-7");
-        within("connect", device.connect(&harness.endpoint(transport)))
-            .await
-            .unwrap();
+        within("connect", device.connect(&harness.endpoint(transport))).await.unwrap();
         let session_id = within("open", async {
             loop {
                 if let Ok(WorkerEvent::Open { session_id, thing }) = events.recv().await {
@@ -111,10 +107,8 @@ async fn worker_initiated_service_call_reaches_the_device_and_its_answer_returns
         device.send(answer).await.unwrap();
         let response = within("service response at the worker", async {
             loop {
-                if let Ok(WorkerEvent::Frame {
-                    frame: Frame::ServiceResponse(r),
-                    ..
-                }) = events.recv().await
+                if let Ok(WorkerEvent::Frame { frame: Frame::ServiceResponse(r), .. }) =
+                    events.recv().await
                 {
                     return r;
                 }
@@ -122,10 +116,7 @@ async fn worker_initiated_service_call_reaches_the_device_and_its_answer_returns
         })
         .await;
         assert_eq!(response.call_id, 99);
-        assert_eq!(
-            response.result,
-            ServiceResult::Ok(Value::from_static("closed"))
-        );
+        assert_eq!(response.result, ServiceResult::Ok(Value::from_static("closed")));
         harness.stop().await.unwrap();
     }
 }
@@ -137,21 +128,15 @@ async fn frames_for_an_unknown_session_are_reported_undeliverable() {
     assert!(harness.workers[0].send_downstream(424_242, 7, &reading(1)));
     let (session_id, reference, code) = within("undeliverable", async {
         loop {
-            if let Ok(WorkerEvent::Undeliverable {
-                session_id,
-                reference,
-                code,
-            }) = events.recv().await
+            if let Ok(WorkerEvent::Undeliverable { session_id, reference, code }) =
+                events.recv().await
             {
                 return (session_id, reference, code);
             }
         }
     })
     .await;
-    assert_eq!(
-        (session_id, reference, code),
-        (424_242, 7, ErrorCode::UNAVAILABLE)
-    );
+    assert_eq!((session_id, reference, code), (424_242, 7, ErrorCode::UNAVAILABLE));
     harness.stop().await.unwrap();
 }
 
@@ -173,20 +158,11 @@ async fn bad_expired_and_revoked_tokens_are_refused() {
     let harness = Harness::start(1, |c| c.auth.revocation_file = None).await;
     for transport in [Transport::Wss, Transport::Quic] {
         let forged = Credential::Token(b"tp1.99999999999.AAAA".to_vec().into());
-        assert_eq!(
-            refused_with(&harness, transport, forged).await,
-            ErrorCode::AUTH_FAILED
-        );
+        assert_eq!(refused_with(&harness, transport, forged).await, ErrorCode::AUTH_FAILED);
         let expired = Credential::Token(harness.token("pump-1", -10).into());
-        assert_eq!(
-            refused_with(&harness, transport, expired).await,
-            ErrorCode::TOKEN_EXPIRED
-        );
+        assert_eq!(refused_with(&harness, transport, expired).await, ErrorCode::TOKEN_EXPIRED);
         let other_thing = Credential::Token(harness.token("pump-2", 3_600).into());
-        assert_eq!(
-            refused_with(&harness, transport, other_thing).await,
-            ErrorCode::AUTH_FAILED
-        );
+        assert_eq!(refused_with(&harness, transport, other_thing).await, ErrorCode::AUTH_FAILED);
         assert_eq!(
             refused_with(&harness, transport, Credential::None).await,
             ErrorCode::AUTH_FAILED
@@ -209,17 +185,12 @@ async fn revoked_things_are_refused_after_reload() {
     std::fs::write(&list, "").unwrap();
     let harness = Harness::start(1, |c| c.auth.revocation_file = Some(list.clone())).await;
     let mut device = harness.device("pump-1");
-    within("connect", device.connect(&harness.endpoint(Transport::Wss)))
-        .await
-        .unwrap();
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
     device.disconnect().await;
     std::fs::write(&list, "# stolen\npump-1\n").unwrap();
     harness.handle.reload().unwrap();
     let token = Credential::Token(harness.token("pump-1", 3_600).into());
-    assert_eq!(
-        refused_with(&harness, Transport::Wss, token).await,
-        ErrorCode::REVOKED
-    );
+    assert_eq!(refused_with(&harness, Transport::Wss, token).await, ErrorCode::REVOKED);
     harness.stop().await.unwrap();
 }
 
@@ -227,9 +198,8 @@ async fn revoked_things_are_refused_after_reload() {
 async fn data_before_hello_is_a_protocol_error() {
     let harness = Harness::start(1, |_| {}).await;
     for transport in [Transport::Wss, Transport::Quic] {
-        let mut conn = within("connect", FrameConn::connect(&harness.endpoint(transport)))
-            .await
-            .unwrap();
+        let mut conn =
+            within("connect", FrameConn::connect(&harness.endpoint(transport))).await.unwrap();
         let mut frame = reading(1);
         frame.set_seq(1);
         conn.send(&[frame.to_bytes()]).await.unwrap();
@@ -256,9 +226,7 @@ async fn malformed_frames_end_the_session_with_a_readable_error() {
         (vec![0x07, 0x80], ErrorCode::MALFORMED_FRAME),
         (vec![0x08, 0x01, 0x00], ErrorCode::MALFORMED_FRAME),
     ] {
-        let mut conn = FrameConn::connect(&harness.endpoint(Transport::Wss))
-            .await
-            .unwrap();
+        let mut conn = FrameConn::connect(&harness.endpoint(Transport::Wss)).await.unwrap();
         conn.send(&[bytes.into()]).await.unwrap();
         let reply = within("error", conn.recv()).await.unwrap().unwrap();
         let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
@@ -267,19 +235,14 @@ async fn malformed_frames_end_the_session_with_a_readable_error() {
         assert_eq!(error.code, code);
     }
     // a text message on WSS
-    let mut conn = FrameConn::connect(&harness.endpoint(Transport::Wss))
-        .await
-        .unwrap();
+    let mut conn = FrameConn::connect(&harness.endpoint(Transport::Wss)).await.unwrap();
     conn.send_text("hello").await.unwrap();
     let reply = within("error", conn.recv()).await.unwrap().unwrap();
     let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
         panic!("not an ERROR")
     };
     assert_eq!(error.code, ErrorCode::MALFORMED_FRAME);
-    assert_eq!(
-        within("close", conn.recv()).await.unwrap(),
-        Err(Closed::Code(1003))
-    );
+    assert_eq!(within("close", conn.recv()).await.unwrap(), Err(Closed::Code(1003)));
     harness.stop().await.unwrap();
 }
 
@@ -288,9 +251,7 @@ async fn frames_over_the_limit_are_refused() {
     let harness = Harness::start(1, |c| c.limits.max_frame = 1_024).await;
     // WSS: the WebSocket layer refuses the message with 1009
     let mut device = harness.device("pump-1");
-    within("connect", device.connect(&harness.endpoint(Transport::Wss)))
-        .await
-        .unwrap();
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
     let conn = device.conn().unwrap();
     conn.send(&[vec![0x08; 4_096].into()]).await.unwrap();
     let closed = within("close", async {
@@ -307,12 +268,7 @@ async fn frames_over_the_limit_are_refused() {
 
     // QUIC: a length prefix over the limit ends the session before the frame is buffered
     let mut device = harness.device("pump-2");
-    within(
-        "connect",
-        device.connect(&harness.endpoint(Transport::Quic)),
-    )
-    .await
-    .unwrap();
+    within("connect", device.connect(&harness.endpoint(Transport::Quic))).await.unwrap();
     let conn = device.conn().unwrap();
     let mut frame = reading(1);
     if let Frame::Properties(p) = &mut frame {
@@ -333,9 +289,7 @@ async fn quic_with_a_wrong_alpn_is_refused_in_the_tls_handshake() {
     let mut endpoint = harness.endpoint(Transport::Quic);
     endpoint.quic_tls =
         thingport_loadtest::client::tls_config(std::slice::from_ref(&harness.cert), b"h3").unwrap();
-    let err = within("refusal", FrameConn::connect(&endpoint))
-        .await
-        .unwrap_err();
+    let err = within("refusal", FrameConn::connect(&endpoint)).await.unwrap_err();
     assert!(
         format!("{err:#}").contains("no_application_protocol")
             || format!("{err:#}").contains("120"),
@@ -355,9 +309,7 @@ async fn tls12_only_clients_are_refused() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap())
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let err = within(
         "refusal",
@@ -372,23 +324,15 @@ async fn tls12_only_clients_are_refused() {
 #[tokio::test]
 async fn a_connection_that_never_finishes_its_handshake_is_cut_at_the_deadline() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let harness = Harness::start(1, |c| {
-        c.limits.handshake_timeout = Duration::from_millis(300)
-    })
-    .await;
+    let harness =
+        Harness::start(1, |c| c.limits.handshake_timeout = Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     // TCP only: no ClientHello
-    let mut silent = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap())
-        .await
-        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap()).await.unwrap();
     // TLS and upgrade done, no HELLO
-    let mut no_hello = FrameConn::connect(&harness.endpoint(Transport::Wss))
-        .await
-        .unwrap();
+    let mut no_hello = FrameConn::connect(&harness.endpoint(Transport::Wss)).await.unwrap();
     let mut buf = [0u8; 64];
-    let n = within("silent close", silent.read(&mut buf))
-        .await
-        .unwrap_or(0);
+    let n = within("silent close", silent.read(&mut buf)).await.unwrap_or(0);
     assert_eq!(n, 0, "the server closes without answering");
     let reply = within("error", no_hello.recv()).await.unwrap().unwrap();
     let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
@@ -397,9 +341,7 @@ async fn a_connection_that_never_finishes_its_handshake_is_cut_at_the_deadline()
     assert_eq!(error.code, ErrorCode::HANDSHAKE_TIMEOUT);
     assert!(started.elapsed() >= Duration::from_millis(300));
     // a trickle does not extend the deadline
-    let mut trickle = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap())
-        .await
-        .unwrap();
+    let mut trickle = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap()).await.unwrap();
     let started = std::time::Instant::now();
     let closed = within("trickle close", async {
         loop {
@@ -419,10 +361,7 @@ async fn a_connection_that_never_finishes_its_handshake_is_cut_at_the_deadline()
 async fn admin_serves_metrics_and_health() {
     let harness = Harness::start(1, |_| {}).await;
     let mut device = harness.device("pump-1");
-    device
-        .connect(&harness.endpoint(Transport::Wss))
-        .await
-        .unwrap();
+    device.connect(&harness.endpoint(Transport::Wss)).await.unwrap();
     let (status, body) = harness.admin_get("/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, body) = harness.admin_get("/readyz").await;

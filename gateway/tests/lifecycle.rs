@@ -34,9 +34,7 @@ fn reading(v: i64) -> Frame {
 async fn killing_one_of_two_workers_mid_stream_loses_no_acknowledged_frame() {
     let mut harness = Harness::start(2, |c| c.session.window = 32).await;
     let mut device = harness.device("pump-1");
-    within("connect", device.connect(&harness.endpoint(Transport::Wss)))
-        .await
-        .unwrap();
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
     const TOTAL: u64 = 600;
     let mut sent = 0;
     let mut acked = 0;
@@ -63,15 +61,9 @@ async fn killing_one_of_two_workers_mid_stream_loses_no_acknowledged_frame() {
     let mut stored: BTreeSet<u64> = killed.unwrap().into_iter().collect();
     stored.extend(harness.workers[0].stored("pump-1"));
     let missing: Vec<u64> = (1..=TOTAL).filter(|s| !stored.contains(s)).collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged but never stored: {missing:?}"
-    );
+    assert!(missing.is_empty(), "acknowledged but never stored: {missing:?}");
     let (_, metrics) = harness.admin_get("/metrics").await;
-    assert!(
-        metrics.contains("thingport_gateway_link_events_total{event=\"failed\"}"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("thingport_gateway_link_events_total{event=\"failed\"}"), "{metrics}");
     device.disconnect().await;
     harness.stop().await.unwrap();
 }
@@ -81,12 +73,8 @@ async fn shutdown_drains_with_goaway_and_acknowledges_in_flight_data() {
     let mut harness = Harness::start(1, |_| {}).await;
     let mut wss = harness.device("pump-1");
     let mut quic = harness.device("pump-2");
-    within("connect", wss.connect(&harness.endpoint(Transport::Wss)))
-        .await
-        .unwrap();
-    within("connect", quic.connect(&harness.endpoint(Transport::Quic)))
-        .await
-        .unwrap();
+    within("connect", wss.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
+    within("connect", quic.connect(&harness.endpoint(Transport::Quic))).await.unwrap();
     wss.send(reading(1)).await.unwrap();
     harness.shutdown();
     for device in [&mut wss, &mut quic] {
@@ -104,35 +92,19 @@ async fn shutdown_drains_with_goaway_and_acknowledges_in_flight_data() {
         let goaway = goaway.expect("GOAWAY before the close");
         assert_eq!(goaway.reason, GoawayReason::DRAINING);
         assert_eq!(goaway.reconnect_after_ms, 2_000);
-        assert!(
-            matches!(end, DeviceError::Closed(Closed::Code(1000 | 0))),
-            "{end:?}"
-        );
-        assert_eq!(
-            device.session.unacked(),
-            0,
-            "in-flight data acknowledged before the close"
-        );
+        assert!(matches!(end, DeviceError::Closed(Closed::Code(1000 | 0))), "{end:?}");
+        assert_eq!(device.session.unacked(), 0, "in-flight data acknowledged before the close");
     }
     // new connections are refused while draining, and the gateway finishes
     harness.run.take().unwrap().await.unwrap().unwrap();
-    assert!(
-        FrameConn::connect(&harness.endpoint(Transport::Wss))
-            .await
-            .is_err()
-    );
+    assert!(FrameConn::connect(&harness.endpoint(Transport::Wss)).await.is_err());
 }
 
 #[tokio::test]
 async fn reload_swaps_the_certificate_for_new_handshakes_only() {
     let harness = Harness::start(1, |_| {}).await;
     let mut old_session = harness.device("pump-1");
-    within(
-        "connect",
-        old_session.connect(&harness.endpoint(Transport::Wss)),
-    )
-    .await
-    .unwrap();
+    within("connect", old_session.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
 
     // replace the files with a new pair and reload
     let fresh = tempfile::tempdir().unwrap();
@@ -149,18 +121,9 @@ async fn reload_swaps_the_certificate_for_new_handshakes_only() {
         thingport_loadtest::client::tls_config(std::slice::from_ref(&new_cert), b"http/1.1")
             .unwrap();
     let mut device = harness.device("pump-2");
-    within(
-        "connect with the new certificate",
-        device.connect(&trusting_new),
-    )
-    .await
-    .unwrap();
+    within("connect with the new certificate", device.connect(&trusting_new)).await.unwrap();
     // a client trusting only the old certificate now fails its handshake
-    assert!(
-        FrameConn::connect(&harness.endpoint(Transport::Wss))
-            .await
-            .is_err()
-    );
+    assert!(FrameConn::connect(&harness.endpoint(Transport::Wss)).await.is_err());
 
     // the session opened before the reload still works
     old_session.send(reading(5)).await.unwrap();
@@ -177,12 +140,7 @@ async fn reload_swaps_the_certificate_for_new_handshakes_only() {
     std::fs::write(&config_cert, "not a certificate").unwrap();
     assert!(harness.handle.reload().is_err());
     let mut again = harness.device("pump-3");
-    within(
-        "connect after a refused reload",
-        again.connect(&trusting_new),
-    )
-    .await
-    .unwrap();
+    within("connect after a refused reload", again.connect(&trusting_new)).await.unwrap();
     harness.stop().await.unwrap();
 }
 
@@ -190,16 +148,9 @@ async fn reload_swaps_the_certificate_for_new_handshakes_only() {
 async fn a_second_session_for_a_thing_replaces_the_first() {
     let harness = Harness::start(1, |_| {}).await;
     let mut first = harness.device("pump-1");
-    within("connect", first.connect(&harness.endpoint(Transport::Wss)))
-        .await
-        .unwrap();
+    within("connect", first.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
     let mut second = harness.device("pump-1");
-    within(
-        "connect",
-        second.connect(&harness.endpoint(Transport::Quic)),
-    )
-    .await
-    .unwrap();
+    within("connect", second.connect(&harness.endpoint(Transport::Quic))).await.unwrap();
     let goaway = within("goaway", async {
         loop {
             if let DeviceEvent::Goaway(g) = first.next_event().await.unwrap() {
@@ -209,10 +160,7 @@ async fn a_second_session_for_a_thing_replaces_the_first() {
     })
     .await;
     assert_eq!(goaway.reason, GoawayReason::REPLACED);
-    assert!(matches!(
-        within("close", first.next_event()).await,
-        Err(DeviceError::Closed(_))
-    ));
+    assert!(matches!(within("close", first.next_event()).await, Err(DeviceError::Closed(_))));
     second.send(reading(1)).await.unwrap();
     within("the new session works", async {
         loop {
@@ -233,17 +181,11 @@ async fn session_caps_apply_to_both_transports() {
     .await;
     let mut a = harness.device("a");
     let mut b = harness.device("b");
-    within("connect", a.connect(&harness.endpoint(Transport::Wss)))
-        .await
-        .unwrap();
-    within("connect", b.connect(&harness.endpoint(Transport::Quic)))
-        .await
-        .unwrap();
+    within("connect", a.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
+    within("connect", b.connect(&harness.endpoint(Transport::Quic))).await.unwrap();
     for transport in [Transport::Wss, Transport::Quic] {
         assert!(
-            FrameConn::connect(&harness.endpoint(transport))
-                .await
-                .is_err(),
+            FrameConn::connect(&harness.endpoint(transport)).await.is_err(),
             "{transport:?} over the cap"
         );
     }
@@ -275,9 +217,7 @@ async fn session_caps_apply_to_both_transports() {
 async fn a_flooding_device_is_paced_to_its_rate() {
     let harness = Harness::start(1, |c| c.limits.message_rate = 50).await;
     let mut device = harness.device("flood");
-    within("connect", device.connect(&harness.endpoint(Transport::Wss)))
-        .await
-        .unwrap();
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
     // 150 frames at a rate of 50/s with a burst of 50: the last can be acknowledged no sooner than ~2 s
     let started = std::time::Instant::now();
     let mut sent = 0;

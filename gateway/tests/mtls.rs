@@ -27,10 +27,7 @@ fn ca(name: &str) -> Ca {
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
     let cert = params.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
+    Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
 }
 
 fn identity(ca: &Ca, thing: &str) -> Identity {
@@ -45,9 +42,7 @@ fn identity(ca: &Ca, thing: &str) -> Identity {
 fn endpoint(harness: &Harness, transport: Transport, identity: Option<Identity>) -> Endpoint {
     let mut endpoint = harness.endpoint(transport);
     let trusted = std::slice::from_ref(&harness.cert);
-    let copy = identity
-        .as_ref()
-        .map(|(chain, key)| (chain.clone(), key.clone_key()));
+    let copy = identity.as_ref().map(|(chain, key)| (chain.clone(), key.clone_key()));
     endpoint.wss_tls = tls_config_with_identity(trusted, b"http/1.1", copy).unwrap();
     endpoint.quic_tls =
         tls_config_with_identity(trusted, thingport_protocol::QUIC_ALPN, identity).unwrap();
@@ -84,28 +79,19 @@ async fn client_certificates_name_their_thing() {
         let refused = within("foreign certificate", async {
             let mut conn = FrameConn::connect(&foreign).await?;
             // TLS 1.3 reports a refused client certificate after the client's handshake completes
-            conn.send(&[thingport_protocol::Frame::Ping { nonce: 1 }.to_bytes()])
-                .await?;
+            conn.send(&[thingport_protocol::Frame::Ping { nonce: 1 }.to_bytes()]).await?;
             match conn.recv().await? {
                 Ok(_) => anyhow::Ok(false),
                 Err(_) => anyhow::Ok(true),
             }
         })
         .await;
-        assert!(
-            !matches!(refused, Ok(false)),
-            "a foreign certificate was accepted"
-        );
+        assert!(!matches!(refused, Ok(false)), "a foreign certificate was accepted");
     }
 
     // without a certificate a token still works
     let mut device = harness.device("pump-11");
-    within(
-        "token",
-        device.connect(&endpoint(&harness, Transport::Wss, None)),
-    )
-    .await
-    .unwrap();
+    within("token", device.connect(&endpoint(&harness, Transport::Wss, None))).await.unwrap();
     harness.stop().await.unwrap();
 }
 
@@ -121,14 +107,7 @@ async fn required_client_certificates_refuse_devices_without_one() {
     })
     .await;
     let mut device = harness.device("pump-1");
-    let result = within(
-        "refusal",
-        device.connect(&endpoint(&harness, Transport::Wss, None)),
-    )
-    .await;
-    assert!(
-        result.is_err(),
-        "a device without a certificate was admitted"
-    );
+    let result = within("refusal", device.connect(&endpoint(&harness, Transport::Wss, None))).await;
+    assert!(result.is_err(), "a device without a certificate was admitted");
     harness.stop().await.unwrap();
 }

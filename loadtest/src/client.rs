@@ -40,10 +40,7 @@ pub fn tls_config(
 }
 
 /// A client certificate chain and its key, for mutual TLS.
-pub type Identity = (
-    Vec<CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-);
+pub type Identity = (Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>);
 
 /// TLS settings of a client that presents a client certificate when `identity` is given.
 pub fn tls_config_with_identity(
@@ -53,18 +50,16 @@ pub fn tls_config_with_identity(
 ) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in trusted {
-        roots
-            .add(cert.clone())
-            .context("adding a trusted certificate")?;
+        roots.add(cert.clone()).context("adding a trusted certificate")?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots);
     let mut config = match identity {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .context("client certificate")?,
+        Some((chain, key)) => {
+            builder.with_client_auth_cert(chain, key).context("client certificate")?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
@@ -147,19 +142,13 @@ impl FrameConn {
                     .connect(name, tcp)
                     .await
                     .context("TLS handshake")?;
-                let url = format!(
-                    "wss://{}{}",
-                    endpoint.server_name,
-                    thingport_protocol::WS_PATH
-                );
+                let url = format!("wss://{}{}", endpoint.server_name, thingport_protocol::WS_PATH);
                 let mut request = url.into_client_request()?;
                 request.headers_mut().insert(
                     "sec-websocket-protocol",
                     HeaderValue::from_static(thingport_protocol::WS_SUBPROTOCOL),
                 );
-                let config = WebSocketConfig::default()
-                    .read_buffer_size(4096)
-                    .write_buffer_size(0);
+                let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
                 let (ws, _) =
                     tokio_tungstenite::client_async_with_config(request, tls, Some(config))
                         .await
@@ -183,10 +172,8 @@ impl FrameConn {
                     .connect(endpoint.addr, &endpoint.server_name)?
                     .await
                     .context("QUIC handshake")?;
-                let (send, recv) = connection
-                    .open_bi()
-                    .await
-                    .context("opening the device stream")?;
+                let (send, recv) =
+                    connection.open_bi().await.context("opening the device stream")?;
                 Ok(FrameConn::Quic {
                     connection,
                     send,
@@ -234,21 +221,16 @@ impl FrameConn {
                 match ws.next().await {
                     Some(Ok(Message::Binary(frame))) => return Ok(Ok(frame)),
                     Some(Ok(Message::Close(frame))) => {
-                        return Ok(Err(frame.map_or(Closed::Plain, |f| {
-                            Closed::Code(u16::from(f.code).into())
-                        })));
+                        return Ok(Err(
+                            frame.map_or(Closed::Plain, |f| Closed::Code(u16::from(f.code).into()))
+                        ));
                     }
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(anyhow!(e)),
                     None => return Ok(Err(Closed::Plain)),
                 }
             },
-            FrameConn::Quic {
-                connection,
-                recv,
-                buf,
-                ..
-            } => loop {
+            FrameConn::Quic { connection, recv, buf, .. } => loop {
                 if let Some(frame) = stream::next_frame(buf, usize::MAX >> 1)? {
                     return Ok(Ok(frame));
                 }
@@ -340,9 +322,8 @@ impl Device {
     /// Sends whatever the session has to send.
     pub async fn flush(&mut self) -> Result<(), DeviceError> {
         let now = Instant::now();
-        let frames: Vec<Bytes> = std::iter::from_fn(|| self.session.poll_transmit(now))
-            .map(|f| f.to_bytes())
-            .collect();
+        let frames: Vec<Bytes> =
+            std::iter::from_fn(|| self.session.poll_transmit(now)).map(|f| f.to_bytes()).collect();
         if frames.is_empty() {
             return Ok(());
         }
@@ -355,39 +336,65 @@ impl Device {
     pub async fn next_event(&mut self) -> Result<DeviceEvent, DeviceError> {
         loop {
             self.flush().await?;
-            let timer = self
-                .session
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std);
-            let conn = self.conn.as_mut().ok_or_else(|| anyhow!("not connected"))?;
-            let received = tokio::select! {
-                received = conn.recv() => received?,
-                _ = async { match timer { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
-                    if let Err(e) = self.session.handle_timeout(Instant::now()) {
-                        self.disconnect().await;
-                        return Err(e.into());
-                    }
-                    continue;
+            if let Some(event) = self.recv_event().await? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// Waits for one frame from the server or one timer, and handles it; `None` when that produced no event for
+    /// the application. Cancel-safe, so it can sit in a `select!` beside the application's own timers; call
+    /// [`Device::flush`] after it to send what the session queued (acknowledgements, pings).
+    pub async fn recv_event(&mut self) -> Result<Option<DeviceEvent>, DeviceError> {
+        let timer = self.session.poll_timeout().map(tokio::time::Instant::from_std);
+        let conn = self.conn.as_mut().ok_or_else(|| anyhow!("not connected"))?;
+        let received = tokio::select! {
+            received = conn.recv() => received,
+            _ = async {
+                match timer {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
-            };
-            let raw = match received {
-                Ok(raw) => raw,
-                Err(closed) => {
-                    self.session.disconnected();
-                    self.conn = None;
-                    return Err(DeviceError::Closed(closed));
-                }
-            };
-            let frame = Frame::decode(raw, &self.limits)
-                .map_err(|e| anyhow!("undecodable frame from server: {e}"))?;
-            match self.session.handle_frame(frame, Instant::now()) {
-                Ok(Some(event)) => return Ok(event),
-                Ok(None) => {}
-                Err(e) => {
-                    self.disconnect().await;
+            } => {
+                if let Err(e) = self.session.handle_timeout(Instant::now()) {
+                    self.abort();
                     return Err(e.into());
                 }
+                return Ok(None);
             }
+        };
+        let raw = match received {
+            Ok(Ok(raw)) => raw,
+            Ok(Err(closed)) => {
+                self.abort();
+                return Err(DeviceError::Closed(closed));
+            }
+            Err(e) => {
+                self.abort();
+                return Err(e.into());
+            }
+        };
+        let frame = match Frame::decode(raw, &self.limits) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.abort();
+                return Err(anyhow!("undecodable frame from server: {e}").into());
+            }
+        };
+        match self.session.handle_frame(frame, Instant::now()) {
+            Ok(event) => Ok(event),
+            Err(e) => {
+                self.abort();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Drops the connection at once; unacknowledged data stays for the next one.
+    pub fn abort(&mut self) {
+        self.conn = None;
+        if self.session.state() != DeviceState::Disconnected {
+            self.session.disconnected();
         }
     }
 

@@ -74,21 +74,11 @@ impl AckWorker {
                 let mut links = JoinSet::new();
                 while let Ok((stream, _)) = listener.accept().await {
                     let _ = stream.set_nodelay(true);
-                    links.spawn(serve_link(
-                        stream,
-                        id.clone(),
-                        state.clone(),
-                        events.clone(),
-                    ));
+                    links.spawn(serve_link(stream, id.clone(), state.clone(), events.clone()));
                 }
             });
         }
-        Ok(AckWorker {
-            addr,
-            state,
-            events,
-            tasks,
-        })
+        Ok(AckWorker { addr, state, events, tasks })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -113,18 +103,11 @@ impl AckWorker {
 
     /// Sends a device frame to a session through the most recently opened link that is still up.
     pub fn send_downstream(&self, session_id: u64, reference: u64, frame: &Frame) -> bool {
-        let bytes = LinkFrame::Downstream {
-            session_id,
-            reference,
-            frame: frame.to_bytes(),
-        }
-        .to_framed_bytes();
+        let bytes = LinkFrame::Downstream { session_id, reference, frame: frame.to_bytes() }
+            .to_framed_bytes();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.links.retain(|l| !l.is_closed());
-        state
-            .links
-            .last()
-            .is_some_and(|link| link.send(bytes).is_ok())
+        state.links.last().is_some_and(|link| link.send(bytes).is_ok())
     }
 
     /// Stops at once, dropping every connection (as a killed process would).
@@ -142,11 +125,7 @@ async fn serve_link(
 ) {
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-    state
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .links
-        .push(tx.clone());
+    state.lock().unwrap_or_else(|e| e.into_inner()).links.push(tx.clone());
     let write = async move {
         let mut batch = BytesMut::new();
         while let Some(first) = rx.recv().await {
@@ -189,46 +168,23 @@ fn handle(
     events: &broadcast::Sender<WorkerEvent>,
 ) -> Option<LinkFrame> {
     match frame {
-        LinkFrame::Hello { .. } => Some(LinkFrame::Welcome {
-            version: LINK_VERSION,
-            worker_id: id.clone(),
-        }),
+        LinkFrame::Hello { .. } => {
+            Some(LinkFrame::Welcome { version: LINK_VERSION, worker_id: id.clone() })
+        }
         LinkFrame::Ping { nonce } => Some(LinkFrame::Pong { nonce }),
-        LinkFrame::Open {
-            session_id, thing, ..
-        } => {
+        LinkFrame::Open { session_id, thing, .. } => {
             let _ = events.send(WorkerEvent::Open { session_id, thing });
             None
         }
-        LinkFrame::Close {
-            session_id,
-            thing,
-            code,
-        } => {
-            let _ = events.send(WorkerEvent::Close {
-                session_id,
-                thing,
-                code,
-            });
+        LinkFrame::Close { session_id, thing, code } => {
+            let _ = events.send(WorkerEvent::Close { session_id, thing, code });
             None
         }
-        LinkFrame::Undeliverable {
-            session_id,
-            reference,
-            code,
-        } => {
-            let _ = events.send(WorkerEvent::Undeliverable {
-                session_id,
-                reference,
-                code,
-            });
+        LinkFrame::Undeliverable { session_id, reference, code } => {
+            let _ = events.send(WorkerEvent::Undeliverable { session_id, reference, code });
             None
         }
-        LinkFrame::Upstream {
-            session_id,
-            thing,
-            frame,
-        } => {
+        LinkFrame::Upstream { session_id, thing, frame } => {
             let frame = Frame::decode(frame, &Limits::DEFAULT).ok()?;
             let seq = frame.seq();
             {
@@ -238,11 +194,7 @@ fn handle(
                     state.stored.entry(thing.clone()).or_default().push(seq);
                 }
             }
-            let _ = events.send(WorkerEvent::Frame {
-                session_id,
-                thing,
-                frame,
-            });
+            let _ = events.send(WorkerEvent::Frame { session_id, thing, frame });
             seq.map(|seq| LinkFrame::Stored { session_id, seq })
         }
         _ => None,

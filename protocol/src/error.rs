@@ -30,18 +30,10 @@ pub enum DecodeError {
     UnknownValueTag(u8),
     /// A declared length is over its limit; nothing of that size was allocated.
     #[error("{what} length {len} over limit {limit}")]
-    TooLong {
-        what: &'static str,
-        len: u64,
-        limit: usize,
-    },
+    TooLong { what: &'static str, len: u64, limit: usize },
     /// A declared element count is over its limit; nothing of that size was allocated.
     #[error("{what} count {count} over limit {limit}")]
-    TooMany {
-        what: &'static str,
-        count: u64,
-        limit: usize,
-    },
+    TooMany { what: &'static str, count: u64, limit: usize },
     /// Structured values are nested deeper than the limit.
     #[error("values nested deeper than {limit}")]
     TooDeep { limit: usize },
@@ -83,10 +75,7 @@ pub enum SessionError {
     /// The frame is not allowed in this state or from this side (data before `HELLO`, a second `HELLO`, a server
     /// frame sent by a device).
     #[error("unexpected {frame} frame while {state}")]
-    UnexpectedFrame {
-        frame: &'static str,
-        state: &'static str,
-    },
+    UnexpectedFrame { frame: &'static str, state: &'static str },
     /// A data frame's sequence number is not the next one expected.
     #[error("sequence {got} where {expected} was expected")]
     Sequence { expected: u64, got: u64 },
@@ -107,11 +96,7 @@ pub enum SessionError {
     WindowExceeded { limit: usize },
     /// The peer ended the session with an `ERROR` frame.
     #[error("peer error {code}: {message}")]
-    Peer {
-        code: ErrorCode,
-        retry_after_ms: u32,
-        message: String,
-    },
+    Peer { code: ErrorCode, retry_after_ms: u32, message: String },
     /// The session is closed; nothing more can be sent or handled.
     #[error("session closed")]
     Closed,

@@ -172,10 +172,7 @@ pub struct ServiceRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ServiceResult {
     Ok(Value),
-    Err {
-        code: ServiceErrorCode,
-        message: ByteString,
-    },
+    Err { code: ServiceErrorCode, message: ByteString },
 }
 
 /// `SERVICE_RESPONSE` (both ways): the answer to a `SERVICE_REQUEST`.
@@ -472,10 +469,7 @@ impl Frame {
                 // §5.1: sequence numbers start at 1
                 resume_seq: match r.varint()? {
                     0 => {
-                        return Err(DecodeError::InvalidField {
-                            what: "resume_seq",
-                            value: 0,
-                        });
+                        return Err(DecodeError::InvalidField { what: "resume_seq", value: 0 });
                     }
                     seq => seq,
                 },
@@ -512,12 +506,7 @@ impl Frame {
                         value: quality.into(),
                     })?;
                     let value = Value::read(&mut r, limits, 0)?;
-                    updates.push(PropertyUpdate {
-                        name,
-                        timestamp_ms,
-                        quality,
-                        value,
-                    });
+                    updates.push(PropertyUpdate { name, timestamp_ms, quality, value });
                 }
                 Frame::Properties(Properties { seq, updates })
             }
@@ -588,11 +577,7 @@ impl DataHeader {
             return Ok(None);
         }
         match varint::peek(rest)? {
-            varint::Peek::Complete(seq, n) => Ok(Some(DataHeader {
-                frame_type,
-                seq,
-                len: 1 + n,
-            })),
+            varint::Peek::Complete(seq, n) => Ok(Some(DataHeader { frame_type, seq, len: 1 + n })),
             varint::Peek::Incomplete => Err(DecodeError::Truncated),
         }
     }
@@ -614,9 +599,7 @@ impl DataHeader {
 
 /// The base timestamp of a batch: its first update's, so that deltas stay short.
 fn base_timestamp(updates: &[PropertyUpdate]) -> u64 {
-    updates
-        .first()
-        .map_or(0, |u| u.timestamp_ms.min(MAX_TIMESTAMP))
+    updates.first().map_or(0, |u| u.timestamp_ms.min(MAX_TIMESTAMP))
 }
 
 /// Zigzag-encoded difference of an update's timestamp from the base; both are at most `MAX_TIMESTAMP`, so the
@@ -628,10 +611,7 @@ fn timestamp_delta(base: u64, timestamp_ms: u64) -> u64 {
 
 fn timestamp(value: u64) -> Result<u64, DecodeError> {
     if value > MAX_TIMESTAMP {
-        return Err(DecodeError::OutOfRange {
-            what: "timestamp",
-            value,
-        });
+        return Err(DecodeError::OutOfRange { what: "timestamp", value });
     }
     Ok(value)
 }

@@ -168,54 +168,36 @@ impl LinkFrame {
     pub fn encoded_len(&self) -> usize {
         use varint::encoded_len as v;
         1 + match self {
-            LinkFrame::Hello {
-                gateway_id,
-                link_index,
-                ..
-            } => 1 + len_prefixed_len(gateway_id.as_bytes()) + v((*link_index).into()),
+            LinkFrame::Hello { gateway_id, link_index, .. } => {
+                1 + len_prefixed_len(gateway_id.as_bytes()) + v((*link_index).into())
+            }
             LinkFrame::Welcome { worker_id, .. } => 1 + len_prefixed_len(worker_id.as_bytes()),
-            LinkFrame::Open {
-                session_id,
-                thing,
-                incarnation,
-                resume_seq,
-                ..
-            } => {
+            LinkFrame::Open { session_id, thing, incarnation, resume_seq, .. } => {
                 v(*session_id)
                     + len_prefixed_len(thing.as_bytes())
                     + 1
                     + v(*incarnation)
                     + v(*resume_seq)
             }
-            LinkFrame::Close {
-                session_id,
-                thing,
-                code,
-            } => v(*session_id) + len_prefixed_len(thing.as_bytes()) + v(code.0.into()),
-            LinkFrame::Upstream {
-                session_id,
-                thing,
-                frame,
-            } => v(*session_id) + len_prefixed_len(thing.as_bytes()) + frame.len(),
+            LinkFrame::Close { session_id, thing, code } => {
+                v(*session_id) + len_prefixed_len(thing.as_bytes()) + v(code.0.into())
+            }
+            LinkFrame::Upstream { session_id, thing, frame } => {
+                v(*session_id) + len_prefixed_len(thing.as_bytes()) + frame.len()
+            }
             LinkFrame::Stored { session_id, seq } => v(*session_id) + v(*seq),
-            LinkFrame::Downstream {
-                session_id,
-                reference,
-                frame,
-            } => v(*session_id) + v(*reference) + frame.len(),
-            LinkFrame::Undeliverable {
-                session_id,
-                reference,
-                code,
-            } => v(*session_id) + v(*reference) + v(code.0.into()),
+            LinkFrame::Downstream { session_id, reference, frame } => {
+                v(*session_id) + v(*reference) + frame.len()
+            }
+            LinkFrame::Undeliverable { session_id, reference, code } => {
+                v(*session_id) + v(*reference) + v(code.0.into())
+            }
             LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => v(*nonce),
             LinkFrame::Load { .. } => 1,
             LinkFrame::Goaway => 0,
-            LinkFrame::Rejected {
-                session_id,
-                seq,
-                code,
-            } => v(*session_id) + v(*seq) + v(code.0.into()),
+            LinkFrame::Rejected { session_id, seq, code } => {
+                v(*session_id) + v(*seq) + v(code.0.into())
+            }
         }
     }
 
@@ -223,11 +205,7 @@ impl LinkFrame {
     pub fn encode(&self, dst: &mut impl BufMut) {
         dst.put_u8(self.link_type() as u8);
         match self {
-            LinkFrame::Hello {
-                version,
-                gateway_id,
-                link_index,
-            } => {
+            LinkFrame::Hello { version, gateway_id, link_index } => {
                 dst.put_u8(*version);
                 put_len_prefixed(dst, gateway_id.as_bytes());
                 varint::put(dst, (*link_index).into());
@@ -236,33 +214,19 @@ impl LinkFrame {
                 dst.put_u8(*version);
                 put_len_prefixed(dst, worker_id.as_bytes());
             }
-            LinkFrame::Open {
-                session_id,
-                thing,
-                transport,
-                incarnation,
-                resume_seq,
-            } => {
+            LinkFrame::Open { session_id, thing, transport, incarnation, resume_seq } => {
                 varint::put(dst, *session_id);
                 put_len_prefixed(dst, thing.as_bytes());
                 dst.put_u8(*transport as u8);
                 varint::put(dst, *incarnation);
                 varint::put(dst, *resume_seq);
             }
-            LinkFrame::Close {
-                session_id,
-                thing,
-                code,
-            } => {
+            LinkFrame::Close { session_id, thing, code } => {
                 varint::put(dst, *session_id);
                 put_len_prefixed(dst, thing.as_bytes());
                 varint::put(dst, code.0.into());
             }
-            LinkFrame::Upstream {
-                session_id,
-                thing,
-                frame,
-            } => {
+            LinkFrame::Upstream { session_id, thing, frame } => {
                 varint::put(dst, *session_id);
                 put_len_prefixed(dst, thing.as_bytes());
                 dst.put_slice(frame);
@@ -271,20 +235,12 @@ impl LinkFrame {
                 varint::put(dst, *session_id);
                 varint::put(dst, *seq);
             }
-            LinkFrame::Downstream {
-                session_id,
-                reference,
-                frame,
-            } => {
+            LinkFrame::Downstream { session_id, reference, frame } => {
                 varint::put(dst, *session_id);
                 varint::put(dst, *reference);
                 dst.put_slice(frame);
             }
-            LinkFrame::Undeliverable {
-                session_id,
-                reference,
-                code,
-            } => {
+            LinkFrame::Undeliverable { session_id, reference, code } => {
                 varint::put(dst, *session_id);
                 varint::put(dst, *reference);
                 varint::put(dst, code.0.into());
@@ -292,11 +248,7 @@ impl LinkFrame {
             LinkFrame::Ping { nonce } | LinkFrame::Pong { nonce } => varint::put(dst, *nonce),
             LinkFrame::Load { saturated } => dst.put_u8(u8::from(*saturated)),
             LinkFrame::Goaway => {}
-            LinkFrame::Rejected {
-                session_id,
-                seq,
-                code,
-            } => {
+            LinkFrame::Rejected { session_id, seq, code } => {
                 varint::put(dst, *session_id);
                 varint::put(dst, *seq);
                 varint::put(dst, code.0.into());
@@ -349,10 +301,7 @@ impl LinkFrame {
                 incarnation: r.varint()?,
                 resume_seq: match r.varint()? {
                     0 => {
-                        return Err(DecodeError::InvalidField {
-                            what: "resume_seq",
-                            value: 0,
-                        });
+                        return Err(DecodeError::InvalidField { what: "resume_seq", value: 0 });
                     }
                     seq => seq,
                 },
@@ -365,16 +314,9 @@ impl LinkFrame {
             LinkType::Upstream => {
                 let session_id = r.varint()?;
                 let thing = r.name("thing name", limits.max_name)?;
-                LinkFrame::Upstream {
-                    session_id,
-                    thing,
-                    frame: device_frame(&mut r, limits)?,
-                }
+                LinkFrame::Upstream { session_id, thing, frame: device_frame(&mut r, limits)? }
             }
-            LinkType::Stored => LinkFrame::Stored {
-                session_id: r.varint()?,
-                seq: r.varint()?,
-            },
+            LinkType::Stored => LinkFrame::Stored { session_id: r.varint()?, seq: r.varint()? },
             LinkType::Downstream => {
                 let session_id = r.varint()?;
                 let reference = r.varint()?;
@@ -419,9 +361,7 @@ impl LinkFrame {
 fn device_frame(r: &mut Reader, limits: &Limits) -> Result<Bytes, DecodeError> {
     let len = r.remaining();
     if len == 0 {
-        return Err(DecodeError::Empty {
-            what: "device frame",
-        });
+        return Err(DecodeError::Empty { what: "device frame" });
     }
     if len > limits.max_frame {
         return Err(DecodeError::TooLong {
@@ -454,10 +394,7 @@ pub struct LinkDecoder {
 impl LinkDecoder {
     /// A decoder for device frames within `limits`, plus routing headers.
     pub fn new(limits: Limits) -> Self {
-        LinkDecoder {
-            limits,
-            max_link_frame: limits.max_frame + max_overhead(&limits),
-        }
+        LinkDecoder { limits, max_link_frame: limits.max_frame + max_overhead(&limits) }
     }
 
     /// The next whole link frame in `buf`, or `None` until one is complete.

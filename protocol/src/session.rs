@@ -152,11 +152,7 @@ impl DeviceSession {
         self.deadline = Some(now + self.config.handshake_timeout);
         self.last_rx = now;
         self.last_tx = now;
-        let resume_seq = self
-            .unacked
-            .front()
-            .and_then(Frame::seq)
-            .unwrap_or(self.next_seq);
+        let resume_seq = self.unacked.front().and_then(Frame::seq).unwrap_or(self.next_seq);
         self.outbox.push_back(Frame::Hello(Hello {
             min_version: MIN_VERSION,
             max_version: MAX_VERSION,
@@ -244,12 +240,7 @@ impl DeviceSession {
                     return Err(SessionError::AckBeyondSent { acked: seq, sent });
                 }
                 let mut advanced = false;
-                while self
-                    .unacked
-                    .front()
-                    .and_then(Frame::seq)
-                    .is_some_and(|s| s <= seq)
-                {
+                while self.unacked.front().and_then(Frame::seq).is_some_and(|s| s <= seq) {
                     self.unacked.pop_front();
                     self.unsent = self.unsent.saturating_sub(1);
                     advanced = true;
@@ -273,10 +264,7 @@ impl DeviceSession {
             (_, frame) if frame.frame_type().is_data() => {
                 let seq = frame.seq().unwrap_or_default();
                 if seq != self.rx_expected {
-                    return Err(SessionError::Sequence {
-                        expected: self.rx_expected,
-                        got: seq,
-                    });
+                    return Err(SessionError::Sequence { expected: self.rx_expected, got: seq });
                 }
                 self.rx_expected += 1;
                 self.ack_pending = Some(seq);
@@ -313,11 +301,7 @@ impl DeviceSession {
             DeviceState::Established | DeviceState::Draining if self.keepalive.is_zero() => None,
             DeviceState::Established | DeviceState::Draining => {
                 let dead = self.last_rx + dead_after(self.keepalive);
-                if self.ping_outstanding {
-                    Some(dead)
-                } else {
-                    Some(dead.min(self.ping_due()))
-                }
+                if self.ping_outstanding { Some(dead) } else { Some(dead.min(self.ping_due())) }
             }
         }
     }
@@ -341,9 +325,7 @@ impl DeviceSession {
                 if !self.ping_outstanding && now >= self.ping_due() {
                     self.ping_nonce += 1;
                     self.ping_outstanding = true;
-                    self.outbox.push_back(Frame::Ping {
-                        nonce: self.ping_nonce,
-                    });
+                    self.outbox.push_back(Frame::Ping { nonce: self.ping_nonce });
                 }
                 Ok(())
             }
@@ -553,10 +535,7 @@ impl ServerSession {
                 let secs = if asked == 0 {
                     self.config.default_keepalive_secs
                 } else {
-                    asked.clamp(
-                        self.config.min_keepalive_secs,
-                        self.config.max_keepalive_secs,
-                    )
+                    asked.clamp(self.config.min_keepalive_secs, self.config.max_keepalive_secs)
                 };
                 self.keepalive = keepalive_from_secs(secs);
                 Ok(Some(ServerEvent::Hello(hello)))
@@ -611,15 +590,10 @@ impl ServerSession {
     fn accept_data(&mut self, seq: u64) -> Result<ServerEvent, SessionError> {
         // §3.3: data frames arrive in order, without gaps, within the window
         if seq != self.rx_expected {
-            return Err(SessionError::Sequence {
-                expected: self.rx_expected,
-                got: seq,
-            });
+            return Err(SessionError::Sequence { expected: self.rx_expected, got: seq });
         }
         if self.stored.len() >= self.config.window as usize {
-            return Err(SessionError::WindowExceeded {
-                limit: self.config.window as usize,
-            });
+            return Err(SessionError::WindowExceeded { limit: self.config.window as usize });
         }
         self.rx_expected += 1;
         self.stored.push_back(false);

@@ -17,11 +17,7 @@ pub fn next_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Bytes>,
         varint::Peek::Incomplete => return Ok(None),
     };
     if len > max_frame as u64 {
-        return Err(DecodeError::TooLong {
-            what: "frame",
-            len,
-            limit: max_frame,
-        });
+        return Err(DecodeError::TooLong { what: "frame", len, limit: max_frame });
     }
     if len == 0 {
         return Err(DecodeError::Empty { what: "frame" });
@@ -56,14 +52,8 @@ mod tests {
         buf.extend_from_slice(&[3, b'a']);
         assert_eq!(next_frame(&mut buf, 100), Ok(None));
         buf.extend_from_slice(b"bc\x01z");
-        assert_eq!(
-            next_frame(&mut buf, 100),
-            Ok(Some(Bytes::from_static(b"abc")))
-        );
-        assert_eq!(
-            next_frame(&mut buf, 100),
-            Ok(Some(Bytes::from_static(b"z")))
-        );
+        assert_eq!(next_frame(&mut buf, 100), Ok(Some(Bytes::from_static(b"abc"))));
+        assert_eq!(next_frame(&mut buf, 100), Ok(Some(Bytes::from_static(b"z"))));
         assert!(buf.is_empty());
     }
 
@@ -73,17 +63,10 @@ mod tests {
         let mut buf = BytesMut::from(&[0x80, 0x80, 0x80, 0x80, 0x04][..]);
         assert_eq!(
             next_frame(&mut buf, 65_536),
-            Err(DecodeError::TooLong {
-                what: "frame",
-                len: 1 << 30,
-                limit: 65_536
-            })
+            Err(DecodeError::TooLong { what: "frame", len: 1 << 30, limit: 65_536 })
         );
         assert!(buf.capacity() < 1024);
         let mut empty = BytesMut::from(&[0u8][..]);
-        assert_eq!(
-            next_frame(&mut empty, 10),
-            Err(DecodeError::Empty { what: "frame" })
-        );
+        assert_eq!(next_frame(&mut empty, 10), Err(DecodeError::Empty { what: "frame" }));
     }
 }

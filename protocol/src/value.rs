@@ -167,9 +167,7 @@ impl Value {
 /// Depth of a collection's elements, or an error past the limit (`docs/PROTOCOL.md` §7).
 fn nested(depth: usize, limits: &Limits) -> Result<usize, DecodeError> {
     if depth >= limits.max_depth {
-        return Err(DecodeError::TooDeep {
-            limit: limits.max_depth,
-        });
+        return Err(DecodeError::TooDeep { limit: limits.max_depth });
     }
     Ok(depth + 1)
 }
@@ -220,10 +218,7 @@ mod tests {
 
     #[test]
     fn nesting_is_limited() {
-        let limits = Limits {
-            max_depth: 2,
-            ..Limits::DEFAULT
-        };
+        let limits = Limits { max_depth: 2, ..Limits::DEFAULT };
         let ok = [tag::LIST, 1, tag::LIST, 1, tag::NULL];
         assert!(Value::decode(Bytes::copy_from_slice(&ok), &limits).is_ok());
         let deep = [tag::LIST, 1, tag::LIST, 1, tag::LIST, 0];
@@ -241,19 +236,14 @@ mod tests {
             Err(DecodeError::TooMany { what: "list", .. })
         ));
         // under the limit but more than the bytes present
-        assert_eq!(
-            decode(&[tag::LIST, 100, tag::NULL]),
-            Err(DecodeError::Truncated)
-        );
+        assert_eq!(decode(&[tag::LIST, 100, tag::NULL]), Err(DecodeError::Truncated));
     }
 
     #[test]
     fn bad_strings_and_keys() {
         assert_eq!(
             decode(&[tag::STRING, 2, 0xc3, 0x28]),
-            Err(DecodeError::InvalidUtf8 {
-                what: "string value"
-            })
+            Err(DecodeError::InvalidUtf8 { what: "string value" })
         );
         assert_eq!(
             decode(&[tag::MAP, 2, 1, b'a', tag::NULL, 1, b'a', tag::NULL]),

@@ -55,11 +55,7 @@ pub fn peek(src: &[u8]) -> Result<Peek, DecodeError> {
             return Ok(Peek::Complete(value, i + 1));
         }
     }
-    if src.len() >= MAX_LEN {
-        Err(DecodeError::VarintOverflow)
-    } else {
-        Ok(Peek::Incomplete)
-    }
+    if src.len() >= MAX_LEN { Err(DecodeError::VarintOverflow) } else { Ok(Peek::Incomplete) }
 }
 
 /// Reads and consumes a varint; a buffer that ends inside it is [`DecodeError::Truncated`].
@@ -99,10 +95,7 @@ mod tests {
             (128, &[0x80, 0x01]),
             (300, &[0xac, 0x02]),
             (16_384, &[0x80, 0x80, 0x01]),
-            (
-                u64::MAX,
-                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
-            ),
+            (u64::MAX, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]),
         ];
         for &(value, bytes) in cases {
             let mut out = Vec::new();

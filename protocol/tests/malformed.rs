@@ -14,10 +14,7 @@ use thingport_protocol::{
     DecodeError, ErrorCode, Frame, Limits, LinkDecoder, LinkFrame, frame::FrameType, stream,
 };
 
-const LIMITS: Limits = Limits {
-    max_frame: 1 << 20,
-    ..Limits::DEFAULT
-};
+const LIMITS: Limits = Limits { max_frame: 1 << 20, ..Limits::DEFAULT };
 
 fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
     Frame::decode(Bytes::copy_from_slice(bytes), &LIMITS)
@@ -71,10 +68,7 @@ proptest! {
 fn unknown_frame_types() {
     for byte in [0x00u8, 0x0c, 0x7f, 0xff] {
         assert_eq!(decode(&[byte]), Err(DecodeError::UnknownFrameType(byte)));
-        assert_eq!(
-            decode(&[byte]).unwrap_err().code(),
-            ErrorCode::MALFORMED_FRAME
-        );
+        assert_eq!(decode(&[byte]).unwrap_err().code(), ErrorCode::MALFORMED_FRAME);
     }
     for byte in 0x01..=0x0b {
         assert!(FrameType::from_u8(byte).is_ok());
@@ -84,67 +78,33 @@ fn unknown_frame_types() {
 #[test]
 fn bad_varints() {
     // ACK with an overlong and an overflowing sequence number
+    assert_eq!(decode(&[0x07, 0x80, 0x00]), Err(DecodeError::VarintOverlong));
     assert_eq!(
-        decode(&[0x07, 0x80, 0x00]),
-        Err(DecodeError::VarintOverlong)
-    );
-    assert_eq!(
-        decode(&[
-            0x07, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f
-        ]),
+        decode(&[0x07, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]),
         Err(DecodeError::VarintOverflow)
     );
     assert_eq!(decode(&[0x07, 0x80]), Err(DecodeError::Truncated));
     // a keepalive that does not fit 16 bits
     let hello = [0x01, 1, 1, 1, b'a', 0, 0x80, 0x80, 0x04, 0, 1];
-    assert_eq!(
-        decode(&hello),
-        Err(DecodeError::OutOfRange {
-            what: "keepalive",
-            value: 65_536
-        })
-    );
+    assert_eq!(decode(&hello), Err(DecodeError::OutOfRange { what: "keepalive", value: 65_536 }));
 }
 
 #[test]
 fn lengths_over_limits_are_refused_before_allocating() {
-    let limits = Limits {
-        max_frame: 64,
-        max_batch: 2,
-        max_name: 4,
-        ..Limits::DEFAULT
-    };
+    let limits = Limits { max_frame: 64, max_batch: 2, max_name: 4, ..Limits::DEFAULT };
     let big = vec![0x07; 65];
     let err = Frame::decode(Bytes::from(big), &limits).unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::TooLong {
-            what: "frame",
-            len: 65,
-            limit: 64
-        }
-    );
+    assert_eq!(err, DecodeError::TooLong { what: "frame", len: 65, limit: 64 });
     assert_eq!(err.code(), ErrorCode::FRAME_TOO_LARGE);
     // a batch announcing 3 updates
     let err = Frame::decode(Bytes::from_static(&[0x03, 1, 3, 0]), &limits).unwrap_err();
-    assert_eq!(
-        err,
-        DecodeError::TooMany {
-            what: "batch",
-            count: 3,
-            limit: 2
-        }
-    );
+    assert_eq!(err, DecodeError::TooMany { what: "batch", count: 3, limit: 2 });
     assert_eq!(err.code(), ErrorCode::LIMIT_EXCEEDED);
     // a thing name announcing 2^32 bytes
     let hello = [0x01, 1, 1, 0x80, 0x80, 0x80, 0x80, 0x10];
     assert!(matches!(
         Frame::decode(Bytes::copy_from_slice(&hello), &limits),
-        Err(DecodeError::TooLong {
-            what: "thing name",
-            len: 4_294_967_296,
-            ..
-        })
+        Err(DecodeError::TooLong { what: "thing name", len: 4_294_967_296, .. })
     ));
 }
 
@@ -153,10 +113,7 @@ fn field_rules() {
     // resume_seq 0
     assert_eq!(
         decode(&[0x01, 1, 1, 1, b'a', 0, 0, 0, 0]),
-        Err(DecodeError::InvalidField {
-            what: "resume_seq",
-            value: 0
-        })
+        Err(DecodeError::InvalidField { what: "resume_seq", value: 0 })
     );
     // empty thing name
     assert_eq!(
@@ -171,55 +128,32 @@ fn field_rules() {
     // unknown credential kind
     assert_eq!(
         decode(&[0x01, 1, 1, 1, b'a', 7, 0, 0, 1]),
-        Err(DecodeError::InvalidField {
-            what: "credential kind",
-            value: 7
-        })
+        Err(DecodeError::InvalidField { what: "credential kind", value: 7 })
     );
     // quality 3
     assert_eq!(
         decode(&[0x03, 1, 1, 0, 1, b't', 0, 3, 0]),
-        Err(DecodeError::InvalidField {
-            what: "quality",
-            value: 3
-        })
+        Err(DecodeError::InvalidField { what: "quality", value: 3 })
     );
     // a delta taking the timestamp below zero
     assert!(matches!(
         decode(&[0x03, 1, 1, 0, 1, b't', 1, 0, 0]),
-        Err(DecodeError::OutOfRange {
-            what: "timestamp",
-            ..
-        })
+        Err(DecodeError::OutOfRange { what: "timestamp", .. })
     ));
     // result status 2
     assert_eq!(
         decode(&[0x06, 1, 1, 2]),
-        Err(DecodeError::InvalidField {
-            what: "result status",
-            value: 2
-        })
+        Err(DecodeError::InvalidField { what: "result status", value: 2 })
     );
     // invalid UTF-8 in an error message
-    assert_eq!(
-        decode(&[0x0b, 1, 0, 1, 0xff]),
-        Err(DecodeError::InvalidUtf8 { what: "message" })
-    );
+    assert_eq!(decode(&[0x0b, 1, 0, 1, 0xff]), Err(DecodeError::InvalidUtf8 { what: "message" }));
 }
 
 #[test]
 fn link_frames_carry_only_bounded_nonempty_device_frames() {
-    let limits = Limits {
-        max_frame: 8,
-        ..Limits::DEFAULT
-    };
+    let limits = Limits { max_frame: 8, ..Limits::DEFAULT };
     let empty = LinkFrame::decode(Bytes::from_static(&[0x05, 1, 1, b'a']), &limits);
-    assert_eq!(
-        empty,
-        Err(DecodeError::Empty {
-            what: "device frame"
-        })
-    );
+    assert_eq!(empty, Err(DecodeError::Empty { what: "device frame" }));
     let mut big = vec![0x07, 1, 0];
     big.extend_from_slice(&[0x07; 9]);
     assert!(matches!(
@@ -228,10 +162,7 @@ fn link_frames_carry_only_bounded_nonempty_device_frames() {
     ));
     assert_eq!(
         LinkFrame::decode(Bytes::from_static(&[0x0b, 2]), &limits),
-        Err(DecodeError::InvalidField {
-            what: "saturated",
-            value: 2
-        })
+        Err(DecodeError::InvalidField { what: "saturated", value: 2 })
     );
     assert_eq!(
         LinkFrame::decode(Bytes::from_static(&[0x0e]), &limits),
@@ -245,13 +176,7 @@ fn link_frames_carry_only_bounded_nonempty_device_frames() {
 
 #[test]
 fn link_decoder_refuses_oversized_prefix() {
-    let decoder = LinkDecoder::new(Limits {
-        max_frame: 1024,
-        ..Limits::DEFAULT
-    });
+    let decoder = LinkDecoder::new(Limits { max_frame: 1024, ..Limits::DEFAULT });
     let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0x7f][..]);
-    assert!(matches!(
-        decoder.decode(&mut buf),
-        Err(DecodeError::TooLong { what: "frame", .. })
-    ));
+    assert!(matches!(decoder.decode(&mut buf), Err(DecodeError::TooLong { what: "frame", .. })));
 }

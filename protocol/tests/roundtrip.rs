@@ -13,10 +13,7 @@ use proptest::prelude::*;
 use thingport_protocol::{DataHeader, Frame, Limits, LinkDecoder, LinkFrame, Value, link, stream};
 
 /// Limits wide enough for anything the strategies generate.
-const WIDE: Limits = Limits {
-    max_frame: 1 << 20,
-    ..Limits::DEFAULT
-};
+const WIDE: Limits = Limits { max_frame: 1 << 20, ..Limits::DEFAULT };
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
@@ -148,13 +145,8 @@ fn payloads_are_slices_of_the_input() {
     let Frame::Event(event) = Frame::decode(frame.clone(), &Limits::DEFAULT).unwrap() else {
         panic!("not an event");
     };
-    let Value::Bytes(payload) = event.payload else {
-        panic!("not bytes")
-    };
+    let Value::Bytes(payload) = event.payload else { panic!("not bytes") };
     let range = frame.as_ptr_range();
     assert!(range.contains(&payload.as_ptr()), "payload was copied");
-    assert!(
-        range.contains(&event.name.as_bytes().as_ptr()),
-        "name was copied"
-    );
+    assert!(range.contains(&event.name.as_bytes().as_ptr()), "name was copied");
 }

@@ -91,16 +91,8 @@ fn data_before_hello_is_refused() {
     let clock = Clock(Instant::now());
     let mut server = ServerSession::new(ServerConfig::default(), 1, clock.at(0));
     let err = server.handle_frame(reading(1), clock.at(1)).unwrap_err();
-    assert_eq!(
-        err,
-        SessionError::UnexpectedFrame {
-            frame: "PROPERTIES",
-            state: "awaiting HELLO"
-        }
-    );
-    let Frame::Error(e) = ServerSession::error_frame(&err) else {
-        panic!()
-    };
+    assert_eq!(err, SessionError::UnexpectedFrame { frame: "PROPERTIES", state: "awaiting HELLO" });
+    let Frame::Error(e) = ServerSession::error_frame(&err) else { panic!() };
     assert_eq!(e.code, ErrorCode::UNEXPECTED_FRAME);
 }
 
@@ -123,14 +115,10 @@ fn unsupported_versions_are_refused() {
     let mut server = ServerSession::new(ServerConfig::default(), 1, clock.at(0));
     let mut device = DeviceSession::new(device_config(), 1, clock.at(0));
     device.connect(clock.at(0));
-    let Some(Frame::Hello(mut hello)) = device.poll_transmit(clock.at(0)) else {
-        panic!()
-    };
+    let Some(Frame::Hello(mut hello)) = device.poll_transmit(clock.at(0)) else { panic!() };
     hello.min_version = 2;
     hello.max_version = 3;
-    let err = server
-        .handle_frame(Frame::Hello(hello), clock.at(0))
-        .unwrap_err();
+    let err = server.handle_frame(Frame::Hello(hello), clock.at(0)).unwrap_err();
     assert_eq!(err.code(), ErrorCode::UNSUPPORTED_VERSION);
 }
 
@@ -142,13 +130,7 @@ fn data_must_arrive_in_order() {
     let mut skipped = reading(1);
     skipped.set_seq(2);
     let err = server.handle_frame(skipped, clock.at(1)).unwrap_err();
-    assert_eq!(
-        err,
-        SessionError::Sequence {
-            expected: 1,
-            got: 2
-        }
-    );
+    assert_eq!(err, SessionError::Sequence { expected: 1, got: 2 });
     assert_eq!(err.code(), ErrorCode::SEQUENCE_ERROR);
 }
 
@@ -208,19 +190,15 @@ fn unacknowledged_data_is_retransmitted_after_reconnect() {
     let mut server = ServerSession::new(ServerConfig::default(), 8, clock.at(4));
     device.connect(clock.at(4));
     let hello = drain_device(&mut device, clock.at(4));
-    let [Frame::Hello(h)] = &hello[..] else {
-        panic!("{hello:?}")
-    };
+    let [Frame::Hello(h)] = &hello[..] else { panic!("{hello:?}") };
     assert_eq!(h.resume_seq, 2);
     server.handle_frame(hello[0].clone(), clock.at(4)).unwrap();
     server.accept();
     for frame in drain_server(&mut server) {
         device.handle_frame(frame, clock.at(5)).unwrap();
     }
-    let resent: Vec<u64> = drain_device(&mut device, clock.at(5))
-        .iter()
-        .filter_map(Frame::seq)
-        .collect();
+    let resent: Vec<u64> =
+        drain_device(&mut device, clock.at(5)).iter().filter_map(Frame::seq).collect();
     assert_eq!(resent, vec![2, 3, 4]);
 }
 
@@ -233,10 +211,7 @@ fn a_replayed_acknowledged_frame_is_a_sequence_error() {
     old.set_seq(4);
     assert_eq!(
         server.handle_frame(old, clock.at(1)),
-        Err(SessionError::Sequence {
-            expected: 5,
-            got: 4
-        })
+        Err(SessionError::Sequence { expected: 5, got: 4 })
     );
 }
 
@@ -249,16 +224,10 @@ fn keepalive_pings_then_declares_the_server_dead() {
     device.handle_timeout(clock.at(29_999)).unwrap();
     assert!(drain_device(&mut device, clock.at(29_999)).is_empty());
     device.handle_timeout(clock.at(30_000)).unwrap();
-    assert_eq!(
-        drain_device(&mut device, clock.at(30_000)),
-        vec![Frame::Ping { nonce: 1 }]
-    );
+    assert_eq!(drain_device(&mut device, clock.at(30_000)), vec![Frame::Ping { nonce: 1 }]);
     // no pong: dead 1.5 keepalives after the last thing received
     assert_eq!(device.poll_timeout(), Some(clock.at(45_000)));
-    assert_eq!(
-        device.handle_timeout(clock.at(45_000)),
-        Err(SessionError::KeepaliveTimeout)
-    );
+    assert_eq!(device.handle_timeout(clock.at(45_000)), Err(SessionError::KeepaliveTimeout));
 }
 
 #[test]
@@ -277,10 +246,7 @@ fn a_pong_keeps_the_device_alive() {
     device.handle_timeout(clock.at(45_000)).unwrap();
     server.handle_timeout(clock.at(45_000)).unwrap();
     assert_eq!(server.poll_timeout(), Some(clock.at(75_010)));
-    assert_eq!(
-        server.handle_timeout(clock.at(75_010)),
-        Err(SessionError::KeepaliveTimeout)
-    );
+    assert_eq!(server.handle_timeout(clock.at(75_010)), Err(SessionError::KeepaliveTimeout));
 }
 
 #[test]
@@ -294,14 +260,8 @@ fn handshake_deadlines() {
     for f in drain_device(&mut device, clock.at(9_000)) {
         server.handle_frame(f, clock.at(9_000)).unwrap();
     }
-    assert_eq!(
-        server.handle_timeout(clock.at(10_000)),
-        Err(SessionError::HandshakeTimeout)
-    );
-    assert_eq!(
-        device.handle_timeout(clock.at(19_000)),
-        Err(SessionError::HandshakeTimeout)
-    );
+    assert_eq!(server.handle_timeout(clock.at(10_000)), Err(SessionError::HandshakeTimeout));
+    assert_eq!(device.handle_timeout(clock.at(19_000)), Err(SessionError::HandshakeTimeout));
 }
 
 #[test]
@@ -313,20 +273,11 @@ fn windows_bound_unacknowledged_data() {
     device.send(reading(0)).unwrap();
     device.send(reading(1)).unwrap();
     assert_eq!(device.send(reading(2)), Err(SendError::WindowFull));
-    assert_eq!(
-        device.send(Frame::Ping { nonce: 1 }),
-        Err(SendError::NotData)
-    );
+    assert_eq!(device.send(Frame::Ping { nonce: 1 }), Err(SendError::NotData));
 
     // a device ignoring the server's window
-    let mut server = ServerSession::new(
-        ServerConfig {
-            window: 1,
-            ..ServerConfig::default()
-        },
-        1,
-        clock.at(0),
-    );
+    let mut server =
+        ServerSession::new(ServerConfig { window: 1, ..ServerConfig::default() }, 1, clock.at(0));
     let mut device = DeviceSession::new(device_config(), 1, clock.at(0));
     device.connect(clock.at(0));
     for f in drain_device(&mut device, clock.at(0)) {
@@ -364,10 +315,7 @@ fn goaway_stops_new_data_but_not_acks() {
     assert_eq!(device.state(), DeviceState::Draining);
     assert_eq!(device.unacked(), 0);
     device.send(reading(1)).unwrap();
-    assert!(
-        drain_device(&mut device, clock.at(3)).is_empty(),
-        "no new data while draining"
-    );
+    assert!(drain_device(&mut device, clock.at(3)).is_empty(), "no new data while draining");
     assert_eq!(device.unacked(), 1, "kept for the next connection");
 }
 
@@ -386,10 +334,7 @@ fn server_data_is_stamped_and_acknowledged() {
         let stamped = server.stamp(&from_worker.to_bytes()).unwrap();
         let frame = Frame::decode(stamped, &Limits::DEFAULT).unwrap();
         assert_eq!(frame.seq(), Some(expected));
-        assert!(matches!(
-            device.handle_frame(frame, clock.at(1)),
-            Ok(Some(DeviceEvent::Data(_)))
-        ));
+        assert!(matches!(device.handle_frame(frame, clock.at(1)), Ok(Some(DeviceEvent::Data(_)))));
     }
     assert_eq!(server.unacked_sent(), 2);
     let acks = drain_device(&mut device, clock.at(2));
@@ -417,16 +362,8 @@ fn refusal_reaches_the_device_with_its_code() {
     }
     server.refuse(ErrorCode::TOKEN_EXPIRED, 0, "token expired");
     let frames = drain_server(&mut server);
-    let err = device
-        .handle_frame(frames[0].clone(), clock.at(1))
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        SessionError::Peer {
-            code: ErrorCode::TOKEN_EXPIRED,
-            ..
-        }
-    ));
+    let err = device.handle_frame(frames[0].clone(), clock.at(1)).unwrap_err();
+    assert!(matches!(err, SessionError::Peer { code: ErrorCode::TOKEN_EXPIRED, .. }));
     assert_eq!(device.state(), DeviceState::Disconnected);
     assert_eq!(server.state(), ServerState::Closed);
 }
@@ -455,14 +392,8 @@ impl Rng {
 fn simulate(seed: u64, readings: i64) {
     let clock = Clock(Instant::now());
     let mut rng = Rng(seed | 1);
-    let mut device = DeviceSession::new(
-        DeviceConfig {
-            window: 8,
-            ..device_config()
-        },
-        1,
-        clock.at(0),
-    );
+    let mut device =
+        DeviceSession::new(DeviceConfig { window: 8, ..device_config() }, 1, clock.at(0));
     let mut server: Option<ServerSession> = None;
     // frames on the wire each way, and frames the workers hold before storing (seq, value)
     let mut to_server: VecDeque<Frame> = VecDeque::new();
@@ -510,9 +441,7 @@ fn simulate(seed: u64, readings: i64) {
                     srv.accept();
                 }
                 Ok(Some(ServerEvent::Data { seq })) => {
-                    let Some(Value::Int(v)) = value else {
-                        panic!("not a reading")
-                    };
+                    let Some(Value::Int(v)) = value else { panic!("not a reading") };
                     workers.push((seq, v));
                 }
                 Ok(_) => {}
@@ -525,10 +454,7 @@ fn simulate(seed: u64, readings: i64) {
             if rng.chance(40) {
                 let (seq, v) = workers.swap_remove(i);
                 let previous = store.insert(seq, v);
-                assert!(
-                    previous.is_none_or(|p| p == v),
-                    "seq {seq} stored with two values"
-                );
+                assert!(previous.is_none_or(|p| p == v), "seq {seq} stored with two values");
                 srv.stored(seq);
             } else {
                 i += 1;
@@ -549,11 +475,7 @@ fn simulate(seed: u64, readings: i64) {
             break;
         }
     }
-    assert_eq!(
-        device.unacked(),
-        0,
-        "seed {seed}: readings left unacknowledged"
-    );
+    assert_eq!(device.unacked(), 0, "seed {seed}: readings left unacknowledged");
     assert_eq!(store.len() as i64, readings);
     for (seq, v) in store {
         assert_eq!(seq as i64, v + 1, "seq {seq} holds another reading");
@@ -572,25 +494,13 @@ proptest! {
 #[test]
 fn a_backlog_is_retransmitted_within_the_servers_window() {
     let clock = Clock(Instant::now());
-    let mut device = DeviceSession::new(
-        DeviceConfig {
-            window: 10,
-            ..device_config()
-        },
-        1,
-        clock.at(0),
-    );
+    let mut device =
+        DeviceSession::new(DeviceConfig { window: 10, ..device_config() }, 1, clock.at(0));
     for v in 0..10 {
         device.send(reading(v)).unwrap();
     }
-    let mut server = ServerSession::new(
-        ServerConfig {
-            window: 4,
-            ..ServerConfig::default()
-        },
-        1,
-        clock.at(0),
-    );
+    let mut server =
+        ServerSession::new(ServerConfig { window: 4, ..ServerConfig::default() }, 1, clock.at(0));
     device.connect(clock.at(0));
     for f in drain_device(&mut device, clock.at(0)) {
         server.handle_frame(f, clock.at(0)).unwrap();
@@ -599,10 +509,8 @@ fn a_backlog_is_retransmitted_within_the_servers_window() {
     for f in drain_server(&mut server) {
         device.handle_frame(f, clock.at(1)).unwrap();
     }
-    let first: Vec<u64> = drain_device(&mut device, clock.at(1))
-        .iter()
-        .filter_map(Frame::seq)
-        .collect();
+    let first: Vec<u64> =
+        drain_device(&mut device, clock.at(1)).iter().filter_map(Frame::seq).collect();
     assert_eq!(first, vec![1, 2, 3, 4], "only the server's window goes out");
     for seq in first {
         let mut f = reading(0);
@@ -613,24 +521,16 @@ fn a_backlog_is_retransmitted_within_the_servers_window() {
     for f in drain_server(&mut server) {
         device.handle_frame(f, clock.at(3)).unwrap();
     }
-    let next: Vec<u64> = drain_device(&mut device, clock.at(3))
-        .iter()
-        .filter_map(Frame::seq)
-        .collect();
+    let next: Vec<u64> =
+        drain_device(&mut device, clock.at(3)).iter().filter_map(Frame::seq).collect();
     assert_eq!(next, vec![5, 6, 7, 8]);
 }
 
 #[test]
 fn a_device_streaming_into_silence_pings_and_gives_up() {
     let clock = Clock(Instant::now());
-    let mut device = DeviceSession::new(
-        DeviceConfig {
-            window: 1_000,
-            ..device_config()
-        },
-        1,
-        clock.at(0),
-    );
+    let mut device =
+        DeviceSession::new(DeviceConfig { window: 1_000, ..device_config() }, 1, clock.at(0));
     let _server = handshake(&mut device, clock.at(0));
     // data goes out every second; nothing comes back
     let mut pinged = false;

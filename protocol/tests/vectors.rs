@@ -155,11 +155,7 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
                 },
             })),
         ),
-        (
-            "ack",
-            "ACK of every data frame up to 300.",
-            Device(Frame::Ack { seq: 300 }),
-        ),
+        ("ack", "ACK of every data frame up to 300.", Device(Frame::Ack { seq: 300 })),
         ("ping", "PING nonce 1.", Device(Frame::Ping { nonce: 1 })),
         ("pong", "PONG nonce 1.", Device(Frame::Pong { nonce: 1 })),
         (
@@ -192,10 +188,7 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
         (
             "link-stored",
             "Link STORED (with its length prefix): session 5, data frame 300 handled.",
-            Link(LinkFrame::Stored {
-                session_id: 5,
-                seq: 300,
-            }),
+            Link(LinkFrame::Stored { session_id: 5, seq: 300 }),
         ),
         (
             "link-open",
@@ -221,12 +214,7 @@ fn encode(vector: &Vector) -> Bytes {
 fn hex_lines(bytes: &[u8]) -> String {
     bytes
         .chunks(16)
-        .map(|c| {
-            c.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -280,11 +268,7 @@ fn specification_vectors() {
     let expected: Vec<&str> = vectors.iter().map(|(n, _, _)| *n).collect();
     assert_eq!(names, expected, "docs/PROTOCOL.md §9 lists other vectors");
     for ((name, bytes), (_, _, vector)) in in_spec.into_iter().zip(&vectors) {
-        assert_eq!(
-            hex_lines(&encode(vector)),
-            hex_lines(&bytes),
-            "encoding of {name}"
-        );
+        assert_eq!(hex_lines(&encode(vector)), hex_lines(&bytes), "encoding of {name}");
         match vector {
             Vector::Device(frame) => {
                 let decoded = Frame::decode(Bytes::from(bytes), &Limits::DEFAULT).unwrap();

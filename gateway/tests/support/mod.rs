@@ -1,10 +1,6 @@
 //! A gateway on loopback with real TLS, acknowledging workers behind it, and device clients.
 
-#![allow(
-    dead_code,
-    unreachable_pub,
-    reason = "each test binary uses a different part"
-)]
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different part")]
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -100,24 +96,14 @@ impl Harness {
             Transport::Wss => self.addrs.wss.unwrap(),
             Transport::Quic => self.addrs.quic.unwrap(),
         };
-        Endpoint::new(
-            addr,
-            "localhost",
-            transport,
-            std::slice::from_ref(&self.cert),
-        )
-        .unwrap()
+        Endpoint::new(addr, "localhost", transport, std::slice::from_ref(&self.cert)).unwrap()
     }
 
     pub fn token(&self, thing: &str, ttl_secs: i64) -> Vec<u8> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        TokenKey::new(SECRET)
-            .unwrap()
-            .issue(thing, (now + ttl_secs).max(0) as u64)
-            .into_bytes()
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+                as i64;
+        TokenKey::new(SECRET).unwrap().issue(thing, (now + ttl_secs).max(0) as u64).into_bytes()
     }
 
     pub fn device(&self, thing: &str) -> Device {
@@ -179,14 +165,7 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }

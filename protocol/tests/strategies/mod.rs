@@ -1,10 +1,6 @@
 //! proptest strategies for every frame of the protocol.
 
-#![allow(
-    dead_code,
-    unreachable_pub,
-    reason = "each test binary uses a different part"
-)]
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different part")]
 
 use proptest::prelude::*;
 use thingport_protocol::frame::MAX_TIMESTAMP;
@@ -42,11 +38,7 @@ pub fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
             prop::collection::btree_map("[a-z]{1,8}", inner, 0..6).prop_map(|m| {
-                Value::Map(
-                    m.into_iter()
-                        .map(|(k, v)| (ByteString::from(k), v))
-                        .collect(),
-                )
+                Value::Map(m.into_iter().map(|(k, v)| (ByteString::from(k), v)).collect())
             }),
         ]
     })
@@ -57,21 +49,12 @@ pub fn timestamp() -> impl Strategy<Value = u64> {
 }
 
 pub fn quality() -> impl Strategy<Value = Quality> {
-    prop_oneof![
-        Just(Quality::Good),
-        Just(Quality::Uncertain),
-        Just(Quality::Bad)
-    ]
+    prop_oneof![Just(Quality::Good), Just(Quality::Uncertain), Just(Quality::Bad)]
 }
 
 pub fn update() -> impl Strategy<Value = PropertyUpdate> {
     (name(), timestamp(), quality(), value()).prop_map(|(name, timestamp_ms, quality, value)| {
-        PropertyUpdate {
-            name,
-            timestamp_ms,
-            quality,
-            value,
-        }
+        PropertyUpdate { name, timestamp_ms, quality, value }
     })
 }
 
@@ -107,47 +90,27 @@ pub fn frame() -> impl Strategy<Value = Frame> {
                     })
                 }
             ),
-        (
-            any::<u8>(),
-            any::<u64>(),
-            any::<u16>(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<u32>()
-        )
-            .prop_map(
-                |(version, session_id, keepalive_secs, max_frame, max_batch, window)| {
-                    Frame::Welcome(Welcome {
-                        version,
-                        session_id,
-                        keepalive_secs,
-                        max_frame,
-                        max_batch,
-                        window,
-                    })
-                }
-            ),
+        (any::<u8>(), any::<u64>(), any::<u16>(), any::<u32>(), any::<u32>(), any::<u32>())
+            .prop_map(|(version, session_id, keepalive_secs, max_frame, max_batch, window)| {
+                Frame::Welcome(Welcome {
+                    version,
+                    session_id,
+                    keepalive_secs,
+                    max_frame,
+                    max_batch,
+                    window,
+                })
+            }),
         (any::<u64>(), prop::collection::vec(update(), 0..8))
             .prop_map(|(seq, updates)| Frame::Properties(Properties { seq, updates })),
         (any::<u64>(), timestamp(), name(), value()).prop_map(
             |(seq, timestamp_ms, name, payload)| {
-                Frame::Event(Event {
-                    seq,
-                    timestamp_ms,
-                    name,
-                    payload,
-                })
+                Frame::Event(Event { seq, timestamp_ms, name, payload })
             }
         ),
         (any::<u64>(), any::<u64>(), any::<u32>(), name(), value()).prop_map(
             |(seq, call_id, timeout_ms, service, params)| {
-                Frame::ServiceRequest(ServiceRequest {
-                    seq,
-                    call_id,
-                    timeout_ms,
-                    service,
-                    params,
-                })
+                Frame::ServiceRequest(ServiceRequest { seq, call_id, timeout_ms, service, params })
             }
         ),
         (
@@ -161,29 +124,19 @@ pub fn frame() -> impl Strategy<Value = Frame> {
                 }),
             ]
         )
-            .prop_map(
-                |(seq, call_id, result)| Frame::ServiceResponse(ServiceResponse {
-                    seq,
-                    call_id,
-                    result
-                })
-            ),
+            .prop_map(|(seq, call_id, result)| Frame::ServiceResponse(ServiceResponse {
+                seq,
+                call_id,
+                result
+            })),
         any::<u64>().prop_map(|seq| Frame::Ack { seq }),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         (any::<u8>(), any::<u32>(), text()).prop_map(|(reason, reconnect_after_ms, message)| {
-            Frame::Goaway(Goaway {
-                reason: GoawayReason(reason),
-                reconnect_after_ms,
-                message,
-            })
+            Frame::Goaway(Goaway { reason: GoawayReason(reason), reconnect_after_ms, message })
         }),
         (any::<u16>(), any::<u32>(), text()).prop_map(|(code, retry_after_ms, message)| {
-            Frame::Error(ErrorFrame {
-                code: ErrorCode(code),
-                retry_after_ms,
-                message,
-            })
+            Frame::Error(ErrorFrame { code: ErrorCode(code), retry_after_ms, message })
         }),
     ]
 }
@@ -196,11 +149,7 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
     let transport = prop_oneof![Just(Transport::Wss), Just(Transport::Quic)];
     prop_oneof![
         (any::<u8>(), name(), any::<u32>()).prop_map(|(version, gateway_id, link_index)| {
-            LinkFrame::Hello {
-                version,
-                gateway_id,
-                link_index,
-            }
+            LinkFrame::Hello { version, gateway_id, link_index }
         }),
         (any::<u8>(), name())
             .prop_map(|(version, worker_id)| LinkFrame::Welcome { version, worker_id }),
@@ -214,43 +163,23 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
             }
         ),
         (any::<u64>(), any::<u64>(), any::<u16>()).prop_map(|(session_id, seq, code)| {
-            LinkFrame::Rejected {
-                session_id,
-                seq,
-                code: ErrorCode(code),
-            }
+            LinkFrame::Rejected { session_id, seq, code: ErrorCode(code) }
         }),
         (any::<u64>(), name(), any::<u16>()).prop_map(|(session_id, thing, code)| {
-            LinkFrame::Close {
-                session_id,
-                thing,
-                code: ErrorCode(code),
-            }
+            LinkFrame::Close { session_id, thing, code: ErrorCode(code) }
         }),
         (any::<u64>(), name(), device_frame_bytes()).prop_map(|(session_id, thing, frame)| {
-            LinkFrame::Upstream {
-                session_id,
-                thing,
-                frame,
-            }
+            LinkFrame::Upstream { session_id, thing, frame }
         }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(session_id, seq)| LinkFrame::Stored { session_id, seq }),
         (any::<u64>(), any::<u64>(), device_frame_bytes()).prop_map(
             |(session_id, reference, frame)| {
-                LinkFrame::Downstream {
-                    session_id,
-                    reference,
-                    frame,
-                }
+                LinkFrame::Downstream { session_id, reference, frame }
             }
         ),
         (any::<u64>(), any::<u64>(), any::<u16>()).prop_map(|(session_id, reference, code)| {
-            LinkFrame::Undeliverable {
-                session_id,
-                reference,
-                code: ErrorCode(code),
-            }
+            LinkFrame::Undeliverable { session_id, reference, code: ErrorCode(code) }
         }),
         any::<u64>().prop_map(|nonce| LinkFrame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| LinkFrame::Pong { nonce }),
