@@ -97,7 +97,7 @@ impl Fleet {
         endpoint.transport = match self.transport {
             TransportChoice::Wss => Transport::Wss,
             TransportChoice::Quic => Transport::Quic,
-            TransportChoice::Mix if index % 2 == 0 => Transport::Wss,
+            TransportChoice::Mix if index.is_multiple_of(2) => Transport::Wss,
             TransportChoice::Mix => Transport::Quic,
         };
         if !self.binds.is_empty() {
@@ -106,7 +106,13 @@ impl Fleet {
         endpoint
     }
 
-    async fn device(&self, index: usize, connect_at: TokioInstant, traffic_end: TokioInstant, stats: &Stats) {
+    async fn device(
+        &self,
+        index: usize,
+        connect_at: TokioInstant,
+        traffic_end: TokioInstant,
+        stats: &Stats,
+    ) {
         let (thing, token) = &self.devices[index];
         let endpoint = self.endpoint_for(index);
         let config = DeviceConfig {
@@ -124,15 +130,17 @@ impl Fleet {
         }
         stats.connected.fetch_add(1, Ordering::Relaxed);
 
-        let sending = matches!(self.scenario, Scenario::Telemetry | Scenario::Reconnect | Scenario::Drain);
+        let sending =
+            matches!(self.scenario, Scenario::Telemetry | Scenario::Reconnect | Scenario::Drain);
         let interval = Duration::from_secs_f64(1.0 / self.rate.max(0.000_001));
         // spread the devices' schedules over one interval
         let mut next_send = TokioInstant::now() + interval.mul_f64(fastrand::f64());
-        let storm_at = if self.scenario == Scenario::Reconnect && fastrand::f64() < self.reconnect_share {
-            Some(connect_at + (traffic_end - connect_at) / 2)
-        } else {
-            None
-        };
+        let storm_at =
+            if self.scenario == Scenario::Reconnect && fastrand::f64() < self.reconnect_share {
+                Some(connect_at + (traffic_end - connect_at) / 2)
+            } else {
+                None
+            };
         let mut storm_done = false;
         // messages sent and waiting for their ack, and messages due but not yet sent (window full)
         let mut pending: VecDeque<(u64, TokioInstant)> = VecDeque::new();
@@ -211,7 +219,8 @@ impl Fleet {
                     .await;
                     device.abort();
                     let wait = hint + hint.mul_f64(fastrand::f64());
-                    if !self.reconnect(&mut device, &endpoint, stats, traffic_end, Some(wait)).await {
+                    if !self.reconnect(&mut device, &endpoint, stats, traffic_end, Some(wait)).await
+                    {
                         break;
                     }
                 }
@@ -284,7 +293,12 @@ impl Fleet {
 }
 
 /// Connects with retries (exponential backoff with full jitter) until `end`.
-async fn connect(device: &mut Device, endpoint: &Endpoint, stats: &Stats, end: TokioInstant) -> bool {
+async fn connect(
+    device: &mut Device,
+    endpoint: &Endpoint,
+    stats: &Stats,
+    end: TokioInstant,
+) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
         stats.connects.fetch_add(1, Ordering::Relaxed);

@@ -25,7 +25,11 @@ use thingport_loadtest::report::{Report, Stats, Summary};
 use thingport_loadtest::worker::AckWorker;
 
 #[derive(Debug, Parser)]
-#[command(name = "thingport-loadtest", version, about = "Simulated device fleets over WSS and QUIC")]
+#[command(
+    name = "thingport-loadtest",
+    version,
+    about = "Simulated device fleets over WSS and QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -120,7 +124,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) if args.processes > 1 && args.shard.is_none() => runtime.block_on(parent(args)),
+        Command::Run(args) if args.processes > 1 && args.shard.is_none() => {
+            runtime.block_on(parent(args))
+        }
         Command::Run(args) => runtime.block_on(run(args)),
         Command::AckWorker { listen } => runtime.block_on(ack_worker(listen)),
     };
@@ -143,7 +149,8 @@ async fn ack_worker(listen: SocketAddr) -> Result<()> {
 }
 
 fn load_devices(args: &RunArgs) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(&args.tokens).with_context(|| format!("reading {}", args.tokens.display()))?;
+    let text = std::fs::read_to_string(&args.tokens)
+        .with_context(|| format!("reading {}", args.tokens.display()))?;
     let mut devices = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let Some((thing, token)) = line.trim().split_once(' ') else {
@@ -225,7 +232,8 @@ async fn progress(stats: Arc<Stats>, label: String) {
             acked - last_acked,
             interval.p50_ms,
             interval.p99_ms,
-            stats.connect_errors.load(Ordering::Relaxed) + stats.session_errors.load(Ordering::Relaxed),
+            stats.connect_errors.load(Ordering::Relaxed)
+                + stats.session_errors.load(Ordering::Relaxed),
         );
         last_acked = acked;
     }
@@ -248,7 +256,11 @@ async fn parent(args: RunArgs) -> Result<()> {
         if !output.status.success() {
             bail!("a worker process failed: {}", output.status);
         }
-        let line = BufReader::new(&output.stdout[..]).lines().map_while(Result::ok).last().unwrap_or_default();
+        let line = BufReader::new(&output.stdout[..])
+            .lines()
+            .map_while(Result::ok)
+            .last()
+            .unwrap_or_default();
         reports.push(serde_json::from_str::<Report>(&line).context("a worker process's report")?);
     }
     let report = Report::merge(&reports)?;

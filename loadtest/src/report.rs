@@ -220,7 +220,10 @@ impl Report {
         row("latency ms p99.9/max", format!("{:.3} / {:.3}", l.p999_ms, l.max_ms));
         if self.reconnect_time.count > 0 {
             let r = &self.reconnect_time;
-            row("reconnect ms p50/p99/max", format!("{:.1} / {:.1} / {:.1}", r.p50_ms, r.p99_ms, r.max_ms));
+            row(
+                "reconnect ms p50/p99/max",
+                format!("{:.1} / {:.1} / {:.1}", r.p50_ms, r.p99_ms, r.max_ms),
+            );
         }
         out
     }
