@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a fleet against a gateway.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run an acknowledging worker (a link-protocol backend that stores nothing) until interrupted.
     AckWorker {
         #[arg(long, default_value = "127.0.0.1:7101")]
@@ -125,9 +125,9 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) if args.processes > 1 && args.shard.is_none() => {
-            runtime.block_on(parent(args))
+            runtime.block_on(parent(*args))
         }
-        Command::Run(args) => runtime.block_on(run(args)),
+        Command::Run(args) => runtime.block_on(run(*args)),
         Command::AckWorker { listen } => runtime.block_on(ack_worker(listen)),
     };
     match result {
