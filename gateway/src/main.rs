@@ -143,6 +143,8 @@ fn run(path: &Path) -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // colours only on a terminal: journald and log files get plain text
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let config = match load_config(path) {
         Ok(config) => config,

@@ -161,6 +161,7 @@ impl Pool {
             match link.tx.try_send(Outbound::Data(pending.clone())) {
                 Ok(()) => {
                     link.queued.fetch_add(len, Ordering::Relaxed);
+                    ::metrics::gauge!(metrics::LINK_QUEUE_BYTES).increment(len as f64);
                     return Ok(());
                 }
                 Err(_) => {
@@ -470,8 +471,9 @@ async fn write_loop(
             stop.cancelled().await;
             return rx;
         }
-        link.queued
-            .fetch_sub(data_bytes.min(link.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let released = data_bytes.min(link.queued.load(Ordering::Relaxed));
+        link.queued.fetch_sub(released, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::LINK_QUEUE_BYTES).decrement(released as f64);
         ::metrics::histogram!(metrics::FRAMES_PER_WRITE).record(frames as f64);
         if link.queued.load(Ordering::Relaxed) < pool.high_water {
             pool.ready.notify_waiters();

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Measures the gateway alone, with the load generator's acknowledging worker behind it:
+#   M3  user-space memory per idle session (RSS with N sessions - RSS with none) / N, after a settle
+#   M1  gateway CPU (utime + stime from /proc) per acknowledged 64-byte message at a fixed rate, and latency
+# The gateway runs on core 1 and everything else on core 0, as BENCHMARKS.md says.
+#
+#   benches/gateway-alone.sh [--idle N] [--transport wss|quic] [--devices D] [--rate R] [--seconds S]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IDLE=9000 TRANSPORT=wss DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --idle) IDLE=$2; shift 2 ;;
+    --transport) TRANSPORT=$2; shift 2 ;;
+    --devices) DEVICES=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --seconds) SECONDS_=$2; shift 2 ;;
+    --settle) SETTLE=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 64 ;;
+  esac
+done
+
+ulimit -n 20000
+cargo build --release -q -p thingport-gateway -p thingport-loadtest
+B=$PWD/target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+$B/thingport-gateway gen-cert --cert "$WORK/cert.pem" --key "$WORK/key.pem" >/dev/null
+$B/thingport-gateway gen-secret --out "$WORK/secret" >/dev/null
+COUNT=$(( IDLE > DEVICES ? IDLE : DEVICES ))
+$B/thingport-gateway token issue --thing dev- --count "$COUNT" --secret-file "$WORK/secret" > "$WORK/fleet.txt"
+
+taskset -c 0 $B/thingport-loadtest ack-worker --listen 127.0.0.1:0 2> "$WORK/worker.log" &
+PIDS+=($!)
+until grep -q "ack worker on" "$WORK/worker.log"; do sleep 0.1; done
+WORKER=$(sed -n 's/ack worker on //p' "$WORK/worker.log")
+
+cat > "$WORK/gateway.toml" <<TOML
+[listen]
+address = "127.0.0.1:0"
+[tls]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+[auth]
+secret_file = "$WORK/secret"
+[upstream]
+foundations = ["$WORKER"]
+[limits]
+max_sessions_per_ip = 100000
+accept_rate = 20000
+max_handshakes = 4096
+message_rate = 1000
+[admin]
+address = "127.0.0.1:0"
+TOML
+RUST_LOG=warn,thingport_gateway=info taskset -c 1 $B/thingport-gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 &
+GW=$!
+PIDS+=($GW)
+until grep -q "listening" "$WORK/gateway.log"; do sleep 0.1; done
+addr_of() { grep -o "$1=Some([0-9.:]*)" "$WORK/gateway.log" | head -1 | sed "s/$1=Some(\(.*\))/\1/"; }
+TARGET=$(addr_of wss)
+ADMIN=$(addr_of admin)
+rss_kb() { awk '/VmRSS/ {print $2}' /proc/$GW/status; }
+cpu_ticks() { awk '{print $14 + $15}' /proc/$GW/stat; }
+HZ=$(getconf CLK_TCK)
+
+echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), gateway on core 1, load generator on core 0"
+echo "gateway at $TARGET, transport $TRANSPORT"
+
+# M3: idle sessions
+RSS0=$(rss_kb)
+taskset -c 0 $B/thingport-loadtest run --target "$TARGET" --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
+  --devices "$IDLE" --transport "$TRANSPORT" --scenario idle --ramp 3000 --duration "$((SETTLE + 10))s" \
+  --keepalive 600 --quiet --json > "$WORK/idle.json" &
+LOAD=$!
+sleep $(( IDLE / 3000 + 2 + SETTLE ))
+RSSN=$(rss_kb)
+wait $LOAD
+python3 - "$WORK/idle.json" "$RSS0" "$RSSN" "$IDLE" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+rss0, rssn, n = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print(f"M3 idle: {r['peak_sessions']} sessions (connect errors {r['connect_errors']}); "
+      f"RSS {rss0} KiB -> {rssn} KiB; {(rssn - rss0) * 1024 / max(r['peak_sessions'], 1) / 1000:.1f} KB per session")
+PY
+
+# M1: fixed-rate telemetry
+sleep 2
+T0=$(cpu_ticks)
+taskset -c 0 $B/thingport-loadtest run --target "$TARGET" --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
+  --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload 32 --ramp 2000 \
+  --duration "${SECONDS_}s" --quiet --json > "$WORK/load.json"
+T1=$(cpu_ticks)
+python3 - "$WORK/load.json" "$T0" "$T1" "$HZ" "$DEVICES" "$RATE" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t0, t1, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cpu_us = (t1 - t0) / hz * 1e6
+l = r["latency"]
+print(f"M1 load: {sys.argv[5]} devices x {sys.argv[6]}/s, {r['frame_bytes']} B frames: sent {r['sent']}, acked {r['acked']}, "
+      f"unacked at end {r['unacked_at_end']}, errors {r['session_errors']}")
+print(f"   gateway CPU {cpu_us / 1e6:.2f} s = {cpu_us / max(r['acked'], 1):.1f} us per acknowledged message")
+print(f"   latency ms p50 {l['p50_ms']:.3f} p99 {l['p99_ms']:.3f} p99.9 {l['p999_ms']:.3f} max {l['max_ms']:.3f}")
+PY
+grep -o 'thingport_gateway_link_frames_per_write_sum [0-9.e+]*\|thingport_gateway_link_frames_per_write_count [0-9.e+]*' \
+  <(curl -s "http://$ADMIN/metrics") \
+  | awk '{v[$1]=$2} END {if (v["thingport_gateway_link_frames_per_write_count"] > 0) printf "M6 frames per upstream write: %.1f\n", v["thingport_gateway_link_frames_per_write_sum"] / v["thingport_gateway_link_frames_per_write_count"]}'
