@@ -57,7 +57,7 @@ message_rate = 1000
 [admin]
 address = "127.0.0.1:0"
 TOML
-RUST_LOG=warn,thingport_gateway=info taskset -c 1 $B/thingport-gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 &
+env ${GW_ENV:-} RUST_LOG=warn,thingport_gateway=info taskset -c 1 $B/thingport-gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 &
 GW=$!
 PIDS+=($GW)
 until grep -q "listening" "$WORK/gateway.log"; do sleep 0.1; done

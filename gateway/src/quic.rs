@@ -65,15 +65,19 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
         tokio::spawn(async move {
             let deadline =
                 tokio::time::Instant::from_std(at + shared.config.limits.handshake_timeout);
-            let opened = tokio::time::timeout_at(deadline, async {
-                let connection = incoming
-                    .accept()
-                    .map_err(|_| "quic_failed")?
-                    .await
-                    .map_err(|_| "tls_failed")?;
-                let (send, recv) = connection.accept_bi().await.map_err(|_| "no_stream")?;
-                Ok::<_, &'static str>((connection, send, recv))
-            })
+            // boxed: the handshake's state is short-lived (see wss.rs)
+            let opened = tokio::time::timeout_at(
+                deadline,
+                Box::pin(async {
+                    let connection = incoming
+                        .accept()
+                        .map_err(|_| "quic_failed")?
+                        .await
+                        .map_err(|_| "tls_failed")?;
+                    let (send, recv) = connection.accept_bi().await.map_err(|_| "no_stream")?;
+                    Ok::<_, &'static str>((connection, send, recv))
+                }),
+            )
             .await;
             let (connection, send, recv) = match opened {
                 Ok(Ok(opened)) => opened,
@@ -100,7 +104,8 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
             };
             let accepted =
                 Accepted { transport: Transport::Quic, peer, at, cert_names, permit, handshake };
-            session::run(shared, io, accepted).await;
+            // a task of its own, sized for the session only (see wss.rs)
+            tokio::spawn(session::run(shared, io, accepted));
         });
     }
 }

@@ -132,9 +132,13 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
     let session_id = shared.next_session_id();
     let mut session = ServerSession::new(shared.server_config.clone(), session_id, accepted.at);
 
-    // HELLO, authentication and WELCOME, all before the handshake deadline
-    let opened =
-        tokio::time::timeout_at(deadline, open(&shared, &mut io, &mut session, &accepted)).await;
+    // HELLO, authentication and WELCOME, all before the handshake deadline; boxed, because this state is
+    // short-lived and would otherwise stay in the task's allocation for the whole session
+    let opened = tokio::time::timeout_at(
+        deadline,
+        Box::pin(open(&shared, &mut io, &mut session, &accepted)),
+    )
+    .await;
     let (thing, inbox) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(close)) => {

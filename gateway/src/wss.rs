@@ -52,7 +52,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
         tokio::spawn(async move {
             let deadline =
                 tokio::time::Instant::from_std(at + shared.config.limits.handshake_timeout);
-            let upgraded = tokio::time::timeout_at(deadline, upgrade(&shared, stream)).await;
+            // boxed: the handshake's state is large and short-lived, and would otherwise stay in the task's
+            // allocation for the whole session
+            let upgraded =
+                tokio::time::timeout_at(deadline, Box::pin(upgrade(&shared, stream))).await;
             let (ws, cert_names) = match upgraded {
                 Ok(Ok(upgraded)) => upgraded,
                 Ok(Err(reason)) => {
@@ -67,7 +70,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
             let io = WssIo { ws };
             let accepted =
                 Accepted { transport: Transport::Wss, peer, at, cert_names, permit, handshake };
-            session::run(shared, io, accepted).await;
+            // a task of its own: this handshake task's allocation (sized for the handshake) is freed, and the
+            // session's holds only what a session needs
+            tokio::spawn(session::run(shared, io, accepted));
         });
     }
 }
@@ -88,7 +93,7 @@ async fn upgrade(shared: &Shared, stream: TcpStream) -> Result<(Ws, Vec<String>)
         .unwrap_or_default();
     let max_frame = shared.config.limits.max_frame;
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(shared.config.session.send_queue_bytes.max(max_frame) * 2)
         .max_message_size(Some(max_frame))
