@@ -91,11 +91,27 @@ PY
 # M1: fixed-rate telemetry
 sleep 2
 T0=$(cpu_ticks)
-taskset -c 0 $B/thingport-loadtest run --target "$TARGET" --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
+if [ -n "${PROFILE:-}" ]; then
+  # PROFILE=FILE: a perf profile of the gateway during the load, summarised into FILE
+  perf record -F 999 -g -p "$GW" -o "$WORK/perf.data" -- sleep "$((SECONDS_ + 1))" >/dev/null 2>&1 &
+  PERF=$!
+fi
+/usr/bin/time -f "%U %S" -o "$WORK/loadgen.time" taskset -c 0 $B/thingport-loadtest run --target "$TARGET" \
+  --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
   --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload 32 --ramp 2000 \
   --duration "${SECONDS_}s" --quiet --json > "$WORK/load.json"
 T1=$(cpu_ticks)
-python3 - "$WORK/load.json" "$T0" "$T1" "$HZ" "$DEVICES" "$RATE" <<'PY'
+if [ -n "${PROFILE:-}" ]; then
+  wait "$PERF" || true
+  perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -60 > "$PROFILE"
+  strace -c -f -p "$GW" -o "$WORK/strace.txt" & STRACE=$!
+  taskset -c 0 $B/thingport-loadtest run --target "$TARGET" --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
+    --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload 32 --ramp 2000 \
+    --duration 5s --quiet --json > "$WORK/strace-load.json"
+  kill -INT "$STRACE"; wait "$STRACE" 2>/dev/null || true
+  { echo "--- syscalls during a 5 s run ($(python3 -c "import json;print(json.load(open('$WORK/strace-load.json'))['acked'])") messages acked)"; cat "$WORK/strace.txt"; } >> "$PROFILE"
+fi
+python3 - "$WORK/load.json" "$T0" "$T1" "$HZ" "$DEVICES" "$RATE" "$WORK/loadgen.time" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 t0, t1, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -104,6 +120,8 @@ l = r["latency"]
 print(f"M1 load: {sys.argv[5]} devices x {sys.argv[6]}/s, {r['frame_bytes']} B frames: sent {r['sent']}, acked {r['acked']}, "
       f"unacked at end {r['unacked_at_end']}, errors {r['session_errors']}")
 print(f"   gateway CPU {cpu_us / 1e6:.2f} s = {cpu_us / max(r['acked'], 1):.1f} us per acknowledged message")
+u, s_ = map(float, open(sys.argv[7]).read().split()[-2:])
+print(f"   load generator CPU {u + s_:.2f} s over {r['elapsed_s']:.1f} s")
 print(f"   latency ms p50 {l['p50_ms']:.3f} p99 {l['p99_ms']:.3f} p99.9 {l['p999_ms']:.3f} max {l['max_ms']:.3f}")
 PY
 grep -o 'thingport_gateway_link_frames_per_write_sum [0-9.e+]*\|thingport_gateway_link_frames_per_write_count [0-9.e+]*' \

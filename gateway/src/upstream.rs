@@ -446,6 +446,12 @@ async fn write_loop(
             }
         };
         let Some(first) = first else { return rx };
+        // The sender that woke this task is still running, and others may be ready behind it: go to the back of
+        // the run queue once so their frames join this write. (A woken task otherwise runs next, which made
+        // every write carry a single frame.)
+        if rx.is_empty() {
+            tokio::task::yield_now().await;
+        }
         let mut frames = 0usize;
         let mut data_bytes = 0usize;
         let mut item = Some(first);
