@@ -48,8 +48,8 @@ async fn killing_one_of_two_workers_mid_stream_loses_no_acknowledged_frame() {
             if acked >= TOTAL / 3 && killed.is_none() {
                 // kill worker 0 while frames are in flight on its links
                 let worker = harness.workers.remove(0);
-                killed = Some(worker.stored("pump-1"));
-                worker.kill().await;
+                let stored = worker.kill().await;
+                killed = Some(stored.get("pump-1").cloned().unwrap_or_default());
             }
             if let DeviceEvent::Acked { seq } = device.next_event().await.unwrap() {
                 acked = seq;

@@ -110,10 +110,13 @@ impl AckWorker {
         state.links.last().is_some_and(|link| link.send(bytes).is_ok())
     }
 
-    /// Stops at once, dropping every connection (as a killed process would).
-    pub async fn kill(mut self) {
+    /// Stops at once, dropping every connection (as a killed process would). Returns what it had stored by
+    /// then, by thing.
+    pub async fn kill(mut self) -> HashMap<ByteString, Vec<u64>> {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut state.stored)
     }
 }
 
