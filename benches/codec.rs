@@ -96,8 +96,12 @@ fn link_frames(c: &mut Criterion) {
             n
         })
     });
+    group.finish();
+
     let stored: Bytes = LinkFrame::Stored { session_id: 77, seq: 123_456 }.to_framed_bytes();
-    group.bench_function("stored_roundtrip", |b| {
+    let mut group = c.benchmark_group("link_stored");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("decode", |b| {
         b.iter(|| {
             let mut buf = BytesMut::from(&black_box(&stored)[..]);
             decoder.decode(&mut buf)
