@@ -1,0 +1,239 @@
+//! The REST API for people and applications (documented in `docs/API.md`). Every request carries an application
+//! key in `x-api-key`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value as JsonValue, json};
+use thingport_protocol::{
+    ByteString, Frame, Properties, PropertyUpdate, Quality, ServiceRequest, ServiceResult,
+};
+
+use crate::Shared;
+use crate::calls::CallOutcome;
+use crate::json::{from_json, to_json};
+use crate::links::now_ms;
+use crate::model::{PropertyState, ThingState, Version};
+
+/// Application keys read from the keys file: one per line, `#` comments.
+pub fn parse_keys(text: &str) -> HashSet<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/things", get(list_things))
+        .route("/v1/things/{thing}", get(get_thing).put(create_thing))
+        .route("/v1/things/{thing}/properties/{name}", get(get_property).put(put_property))
+        .route("/v1/things/{thing}/services/{service}", post(call_service))
+        .route("/v1/cluster", get(cluster))
+        .layer(middleware::from_fn_with_state(shared.clone(), authenticate))
+        .with_state(shared)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let key = request.headers().get("x-api-key").and_then(|v| v.to_str().ok());
+    match key {
+        Some(key) if shared.api_keys.contains(key) => next.run(request).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "unknown application key"),
+        None => error(StatusCode::UNAUTHORIZED, "send an application key in the x-api-key header"),
+    }
+}
+
+fn property_json(p: &PropertyState) -> JsonValue {
+    let quality = match p.quality {
+        Quality::Good => "good",
+        Quality::Uncertain => "uncertain",
+        Quality::Bad => "bad",
+    };
+    json!({
+        "value": to_json(&p.value),
+        "quality": quality,
+        "timestamp_ms": p.version.timestamp_ms,
+        "received_ms": p.received_ms,
+    })
+}
+
+fn thing_summary(name: &ByteString, t: &ThingState) -> JsonValue {
+    json!({
+        "thing": name.to_string(),
+        "online": t.binding.is_some(),
+        "gateway": t.binding.as_ref().map(|b| b.gateway.to_string()),
+        "properties": t.properties.len(),
+        "created_ms": t.created_ms,
+    })
+}
+
+async fn list_things(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
+    Json(json!({ "things": shared.store.list(thing_summary) }))
+}
+
+async fn get_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>) -> Response {
+    let Some(t) = shared.store.get(&thing) else {
+        return error(StatusCode::NOT_FOUND, format!("no thing {thing}"));
+    };
+    let properties: BTreeMap<String, JsonValue> =
+        t.properties.iter().map(|(k, v)| (k.to_string(), property_json(v))).collect();
+    let events: Vec<JsonValue> = t
+        .events
+        .iter()
+        .rev()
+        .map(|e| json!({"name": e.name.to_string(), "payload": to_json(&e.payload), "timestamp_ms": e.version.timestamp_ms}))
+        .collect();
+    let mut summary = thing_summary(&ByteString::from(thing), &t);
+    summary["properties"] = json!(properties);
+    summary["events"] = json!(events);
+    summary["session_id"] = json!(t.binding.as_ref().map(|b| b.session_id));
+    Json(summary).into_response()
+}
+
+async fn create_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>) -> Response {
+    if thing.is_empty() || thing.len() > thingport_protocol::Limits::DEFAULT.max_name {
+        return error(StatusCode::BAD_REQUEST, "a thing name is 1 to 256 bytes");
+    }
+    let name = ByteString::from(thing.clone());
+    let existed = shared.store.get(&thing).is_some();
+    shared.store.update(&name, true, now_ms(), |_| ());
+    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    (status, Json(json!({ "thing": thing }))).into_response()
+}
+
+async fn get_property(
+    State(shared): State<Arc<Shared>>,
+    Path((thing, name)): Path<(String, String)>,
+) -> Response {
+    match shared.store.get(&thing) {
+        None => error(StatusCode::NOT_FOUND, format!("no thing {thing}")),
+        Some(t) => match t.properties.get(name.as_str()) {
+            None => error(StatusCode::NOT_FOUND, format!("thing {thing} has no property {name}")),
+            Some(p) => Json(property_json(p)).into_response(),
+        },
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PropertyWrite {
+    value: JsonValue,
+}
+
+/// Stores a value written by an application and delivers it to the device if it is connected.
+async fn put_property(
+    State(shared): State<Arc<Shared>>,
+    Path((thing, name)): Path<(String, String)>,
+    Json(body): Json<PropertyWrite>,
+) -> Response {
+    let value = match from_json(&body.value) {
+        Ok(value) => value,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let now = now_ms();
+    let prop = ByteString::from(name.clone());
+    let state = PropertyState {
+        value: value.clone(),
+        quality: Quality::Good,
+        version: Version { timestamp_ms: now, incarnation: u64::MAX, seq: 0 },
+        received_ms: now,
+    };
+    let Some(binding) = shared.store.update(&ByteString::from(thing.clone()), false, now, |t| {
+        t.apply_property(&prop, state);
+        t.binding.clone()
+    }) else {
+        return error(StatusCode::NOT_FOUND, format!("no thing {thing}"));
+    };
+    let delivered = binding.is_some_and(|b| {
+        let write = Frame::Properties(Properties {
+            seq: 0,
+            updates: vec![PropertyUpdate {
+                name: prop,
+                timestamp_ms: now,
+                quality: Quality::Good,
+                value,
+            }],
+        });
+        shared.links.downstream(&b.gateway, b.session_id, 0, &write)
+    });
+    Json(json!({ "stored": true, "delivered": delivered })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct CallQuery {
+    timeout_ms: Option<u64>,
+}
+
+/// Calls a service the device implements and waits for its answer.
+async fn call_service(
+    State(shared): State<Arc<Shared>>,
+    Path((thing, service)): Path<(String, String)>,
+    Query(query): Query<CallQuery>,
+    body: Option<Json<JsonValue>>,
+) -> Response {
+    let params = match body.map(|Json(b)| from_json(&b)).transpose() {
+        Ok(params) => params.unwrap_or_default(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let timeout = Duration::from_millis(query.timeout_ms.unwrap_or(10_000).clamp(1, 300_000));
+    let Some(t) = shared.store.get(&thing) else {
+        return error(StatusCode::NOT_FOUND, format!("no thing {thing}"));
+    };
+    let Some(binding) = t.binding else {
+        return error(StatusCode::CONFLICT, format!("thing {thing} is not connected"));
+    };
+    let (call_id, answer) = shared.calls.start();
+    let request = Frame::ServiceRequest(ServiceRequest {
+        seq: 0,
+        call_id,
+        timeout_ms: timeout.as_millis() as u32,
+        service: ByteString::from(service.clone()),
+        params,
+    });
+    if !shared.links.downstream(&binding.gateway, binding.session_id, call_id, &request) {
+        shared.calls.abandon(call_id);
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no link to the thing's gateway");
+    }
+    match tokio::time::timeout(timeout, answer).await {
+        Ok(Ok(CallOutcome::Answered(ServiceResult::Ok(value)))) => Json(json!({ "result": to_json(&value) })).into_response(),
+        Ok(Ok(CallOutcome::Answered(ServiceResult::Err { code, message }))) => (
+            StatusCode::BAD_GATEWAY,
+            Json(json!({ "error": message.to_string(), "code": code.name().unwrap_or("UNKNOWN"), "code_value": code.0 })),
+        )
+            .into_response(),
+        Ok(Ok(CallOutcome::Undeliverable(code))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("the gateway could not deliver the call: {code}"))
+        }
+        Ok(Err(_)) | Err(_) => {
+            shared.calls.abandon(call_id);
+            error(StatusCode::GATEWAY_TIMEOUT, format!("no answer from {thing} within {} ms", timeout.as_millis()))
+        }
+    }
+}
+
+async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
+    let counts = shared.store.counts();
+    let things: usize = counts.iter().sum();
+    let busiest = counts.iter().max().copied().unwrap_or(0);
+    Json(json!({
+        "members": [shared.config.id],
+        "replication": 1,
+        "partitions": crate::ring::PARTITIONS,
+        "partitions_held": { &shared.config.id: crate::ring::PARTITIONS },
+        "keys_per_node": { &shared.config.id: things },
+        "busiest_partition_keys": busiest,
+        "gateways_linked": shared.links.gateways(),
+    }))
+}

@@ -1,0 +1,76 @@
+//! Foundation worker configuration (TOML; every key has a documented default, see `print-default-config`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The default configuration, with a comment on every key.
+pub const DEFAULT_CONFIG: &str = include_str!("../foundation.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This worker's name: unique in the pool, stable across restarts.
+    pub id: String,
+    /// Where gateways connect their links.
+    pub link_address: SocketAddr,
+    /// The REST API for people and applications.
+    pub api_address: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`; loopback by default.
+    pub admin_address: Option<SocketAddr>,
+    /// File of application keys, one per line, accepted in the `x-api-key` header.
+    pub api_keys_file: PathBuf,
+    /// Create a thing at its first `HELLO` (otherwise unknown things are refused).
+    pub auto_provision: bool,
+    /// Largest device frame accepted from a gateway.
+    pub max_frame: usize,
+    /// Frames queued towards one gateway link before the link is dropped as too slow.
+    pub link_queue_frames: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: "foundation-1".into(),
+            link_address: SocketAddr::from(([127, 0, 0, 1], 7101)),
+            api_address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_address: Some(SocketAddr::from(([127, 0, 0, 1], 9101))),
+            api_keys_file: "/etc/thingport/api-keys".into(),
+            auto_provision: true,
+            max_frame: 64 * 1024,
+            link_queue_frames: 65_536,
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        toml::from_str(text).map_err(|e| vec![e.to_string()])
+    }
+
+    /// Every problem, one per line; empty when usable.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.id.is_empty() || self.id.len() > 64 {
+            problems.push("id: must be 1 to 64 bytes".to_string());
+        }
+        if !self.api_keys_file.is_file() {
+            problems.push(format!("api_keys_file: no file at {}", self.api_keys_file.display()));
+        }
+        if !(64..=16 << 20).contains(&self.max_frame) {
+            problems.push("max_frame: must be 64 bytes to 16 MiB".to_string());
+        }
+        if self.link_queue_frames < 16 {
+            problems.push("link_queue_frames: must be at least 16".to_string());
+        }
+        problems
+    }
+
+    pub fn limits(&self) -> thingport_protocol::Limits {
+        thingport_protocol::Limits {
+            max_frame: self.max_frame,
+            ..thingport_protocol::Limits::DEFAULT
+        }
+    }
+}
