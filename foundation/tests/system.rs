@@ -35,11 +35,13 @@ async fn start() -> System {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("api-keys");
     std::fs::write(&keys, format!("# test\n{KEY}\n")).unwrap();
-    let mut worker_config = WorkerConfig::default();
-    worker_config.link_address = "127.0.0.1:0".parse().unwrap();
-    worker_config.api_address = "127.0.0.1:0".parse().unwrap();
-    worker_config.admin_address = None;
-    worker_config.api_keys_file = keys;
+    let worker_config = WorkerConfig {
+        link_address: "127.0.0.1:0".parse().unwrap(),
+        api_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: None,
+        api_keys_file: keys,
+        ..WorkerConfig::default()
+    };
     let worker = Worker::bind(worker_config).await.unwrap();
     let addrs = worker.addrs();
     let (worker_stop, rx) = tokio::sync::oneshot::channel::<()>();
