@@ -51,8 +51,6 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// Start the whole system on this machine (gateway and a foundation pool on loopback, self-signed TLS).
-    Demo,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,14 +90,6 @@ fn main() -> ExitCode {
         Command::GenSecret { out } => report(gen_secret(&out)),
         Command::Token { command: TokenCommand::Issue { thing, count, ttl, secret_file } } => {
             report(issue_token(&cli.config, &thing, count, &ttl, secret_file.as_deref()))
-        }
-        Command::Demo => {
-            println!(
-                "thingport {}: the demo needs the foundation workers, which are not built yet.\n\
-                 Today the gateway runs against configured workers: `thingport-gateway print-default-config`.",
-                env!("CARGO_PKG_VERSION")
-            );
-            ExitCode::SUCCESS
         }
     }
 }
