@@ -210,7 +210,7 @@ async fn data_before_hello_is_a_protocol_error() {
         assert_eq!(error.code, ErrorCode::UNEXPECTED_FRAME);
         let closed = within("close", conn.recv()).await.unwrap();
         let expected = match transport {
-            Transport::Wss => Closed::Code(4302),
+            Transport::Wss | Transport::Ws => Closed::Code(4302),
             Transport::Quic => Closed::Code(0x0302),
         };
         assert_eq!(closed, Err(expected));

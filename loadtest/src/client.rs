@@ -29,6 +29,8 @@ use tokio_tungstenite::tungstenite::protocol::{Message, WebSocketConfig};
 pub enum Transport {
     Wss,
     Quic,
+    /// WebSocket without TLS: only for measuring a backend directly.
+    Ws,
 }
 
 /// TLS settings of a client: trust one certificate (the gateway's self-signed one) or a CA bundle.
@@ -99,7 +101,60 @@ impl Endpoint {
     }
 }
 
-type Wss = WebSocketStream<TlsStream<TcpStream>>;
+type Wss = WebSocketStream<ClientStream>;
+
+/// A client's TCP stream, with or without TLS.
+#[derive(Debug)]
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for ClientStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// A connection moving whole device frames.
 #[derive(Debug)]
@@ -128,7 +183,7 @@ impl FrameConn {
     pub async fn connect(endpoint: &Endpoint) -> Result<FrameConn> {
         let name = ServerName::try_from(endpoint.server_name.clone()).context("server name")?;
         match endpoint.transport {
-            Transport::Wss => {
+            Transport::Wss | Transport::Ws => {
                 let socket = match endpoint.addr {
                     SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
                     SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -138,11 +193,17 @@ impl FrameConn {
                 }
                 let tcp = socket.connect(endpoint.addr).await.context("TCP connect")?;
                 tcp.set_nodelay(true)?;
-                let tls = TlsConnector::from(endpoint.wss_tls.clone())
-                    .connect(name, tcp)
-                    .await
-                    .context("TLS handshake")?;
-                let url = format!("wss://{}{}", endpoint.server_name, thingport_protocol::WS_PATH);
+                let (stream, scheme) = if endpoint.transport == Transport::Ws {
+                    (ClientStream::Plain(tcp), "ws")
+                } else {
+                    let tls = TlsConnector::from(endpoint.wss_tls.clone())
+                        .connect(name, tcp)
+                        .await
+                        .context("TLS handshake")?;
+                    (ClientStream::Tls(Box::new(tls)), "wss")
+                };
+                let url =
+                    format!("{scheme}://{}{}", endpoint.server_name, thingport_protocol::WS_PATH);
                 let mut request = url.into_client_request()?;
                 request.headers_mut().insert(
                     "sec-websocket-protocol",
@@ -150,7 +211,7 @@ impl FrameConn {
                 );
                 let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
                 let (ws, _) =
-                    tokio_tungstenite::client_async_with_config(request, tls, Some(config))
+                    tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                         .await
                         .context("WebSocket upgrade")?;
                 Ok(FrameConn::Wss(Box::new(ws)))

@@ -38,6 +38,8 @@ pub enum TransportChoice {
     Quic,
     /// Half WSS, half QUIC.
     Mix,
+    /// WebSocket without TLS, to measure a backend directly.
+    Ws,
 }
 
 /// Everything one process of a fleet needs.
@@ -96,6 +98,7 @@ impl Fleet {
         let mut endpoint = self.endpoint.clone();
         endpoint.transport = match self.transport {
             TransportChoice::Wss => Transport::Wss,
+            TransportChoice::Ws => Transport::Ws,
             TransportChoice::Quic => Transport::Quic,
             TransportChoice::Mix if index.is_multiple_of(2) => Transport::Wss,
             TransportChoice::Mix => Transport::Quic,

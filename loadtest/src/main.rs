@@ -44,6 +44,12 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7101")]
         listen: SocketAddr,
     },
+    /// Run a plain-WebSocket backend that speaks the device protocol and acknowledges at once (what nginx and
+    /// HAProxy proxy to in the side-by-side benchmark).
+    WsBackend {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -129,6 +135,9 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => runtime.block_on(run(*args)),
         Command::AckWorker { listen } => runtime.block_on(ack_worker(listen)),
+        Command::WsBackend { listen } => {
+            runtime.block_on(thingport_loadtest::backend::serve(listen))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -93,7 +93,7 @@ impl Harness {
 
     pub fn endpoint(&self, transport: Transport) -> Endpoint {
         let addr = match transport {
-            Transport::Wss => self.addrs.wss.unwrap(),
+            Transport::Wss | Transport::Ws => self.addrs.wss.unwrap(),
             Transport::Quic => self.addrs.quic.unwrap(),
         };
         Endpoint::new(addr, "localhost", transport, std::slice::from_ref(&self.cert)).unwrap()
