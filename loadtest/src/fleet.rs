@@ -30,6 +30,8 @@ pub enum Scenario {
     Telemetry,
     Reconnect,
     Drain,
+    /// Devices hold their sessions and answer `echo`; callers invoke it through the foundation's REST API.
+    Service,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -63,6 +65,10 @@ pub struct Fleet {
     pub window: usize,
     /// Share of devices that drop and reconnect in the `reconnect` scenario.
     pub reconnect_share: f64,
+    /// The foundation API and an application key (`service` scenario).
+    pub api: Option<(std::net::SocketAddr, String)>,
+    /// Service calls per second, all callers together (`service` scenario).
+    pub call_rate: f64,
 }
 
 impl Fleet {
@@ -90,6 +96,13 @@ impl Fleet {
             let stats = stats.clone();
             let connect_at = start + Duration::from_secs_f64(index as f64 / self.ramp.max(0.001));
             tasks.spawn(async move { fleet.device(index, connect_at, traffic_end, &stats).await });
+        }
+        if let (Scenario::Service, Some((api, key))) = (self.scenario, self.api.clone()) {
+            let fleet = self.clone();
+            let stats = stats.clone();
+            tasks.spawn(async move {
+                fleet.callers(api, key, start + ramp_time, traffic_end, &stats).await
+            });
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -273,6 +286,64 @@ impl Fleet {
         .await;
         stats.unacked_at_end.fetch_add(pending.len() as u64, Ordering::Relaxed);
         device.disconnect().await;
+    }
+
+    /// Calls `echo` on random devices through the API at `call_rate`, open loop, over a few keep-alive
+    /// connections; latency counts from each call's intended start.
+    async fn callers(
+        &self,
+        api: std::net::SocketAddr,
+        key: String,
+        start: TokioInstant,
+        end: TokioInstant,
+        stats: &Stats,
+    ) {
+        const CALLERS: usize = 32;
+        let (tx, rx) = tokio::sync::mpsc::channel::<TokioInstant>(CALLERS * 4);
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..CALLERS {
+            let rx = rx.clone();
+            let key = key.clone();
+            let devices: Vec<String> = self.devices.iter().map(|(t, _)| t.clone()).collect();
+            workers.spawn(async move {
+                let mut conn: Option<tokio::net::TcpStream> = None;
+                let mut outcomes = Vec::new();
+                loop {
+                    let next = rx.lock().await.recv().await;
+                    let Some(intended) = next else { break };
+                    let thing = &devices[fastrand::usize(..devices.len())];
+                    let path = format!("/v1/things/{thing}/services/echo?timeout_ms=5000");
+                    let ok = crate::http::post(&mut conn, api, &path, &key, "{\"n\":1}")
+                        .await
+                        .is_ok_and(|s| s == 200);
+                    outcomes.push((ok, TokioInstant::now() - intended));
+                }
+                outcomes
+            });
+        }
+        drop(rx);
+        tokio::time::sleep_until(start).await;
+        let interval = Duration::from_secs_f64(1.0 / self.call_rate.max(0.001));
+        let mut next = start;
+        while next < end {
+            tokio::time::sleep_until(next).await;
+            if tx.send(next).await.is_err() {
+                break;
+            }
+            next += interval;
+        }
+        drop(tx);
+        while let Some(Ok(outcomes)) = workers.join_next().await {
+            for (ok, took) in outcomes {
+                if ok {
+                    stats.calls_ok.fetch_add(1, Ordering::Relaxed);
+                    stats.call_time(took);
+                } else {
+                    stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     async fn reconnect(

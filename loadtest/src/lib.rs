@@ -10,5 +10,6 @@
 pub mod backend;
 pub mod client;
 pub mod fleet;
+pub mod http;
 pub mod report;
 pub mod worker;

@@ -105,6 +105,15 @@ struct RunArgs {
     /// Share of devices dropped in the reconnect scenario.
     #[arg(long, default_value_t = 0.3)]
     reconnect_share: f64,
+    /// Foundation API address (`service` scenario).
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// Application key for the API.
+    #[arg(long, default_value = "demo-key")]
+    api_key: String,
+    /// Service calls per second (`service` scenario), all processes together.
+    #[arg(long, default_value_t = 100.0)]
+    call_rate: f64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -209,6 +218,8 @@ async fn run(args: RunArgs) -> Result<()> {
         keepalive_secs: args.keepalive,
         window: args.window,
         reconnect_share: args.reconnect_share,
+        api: args.api.map(|a| (a, args.api_key.clone())),
+        call_rate: args.call_rate / args.processes.max(1) as f64,
     });
     let frame_bytes = fleet.message(1).encoded_len();
     let stats = Arc::new(Stats::default());

@@ -36,6 +36,9 @@ pub struct Stats {
     total: Vec<Mutex<Histogram<u64>>>,
     interval: Vec<Mutex<Histogram<u64>>>,
     reconnect_times: Mutex<Histogram<u64>>,
+    pub calls_ok: AtomicU64,
+    pub calls_failed: AtomicU64,
+    call_times: Mutex<Histogram<u64>>,
 }
 
 impl Default for Stats {
@@ -53,6 +56,9 @@ impl Default for Stats {
             total: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
             interval: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
             reconnect_times: Mutex::new(histogram()),
+            calls_ok: AtomicU64::new(0),
+            calls_failed: AtomicU64::new(0),
+            call_times: Mutex::new(histogram()),
         }
     }
 }
@@ -67,6 +73,11 @@ impl Stats {
         let us = (latency.as_micros() as u64).max(1);
         lock(&self.total[shard % SHARDS]).saturating_record(us);
         lock(&self.interval[shard % SHARDS]).saturating_record(us);
+    }
+
+    /// Records a service call's latency, from its intended start to its answer.
+    pub fn call_time(&self, took: Duration) {
+        lock(&self.call_times).saturating_record((took.as_micros() as u64).max(1));
     }
 
     pub fn reconnect_time(&self, took: Duration) {
@@ -94,6 +105,7 @@ impl Stats {
     pub fn report(&self, elapsed: Duration, frame_bytes: usize) -> Report {
         let latency = Stats::merged(&self.total, false);
         let reconnect = lock(&self.reconnect_times).clone();
+        let calls = lock(&self.call_times).clone();
         Report {
             elapsed_s: elapsed.as_secs_f64(),
             frame_bytes,
@@ -110,6 +122,10 @@ impl Stats {
             reconnect_time: Summary::of(&reconnect),
             latency_hdr: encode(&latency),
             reconnect_hdr: encode(&reconnect),
+            calls_ok: self.calls_ok.load(Ordering::Relaxed),
+            calls_failed: self.calls_failed.load(Ordering::Relaxed),
+            call_time: Summary::of(&calls),
+            call_hdr: encode(&calls),
         }
     }
 }
@@ -169,6 +185,15 @@ pub struct Report {
     /// The histograms, HDR V2 serialized and base64 encoded, so reports of several processes merge exactly.
     pub latency_hdr: String,
     pub reconnect_hdr: String,
+    /// Service calls made through the foundation API (`service` scenario).
+    #[serde(default)]
+    pub calls_ok: u64,
+    #[serde(default)]
+    pub calls_failed: u64,
+    #[serde(default)]
+    pub call_time: Summary,
+    #[serde(default)]
+    pub call_hdr: String,
 }
 
 impl Report {
@@ -176,10 +201,16 @@ impl Report {
     pub fn merge(reports: &[Report]) -> Result<Report> {
         let mut latency = histogram();
         let mut reconnect = histogram();
+        let mut calls = histogram();
         let mut merged = Report::default();
         for r in reports {
             latency.add(decode(&r.latency_hdr).context("latency histogram")?)?;
             reconnect.add(decode(&r.reconnect_hdr).context("reconnect histogram")?)?;
+            if !r.call_hdr.is_empty() {
+                calls.add(decode(&r.call_hdr).context("call histogram")?)?;
+            }
+            merged.calls_ok += r.calls_ok;
+            merged.calls_failed += r.calls_failed;
             merged.elapsed_s = merged.elapsed_s.max(r.elapsed_s);
             merged.frame_bytes = r.frame_bytes;
             merged.connects += r.connects;
@@ -196,6 +227,8 @@ impl Report {
         merged.reconnect_time = Summary::of(&reconnect);
         merged.latency_hdr = encode(&latency);
         merged.reconnect_hdr = encode(&reconnect);
+        merged.call_time = Summary::of(&calls);
+        merged.call_hdr = encode(&calls);
         Ok(merged)
     }
 
@@ -218,6 +251,14 @@ impl Report {
             format!("{:.3} / {:.3} / {:.3}", l.p50_ms, l.p90_ms, l.p99_ms),
         );
         row("latency ms p99.9/max", format!("{:.3} / {:.3}", l.p999_ms, l.max_ms));
+        if self.calls_ok + self.calls_failed > 0 {
+            let c = &self.call_time;
+            row("service calls ok / failed", format!("{} / {}", self.calls_ok, self.calls_failed));
+            row(
+                "call ms p50/p99/max",
+                format!("{:.2} / {:.2} / {:.2}", c.p50_ms, c.p99_ms, c.max_ms),
+            );
+        }
         if self.reconnect_time.count > 0 {
             let r = &self.reconnect_time;
             row(

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The load generator's scenarios against the whole system (a gateway process and a foundation worker process on
+# loopback): a fixed-rate telemetry run, service calls through the REST API, a reconnect storm, and a drain (the
+# gateway is sent SIGTERM mid-run and started again; devices follow GOAWAY and reconnect).
+#
+#   benches/scenarios.sh [--devices 1000] [--rate 10] [--seconds 60]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICES=1000 RATE=10 SECONDS_=60
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --devices) DEVICES=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --seconds) SECONDS_=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 64 ;;
+  esac
+done
+ulimit -n 20000
+cargo build --release -q -p thingport-gateway -p thingport-foundation -p thingport-loadtest
+B=$PWD/target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+$B/thingport-gateway gen-cert --cert "$WORK/cert.pem" --key "$WORK/key.pem" >/dev/null
+$B/thingport-gateway gen-secret --out "$WORK/secret" >/dev/null
+echo "bench-key" > "$WORK/api-keys"
+$B/thingport-gateway token issue --thing dev- --count "$DEVICES" --secret-file "$WORK/secret" > "$WORK/fleet.txt"
+cat > "$WORK/foundation.toml" <<TOML
+link_address = "127.0.0.1:7191"
+api_address = "127.0.0.1:8191"
+admin_address = "127.0.0.1:9191"
+api_keys_file = "$WORK/api-keys"
+TOML
+cat > "$WORK/gateway.toml" <<TOML
+[listen]
+address = "127.0.0.1:8491"
+[tls]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+[auth]
+secret_file = "$WORK/secret"
+[upstream]
+foundations = ["127.0.0.1:7191"]
+[limits]
+max_sessions_per_ip = 100000
+accept_rate = 20000
+max_handshakes = 4096
+message_rate = 1000
+[session]
+drain_timeout = "5s"
+[admin]
+address = "127.0.0.1:9491"
+TOML
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+taskset -c 1 $B/thingport-foundation --config "$WORK/foundation.toml" > "$WORK/foundation.log" 2>&1 &
+PIDS+=($!)
+start_gateway() {
+  taskset -c 1 $B/thingport-gateway --config "$WORK/gateway.toml" >> "$WORK/gateway.log" 2>&1 &
+  GW=$!
+  PIDS+=($GW)
+  wait_port 8491
+}
+wait_port 7191
+start_gateway
+run() {
+  echo "== $1"
+  shift
+  taskset -c 0 $B/thingport-loadtest run --target 127.0.0.1:8491 --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
+    --devices "$DEVICES" --ramp 2000 --quiet "$@"
+}
+echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); gateway and foundation on core 1, load on core 0"
+run "telemetry: $DEVICES devices x $RATE/s for ${SECONDS_}s" --scenario telemetry --rate "$RATE" --duration "${SECONDS_}s"
+run "service calls through the API: 200/s for 20s" --scenario service --api 127.0.0.1:8191 --api-key bench-key \
+  --call-rate 200 --duration 20s
+run "reconnect storm: 30% of $DEVICES devices drop and reconnect mid-run" --scenario reconnect --rate 1 \
+  --reconnect-share 0.3 --duration 20s
+echo "== drain: SIGTERM to the gateway 10 s into a 30 s run, then a new gateway on the same port"
+( sleep 11; kill -TERM "$GW"; wait "$GW" 2>/dev/null; start_gateway ) &
+RESTART=$!
+taskset -c 0 $B/thingport-loadtest run --target 127.0.0.1:8491 --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
+  --devices "$DEVICES" --ramp 2000 --quiet --scenario drain --rate 1 --duration 30s
+wait "$RESTART" || true
+grep -c "drained" "$WORK/gateway.log" | sed 's/^/gateway drains logged: /'
