@@ -13,11 +13,15 @@
 #   M5  the gateway over QUIC vs WSS
 #   M6  frames per upstream write (gateway)
 #
+#   M1' with --steps "10 20 40": the highest offered rate (devices x per-device rate) at which p99 stays within
+#       5 ms, one run of --seconds per step
+#
 #   benches/compare.sh [--runs 3] [--idle 9000] [--devices 1000] [--rate 10] [--seconds 20] [--settle 30]
+#                      [--steps "10 20 40"]   (--runs 0 --steps ... measures only the steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNS=3 IDLE=9000 DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30 OUT=""
+RUNS=3 IDLE=9000 DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30 OUT="" STEPS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift 2 ;;
@@ -27,6 +31,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_=$2; shift 2 ;;
     --settle) SETTLE=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --steps) STEPS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
@@ -171,6 +176,23 @@ PY
   done
 done
 
+if [ -n "$STEPS" ]; then
+  echo "M1 rate steps: $DEVICES devices, ${SECONDS_}s per step, p99 limit 5 ms"
+  for target in gateway nginx haproxy; do
+    best=0
+    for step in $STEPS; do
+      start_server "$target"
+      loadgen --devices "$DEVICES" --scenario telemetry --rate "$step" --payload 32 --ramp 2000 \
+        --duration "${SECONDS_}s" > "$WORK/step.json"
+      stop_server
+      read -r p99 acked_rate <<<"$(python3 -c "import json;r=json.load(open('$WORK/step.json'));print(r['latency']['p99_ms'], round(r['acked']/r['elapsed_s']))")"
+      echo "  $target offered $((DEVICES * step))/s: acked ${acked_rate}/s p99 ${p99} ms"
+      if python3 -c "import sys; sys.exit(0 if $p99 <= 5.0 else 1)"; then best=$((DEVICES * step)); fi
+    done
+    echo "  $target: highest offered rate with p99 <= 5 ms: ${best}/s"
+  done
+fi
+[ -s "$OUT" ] || exit 0
 python3 - "$OUT" "$RATE" "$DEVICES" "$IDLE" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
