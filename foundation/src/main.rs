@@ -82,10 +82,11 @@ fn main() -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
+                // the handler first: a SIGTERM right after start must not kill the process unannounced
+                let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let worker = Worker::bind(config).await?;
                 let addrs = worker.addrs();
                 tracing::info!(link = %addrs.link, api = %addrs.api, admin = ?addrs.admin, "listening");
-                let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 worker
                     .run(async move {

@@ -131,23 +131,11 @@ impl Gateway {
             Some(path) => Revocations::load(path)?,
             None => Revocations::default(),
         };
-        let tcp = if config.listen.wss {
-            Some(bind_tcp(config.listen.address, config.listen.backlog)?)
-        } else {
-            None
-        };
+        let (tcp, udp) = bind_listeners(&config)?;
         let wss_addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
-        let quic = if config.listen.quic {
-            let addr = match (config.listen.quic_address, wss_addr) {
-                (Some(addr), _) => addr,
-                (None, Some(wss)) => wss,
-                (None, None) => config.listen.address,
-            };
-            let socket = std::net::UdpSocket::bind(addr)
-                .with_context(|| format!("binding QUIC to udp/{addr}"))?;
-            Some(quic::endpoint(&config, &tls, socket)?)
-        } else {
-            None
+        let quic = match udp {
+            Some(socket) => Some(quic::endpoint(&config, &tls, socket)?),
+            None => None,
         };
         let quic_addr = quic.as_ref().map(quinn::Endpoint::local_addr).transpose()?;
         let admin = match config.admin.address {
@@ -240,6 +228,39 @@ impl Gateway {
         }
         tracing::info!(left, elapsed_ms = started.elapsed().as_millis() as u64, "drained");
         Ok(())
+    }
+}
+
+/// Binds the WSS (TCP) and QUIC (UDP) sockets. They share a port number unless `listen.quic_address` is set; with
+/// port 0 the kernel picks the TCP port, and if that UDP port is taken both are bound again on another.
+fn bind_listeners(config: &Config) -> Result<(Option<TcpListener>, Option<std::net::UdpSocket>)> {
+    let listen = &config.listen;
+    let bind_udp = |addr: SocketAddr| {
+        std::net::UdpSocket::bind(addr).with_context(|| format!("binding QUIC to udp/{addr}"))
+    };
+    if !listen.wss {
+        let udp = listen
+            .quic
+            .then(|| bind_udp(listen.quic_address.unwrap_or(listen.address)))
+            .transpose()?;
+        return Ok((None, udp));
+    }
+    let shared_port = listen.quic && listen.quic_address.is_none();
+    let mut attempts = 0;
+    loop {
+        let tcp = bind_tcp(listen.address, listen.backlog)?;
+        if !listen.quic {
+            return Ok((Some(tcp), None));
+        }
+        let addr = match listen.quic_address {
+            Some(addr) => addr,
+            None => tcp.local_addr()?,
+        };
+        match bind_udp(addr) {
+            Ok(udp) => return Ok((Some(tcp), Some(udp))),
+            Err(_) if shared_port && listen.address.port() == 0 && attempts < 16 => attempts += 1,
+            Err(e) => return Err(e),
+        }
     }
 }
 

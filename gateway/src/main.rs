@@ -158,11 +158,14 @@ fn run(path: &Path) -> ExitCode {
 
 async fn serve(config: Config) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    // handlers first: a SIGHUP or SIGTERM that arrives as soon as the listeners are up must not kill the process
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let gateway = Gateway::bind(config).await?;
     let addrs = gateway.addrs();
     tracing::info!(wss = ?addrs.wss, quic = ?addrs.quic, admin = ?addrs.admin, "listening");
     let handle = gateway.handle();
-    let mut hangup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             match handle.reload() {
@@ -171,8 +174,6 @@ async fn serve(config: Config) -> Result<()> {
             }
         }
     });
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut watchdog_usec = 0;
     if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
