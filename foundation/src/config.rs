@@ -74,3 +74,17 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configurations_parse() {
+        let defaults = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(defaults.link_address, Config::default().link_address);
+        let packaged = Config::parse(include_str!("../../packaging/foundation-1.toml")).unwrap();
+        assert_eq!(packaged.id, "foundation-1");
+        assert!(Config::parse("unknown_key = 1").is_err());
+    }
+}

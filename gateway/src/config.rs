@@ -326,3 +326,16 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_configuration_parses_and_names_the_installed_files() {
+        let packaged = Config::parse(include_str!("../../packaging/gateway.toml")).unwrap();
+        assert_eq!(packaged.tls.cert, PathBuf::from("/etc/thingport/tls/cert.pem"));
+        assert_eq!(packaged.auth.secret_file, PathBuf::from("/etc/thingport/provisioning.key"));
+        assert_eq!(packaged.upstream.foundations, vec![SocketAddr::from(([127, 0, 0, 1], 7101))]);
+    }
+}
