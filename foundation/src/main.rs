@@ -88,6 +88,16 @@ fn main() -> ExitCode {
                 let addrs = worker.addrs();
                 tracing::info!(link = %addrs.link, api = %addrs.api, admin = ?addrs.admin, "listening");
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                let mut watchdog_usec = 0;
+                if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
+                    let period = std::time::Duration::from_micros(watchdog_usec / 2);
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(period).await;
+                            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                        }
+                    });
+                }
                 worker
                     .run(async move {
                         tokio::select! {
