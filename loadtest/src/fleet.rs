@@ -193,13 +193,7 @@ impl Fleet {
             match event {
                 None | Some(Ok(None)) => {}
                 Some(Ok(Some(DeviceEvent::Acked { seq }))) => {
-                    let now = TokioInstant::now();
-                    while pending.front().is_some_and(|(s, _)| *s <= seq) {
-                        if let Some((_, intended)) = pending.pop_front() {
-                            stats.latency(index, now - intended);
-                            stats.acked.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    record_acks(&mut pending, seq, index, stats);
                 }
                 Some(Ok(Some(DeviceEvent::Data(Frame::ServiceRequest(call))))) => {
                     let answer = Frame::ServiceResponse(ServiceResponse {
@@ -219,13 +213,7 @@ impl Fleet {
                         loop {
                             match device.next_event().await {
                                 Ok(DeviceEvent::Acked { seq }) => {
-                                    let now = TokioInstant::now();
-                                    while pending.front().is_some_and(|(s, _)| *s <= seq) {
-                                        if let Some((_, intended)) = pending.pop_front() {
-                                            stats.latency(index, now - intended);
-                                            stats.acked.fetch_add(1, Ordering::Relaxed);
-                                        }
-                                    }
+                                    record_acks(&mut pending, seq, index, stats);
                                 }
                                 Ok(_) => {}
                                 Err(_) => return,
@@ -270,13 +258,7 @@ impl Fleet {
             while !pending.is_empty() {
                 match device.next_event().await {
                     Ok(DeviceEvent::Acked { seq }) => {
-                        let now = TokioInstant::now();
-                        while pending.front().is_some_and(|(s, _)| *s <= seq) {
-                            if let Some((_, intended)) = pending.pop_front() {
-                                stats.latency(index, now - intended);
-                                stats.acked.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        record_acks(&mut pending, seq, index, stats);
                     }
                     Ok(_) => {}
                     Err(_) => return,
@@ -392,6 +374,17 @@ async fn connect(
         }
         tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Counts every pending message up to `seq` as acknowledged, with its latency from its intended send time.
+fn record_acks(pending: &mut VecDeque<(u64, TokioInstant)>, seq: u64, index: usize, stats: &Stats) {
+    let now = TokioInstant::now();
+    while pending.front().is_some_and(|(s, _)| *s <= seq) {
+        if let Some((_, intended)) = pending.pop_front() {
+            stats.latency(index, now - intended);
+            stats.acked.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
