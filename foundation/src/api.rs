@@ -43,6 +43,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Refuses a frame for a device that the device could not decode (an over-long name or string, too deep a value,
+/// too large a frame), so that a bad API request never ends a device's session. Leaves room for the sequence
+/// number the gateway stamps (`docs/PROTOCOL.md` §8).
+fn undeliverable(frame: &Frame) -> Option<Response> {
+    let limits = thingport_protocol::Limits {
+        max_frame: thingport_protocol::Limits::DEFAULT.max_frame
+            - thingport_protocol::varint::MAX_LEN,
+        ..thingport_protocol::Limits::DEFAULT
+    };
+    Frame::decode(frame.to_bytes(), &limits)
+        .err()
+        .map(|e| error(StatusCode::BAD_REQUEST, format!("a device could not accept this: {e}")))
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
@@ -144,8 +158,20 @@ async fn put_property(
     };
     let now = now_ms();
     let prop = ByteString::from(name.clone());
+    let write = Frame::Properties(Properties {
+        seq: 0,
+        updates: vec![PropertyUpdate {
+            name: prop.clone(),
+            timestamp_ms: now,
+            quality: Quality::Good,
+            value: value.clone(),
+        }],
+    });
+    if let Some(refused) = undeliverable(&write) {
+        return refused;
+    }
     let state = PropertyState {
-        value: value.clone(),
+        value,
         quality: Quality::Good,
         version: Version { timestamp_ms: now, incarnation: u64::MAX, seq: 0 },
         received_ms: now,
@@ -156,18 +182,8 @@ async fn put_property(
     }) else {
         return error(StatusCode::NOT_FOUND, format!("no thing {thing}"));
     };
-    let delivered = binding.is_some_and(|b| {
-        let write = Frame::Properties(Properties {
-            seq: 0,
-            updates: vec![PropertyUpdate {
-                name: prop,
-                timestamp_ms: now,
-                quality: Quality::Good,
-                value,
-            }],
-        });
-        shared.links.downstream(&b.gateway, b.session_id, 0, &write)
-    });
+    let delivered =
+        binding.is_some_and(|b| shared.links.downstream(&b.gateway, b.session_id, 0, &write));
     Json(json!({ "stored": true, "delivered": delivered })).into_response()
 }
 
@@ -202,6 +218,10 @@ async fn call_service(
         service: ByteString::from(service.clone()),
         params,
     });
+    if let Some(refused) = undeliverable(&request) {
+        shared.calls.abandon(call_id);
+        return refused;
+    }
     if !shared.links.downstream(&binding.gateway, binding.session_id, call_id, &request) {
         shared.calls.abandon(call_id);
         return error(StatusCode::SERVICE_UNAVAILABLE, "no link to the thing's gateway");

@@ -255,3 +255,51 @@ async fn the_api_needs_an_application_key() {
         let _ = stop.send(());
     }
 }
+
+#[tokio::test]
+async fn requests_a_device_could_not_decode_are_refused_and_the_session_survives() {
+    let system = start().await;
+    let mut pump = device("pump-2");
+    within("connect", pump.connect(&system.endpoint)).await.unwrap();
+    let long = "n".repeat(300);
+    let (status, _) = http(
+        system.api,
+        "PUT",
+        &format!("/v1/things/pump-2/properties/{long}"),
+        Some(KEY),
+        Some(json!({"value": 1})),
+    )
+    .await;
+    assert_eq!(status, 400, "a property name over the protocol's 256-byte limit");
+    let (status, _) = http(
+        system.api,
+        "POST",
+        &format!("/v1/things/pump-2/services/{long}"),
+        Some(KEY),
+        Some(json!(null)),
+    )
+    .await;
+    assert_eq!(status, 400, "a service name over the limit");
+    // the session is untouched: a valid write still arrives
+    let (status, written) = http(
+        system.api,
+        "PUT",
+        "/v1/things/pump-2/properties/ok",
+        Some(KEY),
+        Some(json!({"value": true})),
+    )
+    .await;
+    assert_eq!((status, written["delivered"].clone()), (200, json!(true)));
+    within("the valid write", async {
+        loop {
+            if let DeviceEvent::Data(Frame::Properties(p)) = pump.next_event().await.unwrap() {
+                assert_eq!(&*p.updates[0].name, "ok");
+                return;
+            }
+        }
+    })
+    .await;
+    for stop in system.stop {
+        let _ = stop.send(());
+    }
+}

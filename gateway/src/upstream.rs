@@ -93,6 +93,8 @@ pub struct Pool {
     next: AtomicUsize,
     high_water: usize,
     ready: Notify,
+    /// Frames whose link failed while no other link could take them. Bounded: each session has at most its
+    /// window of frames in flight, and frames of closed sessions are dropped (their devices retransmit).
     orphans: Mutex<VecDeque<Pending>>,
     registry: Arc<Registry>,
     limits: thingport_protocol::Limits,

