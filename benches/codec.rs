@@ -68,7 +68,7 @@ fn link_frames(c: &mut Criterion) {
     const BATCH: usize = 64;
     let mut wire = BytesMut::new();
     for session in 0..BATCH as u64 {
-        link::put_upstream_header(&mut wire, session, thing, device.len());
+        link::put_upstream_header(&mut wire, session, 1, thing, device.len());
         wire.extend_from_slice(&device);
     }
     let wire = wire.freeze();
@@ -80,7 +80,7 @@ fn link_frames(c: &mut Criterion) {
         b.iter(|| {
             buf.clear();
             for session in 0..BATCH as u64 {
-                link::put_upstream_header(&mut buf, session, thing, device.len());
+                link::put_upstream_header(&mut buf, session, 1, thing, device.len());
                 buf.extend_from_slice(black_box(&device));
             }
             black_box(buf.len())

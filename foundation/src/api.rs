@@ -17,11 +17,14 @@ use thingport_protocol::{
     ByteString, Frame, Properties, PropertyUpdate, Quality, ServiceRequest, ServiceResult,
 };
 
+use thingport_protocol::peer::Op;
+
 use crate::Shared;
 use crate::calls::CallOutcome;
 use crate::json::{from_json, to_json};
 use crate::links::now_ms;
-use crate::model::{PropertyState, ThingState, Version};
+use crate::model::{PropertyState, ThingState};
+use crate::ring::{RingError, membership};
 
 /// Application keys read from the keys file: one per line, `#` comments.
 pub fn parse_keys(text: &str) -> HashSet<String> {
@@ -84,9 +87,9 @@ fn property_json(p: &PropertyState) -> JsonValue {
     })
 }
 
-fn thing_summary(name: &ByteString, t: &ThingState) -> JsonValue {
+fn thing_summary(name: &str, t: &ThingState) -> JsonValue {
     json!({
-        "thing": name.to_string(),
+        "thing": name,
         "online": t.binding.is_some(),
         "gateway": t.binding.as_ref().map(|b| b.gateway.to_string()),
         "properties": t.properties.len(),
@@ -94,13 +97,45 @@ fn thing_summary(name: &ByteString, t: &ThingState) -> JsonValue {
     })
 }
 
+fn unavailable(e: RingError) -> Response {
+    let status = match e {
+        RingError::UnknownThing => StatusCode::NOT_FOUND,
+        RingError::Invalid => StatusCode::BAD_REQUEST,
+        RingError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
+}
+
+/// A thing's state from the ring: the response to send instead if it does not exist or cannot be read.
+async fn read_thing(shared: &Shared, thing: &str) -> Result<ThingState, Response> {
+    match shared.cluster.read(thing).await {
+        Ok(Some(t)) => Ok(t),
+        Ok(None) => Err(error(StatusCode::NOT_FOUND, format!("no thing {thing}"))),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 async fn list_things(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
-    Json(json!({ "things": shared.store.list(thing_summary) }))
+    let (things, complete) = shared.cluster.list().await;
+    let things: Vec<JsonValue> = things
+        .iter()
+        .map(|t| {
+            json!({
+                "thing": t.name,
+                "online": t.gateway.is_some(),
+                "gateway": t.gateway,
+                "properties": t.properties,
+                "created_ms": t.created_ms,
+            })
+        })
+        .collect();
+    Json(json!({ "things": things, "complete": complete }))
 }
 
 async fn get_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>) -> Response {
-    let Some(t) = shared.store.get(&thing) else {
-        return error(StatusCode::NOT_FOUND, format!("no thing {thing}"));
+    let t = match read_thing(&shared, &thing).await {
+        Ok(t) => t,
+        Err(response) => return response,
     };
     let properties: BTreeMap<String, JsonValue> =
         t.properties.iter().map(|(k, v)| (k.to_string(), property_json(v))).collect();
@@ -110,7 +145,7 @@ async fn get_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>)
         .rev()
         .map(|e| json!({"name": e.name.to_string(), "payload": to_json(&e.payload), "timestamp_ms": e.version.timestamp_ms}))
         .collect();
-    let mut summary = thing_summary(&ByteString::from(thing), &t);
+    let mut summary = thing_summary(&thing, &t);
     summary["properties"] = json!(properties);
     summary["events"] = json!(events);
     summary["session_id"] = json!(t.binding.as_ref().map(|b| b.session_id));
@@ -121,9 +156,15 @@ async fn create_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<Strin
     if thing.is_empty() || thing.len() > thingport_protocol::Limits::DEFAULT.max_name {
         return error(StatusCode::BAD_REQUEST, "a thing name is 1 to 256 bytes");
     }
-    let name = ByteString::from(thing.clone());
-    let existed = shared.store.get(&thing).is_some();
-    shared.store.update(&name, true, now_ms(), |_| ());
+    let existed = match shared.cluster.read(&thing).await {
+        Ok(t) => t.is_some(),
+        Err(e) => return unavailable(e),
+    };
+    if let Err(e) =
+        shared.cluster.write(Op::Create { thing: thing.clone(), now_ms: now_ms() }).await
+    {
+        return unavailable(e);
+    }
     let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
     (status, Json(json!({ "thing": thing }))).into_response()
 }
@@ -132,9 +173,9 @@ async fn get_property(
     State(shared): State<Arc<Shared>>,
     Path((thing, name)): Path<(String, String)>,
 ) -> Response {
-    match shared.store.get(&thing) {
-        None => error(StatusCode::NOT_FOUND, format!("no thing {thing}")),
-        Some(t) => match t.properties.get(name.as_str()) {
+    match read_thing(&shared, &thing).await {
+        Err(response) => response,
+        Ok(t) => match t.properties.get(name.as_str()) {
             None => error(StatusCode::NOT_FOUND, format!("thing {thing} has no property {name}")),
             Some(p) => Json(property_json(p)).into_response(),
         },
@@ -170,17 +211,20 @@ async fn put_property(
     if let Some(refused) = undeliverable(&write) {
         return refused;
     }
-    let state = PropertyState {
-        value,
-        quality: Quality::Good,
-        version: Version { timestamp_ms: now, incarnation: u64::MAX, seq: 0 },
-        received_ms: now,
+    let mut encoded = bytes::BytesMut::new();
+    value.encode(&mut encoded);
+    let op = Op::Write {
+        thing: thing.clone(),
+        property: name.clone(),
+        value: encoded.freeze(),
+        now_ms: now,
     };
-    let Some(binding) = shared.store.update(&ByteString::from(thing.clone()), false, now, |t| {
-        t.apply_property(&prop, state);
-        t.binding.clone()
-    }) else {
-        return error(StatusCode::NOT_FOUND, format!("no thing {thing}"));
+    if let Err(e) = shared.cluster.write(op).await {
+        return unavailable(e);
+    }
+    let binding = match read_thing(&shared, &thing).await {
+        Ok(t) => t.binding,
+        Err(response) => return response,
     };
     let delivered =
         binding.is_some_and(|b| shared.links.downstream(&b.gateway, b.session_id, 0, &write));
@@ -204,13 +248,14 @@ async fn call_service(
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let timeout = Duration::from_millis(query.timeout_ms.unwrap_or(10_000).clamp(1, 300_000));
-    let Some(t) = shared.store.get(&thing) else {
-        return error(StatusCode::NOT_FOUND, format!("no thing {thing}"));
+    let t = match read_thing(&shared, &thing).await {
+        Ok(t) => t,
+        Err(response) => return response,
     };
     let Some(binding) = t.binding else {
         return error(StatusCode::CONFLICT, format!("thing {thing} is not connected"));
     };
-    let (call_id, answer) = shared.calls.start();
+    let (call_id, answer) = shared.cluster.calls.start();
     let request = Frame::ServiceRequest(ServiceRequest {
         seq: 0,
         call_id,
@@ -219,11 +264,11 @@ async fn call_service(
         params,
     });
     if let Some(refused) = undeliverable(&request) {
-        shared.calls.abandon(call_id);
+        shared.cluster.calls.abandon(call_id);
         return refused;
     }
     if !shared.links.downstream(&binding.gateway, binding.session_id, call_id, &request) {
-        shared.calls.abandon(call_id);
+        shared.cluster.calls.abandon(call_id);
         return error(StatusCode::SERVICE_UNAVAILABLE, "no link to the thing's gateway");
     }
     match tokio::time::timeout(timeout, answer).await {
@@ -237,23 +282,45 @@ async fn call_service(
             error(StatusCode::SERVICE_UNAVAILABLE, format!("the gateway could not deliver the call: {code}"))
         }
         Ok(Err(_)) | Err(_) => {
-            shared.calls.abandon(call_id);
+            shared.cluster.calls.abandon(call_id);
             error(StatusCode::GATEWAY_TIMEOUT, format!("no answer from {thing} within {} ms", timeout.as_millis()))
         }
     }
 }
 
 async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
-    let counts = shared.store.counts();
-    let things: usize = counts.iter().sum();
-    let busiest = counts.iter().max().copied().unwrap_or(0);
+    let cluster = &shared.cluster;
+    let table = cluster.table();
+    let members = cluster.members();
+    let stats = cluster.stats().await;
+    let member_json: Vec<JsonValue> = stats
+        .iter()
+        .map(|(key, counts)| {
+            let node = members.get(key);
+            json!({
+                "member": key,
+                "id": membership::name_of(key),
+                "peer_address": node.map(|n| n.addr.to_string()),
+                "in_table": table.as_ref().is_some_and(|t| t.members.contains(key)),
+                "partitions_held": counts.map(|c| c.1),
+                "primaries": counts.map(|c| c.2),
+                "keys": counts.map(|c| c.0),
+            })
+        })
+        .collect();
     Json(json!({
-        "members": [shared.config.id],
-        "replication": 1,
-        "partitions": crate::ring::PARTITIONS,
-        "partitions_held": { &shared.config.id: crate::ring::PARTITIONS },
-        "keys_per_node": { &shared.config.id: things },
-        "busiest_partition_keys": busiest,
+        "this_member": cluster.me,
+        "members": member_json,
+        "table": table.as_ref().map(|t| json!({
+            "version": t.version,
+            "members": t.members,
+            "replicas": t.replicas,
+            "partitions": crate::ring::PARTITIONS,
+            "replica_slots": t.load(),
+            "primaries": t.primaries(),
+        })),
+        "changing": cluster.changing(),
+        "replication": shared.config.replicas,
         "gateways_linked": shared.links.gateways(),
     }))
 }

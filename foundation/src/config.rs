@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -27,6 +28,30 @@ pub struct Config {
     pub max_frame: usize,
     /// Frames queued towards one gateway link before the link is dropped as too slow.
     pub link_queue_frames: usize,
+    /// Device frames of one gateway link being stored at once; the link is not read beyond it.
+    pub link_in_flight: usize,
+    /// The ring's peer address: UDP for membership, TCP for requests between workers.
+    pub peer_address: SocketAddr,
+    /// Peer addresses of other workers to join through (any one that is up suffices).
+    pub seeds: Vec<SocketAddr>,
+    /// Copies of each partition, the primary included.
+    pub replicas: usize,
+    /// Active workers needed before the first partition table is made.
+    pub bootstrap_members: usize,
+    /// How long a write or read keeps trying (through failover) before it fails.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// How long one request to another worker may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Failure detection: how often each worker probes another.
+    #[serde(with = "humantime_serde")]
+    pub probe_period: Duration,
+    /// Failure detection: how long a suspected worker has to refute before it is declared down.
+    #[serde(with = "humantime_serde")]
+    pub suspect_timeout: Duration,
+    /// Largest message between workers (a copy of a partition travels in one).
+    pub max_peer_message: usize,
 }
 
 impl Default for Config {
@@ -40,6 +65,16 @@ impl Default for Config {
             auto_provision: true,
             max_frame: 64 * 1024,
             link_queue_frames: 65_536,
+            link_in_flight: 4_096,
+            peer_address: SocketAddr::from(([127, 0, 0, 1], 7201)),
+            seeds: Vec::new(),
+            replicas: 2,
+            bootstrap_members: 1,
+            write_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(2),
+            probe_period: Duration::from_millis(500),
+            suspect_timeout: Duration::from_millis(1500),
+            max_peer_message: 64 << 20,
         }
     }
 }
@@ -63,6 +98,33 @@ impl Config {
         }
         if self.link_queue_frames < 16 {
             problems.push("link_queue_frames: must be at least 16".to_string());
+        }
+        if !(1..=1 << 20).contains(&self.link_in_flight) {
+            problems.push("link_in_flight: must be 1 to 1048576".to_string());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            problems.push("replicas: must be 1 to 5".to_string());
+        }
+        if self.bootstrap_members == 0 {
+            problems.push("bootstrap_members: must be at least 1".to_string());
+        }
+        if self.id.contains('#') {
+            problems.push("id: must not contain '#'".to_string());
+        }
+        if self.request_timeout.is_zero() || self.write_timeout < self.request_timeout {
+            problems.push(
+                "write_timeout, request_timeout: request_timeout must be positive and at most write_timeout"
+                    .to_string(),
+            );
+        }
+        if self.probe_period < Duration::from_millis(10) {
+            problems.push("probe_period: must be at least 10ms".to_string());
+        }
+        if self.suspect_timeout < self.probe_period {
+            problems.push("suspect_timeout: must be at least probe_period".to_string());
+        }
+        if self.max_peer_message < 1 << 20 {
+            problems.push("max_peer_message: must be at least 1 MiB".to_string());
         }
         problems
     }

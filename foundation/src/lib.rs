@@ -1,14 +1,10 @@
 //! The thingport foundation worker: the thing model and the embedded consistent-hash cache ring that every worker
 //! of a pool shares, a link server for gateways, and a REST API.
 //!
-//! Data flow: a gateway's `UPSTREAM` frame is applied to the thing's partition ([`links`], [`model`],
-//! [`ring::store`]) and answered with `STORED`; applications read and write through [`api`]; service calls wait in
-//! [`calls`] for the device's answer.
-//!
-//! Built so far: placement ([`ring::placement`]), the model and the partition stores, the link server, the API.
-//! Not built yet: a pool of workers sharing the ring (forwarding to a partition's primary, synchronous replication,
-//! membership with failure detection, moving partitions on join and leave). Today each worker holds every
-//! partition itself, so a worker is a pool of one.
+//! Data flow: a gateway's `UPSTREAM` frame becomes an operation on the thing's partition ([`links`]), which the
+//! partition's primary applies and replicates to its backups before the worker answers `STORED` ([`ring`]);
+//! applications read and write through [`api`]; service calls wait in [`calls`] for the device's answer, which
+//! may reach any worker and is passed on to the caller's.
 
 pub mod api;
 pub mod calls;
@@ -22,9 +18,10 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -33,9 +30,8 @@ pub use config::Config;
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
-    pub store: ring::Store,
+    pub cluster: Arc<ring::Cluster>,
     pub links: links::Links,
-    pub calls: calls::Calls,
     pub api_keys: HashSet<String>,
 }
 
@@ -45,6 +41,8 @@ pub struct Addrs {
     pub link: SocketAddr,
     pub api: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// UDP (membership) and TCP (ring requests), same port.
+    pub peer: SocketAddr,
 }
 
 /// A worker with its sockets bound.
@@ -54,7 +52,28 @@ pub struct Worker {
     link: TcpListener,
     api: TcpListener,
     admin: Option<TcpListener>,
+    peer: TcpListener,
     addrs: Addrs,
+    stop: CancellationToken,
+    /// Ends once membership has announced this worker's departure.
+    leaving: tokio::task::JoinHandle<()>,
+}
+
+/// Binds UDP and TCP on the same port: the configured one, or with port 0 one that is free for both.
+async fn bind_peer(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..if addr.port() == 0 { 32 } else { 1 } {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding membership to udp/{addr}"))?;
+        let bound = udp.local_addr()?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.map_or_else(|| anyhow::anyhow!("no port"), anyhow::Error::from);
+    Err(e.context(format!("binding ring requests to tcp/{addr}")))
 }
 
 impl Worker {
@@ -76,19 +95,45 @@ impl Worker {
             ),
             None => None,
         };
+        let (udp, peer) = bind_peer(config.peer_address).await?;
         let addrs = Addrs {
             link: link.local_addr()?,
             api: api.local_addr()?,
             admin: admin.as_ref().map(TcpListener::local_addr).transpose()?,
+            peer: peer.local_addr()?,
         };
-        let shared = Arc::new(Shared {
-            config,
-            store: ring::Store::default(),
-            links: links::Links::default(),
-            calls: calls::Calls::default(),
-            api_keys,
-        });
-        Ok(Worker { shared, link, api, admin, addrs })
+        let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let me = ring::membership::Node { name: config.id.clone(), addr: addrs.peer, boot };
+        let stop = CancellationToken::new();
+        let timing = ring::membership::Timing {
+            probe_period: config.probe_period,
+            suspect_timeout: config.suspect_timeout,
+        };
+        let (membership, leaving) =
+            ring::membership::start(me, udp, config.seeds.clone(), timing, stop.child_token());
+        let ring_config = ring::RingConfig {
+            replicas: config.replicas,
+            bootstrap_members: config.bootstrap_members,
+            write_timeout: config.write_timeout,
+            request_timeout: config.request_timeout,
+            check_period: config.probe_period,
+            // a worker without seeds is the pool's first: nobody can send it a table
+            settle: if config.seeds.is_empty() {
+                std::time::Duration::ZERO
+            } else {
+                config.probe_period * 4
+            },
+            limits: config.limits(),
+            max_message: config.max_peer_message,
+        };
+        let cluster = Arc::new(ring::Cluster::new(&membership, ring_config));
+        let shared = Arc::new(Shared { config, cluster, links: links::Links::default(), api_keys });
+        Ok(Worker { shared, link, api, admin, peer, addrs, stop, leaving })
+    }
+
+    /// The ring as this worker sees it.
+    pub fn cluster(&self) -> Arc<ring::Cluster> {
+        self.shared.cluster.clone()
     }
 
     pub fn addrs(&self) -> Addrs {
@@ -97,8 +142,19 @@ impl Worker {
 
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Worker { shared, link, api, admin, .. } = self;
-        let stop = CancellationToken::new();
+        let Worker { shared, link, api, admin, peer, stop, leaving, .. } = self;
+        let cluster = shared.cluster.clone();
+        let handler = move |request| {
+            let cluster = cluster.clone();
+            async move { cluster.handle(request).await }
+        };
+        tokio::spawn(ring::peers::serve(
+            peer,
+            shared.config.max_peer_message,
+            handler,
+            stop.clone(),
+        ));
+        tokio::spawn(shared.cluster.clone().coordinate(stop.clone()));
         tokio::spawn(links::serve(shared.clone(), link, stop.clone()));
         let router = api::router(shared.clone());
         let api_stop = stop.clone();
@@ -108,10 +164,24 @@ impl Worker {
         });
         if let Some(admin) = admin {
             let handle = metrics_handle();
+            let cluster = shared.cluster.clone();
+            let ready = move || {
+                // ready once this worker has a partition table: before that it can store nothing
+                let ready = cluster.table().is_some();
+                let status = if ready {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                std::future::ready((
+                    status,
+                    if ready { "ready\n" } else { "no partition table yet\n" },
+                ))
+            };
             let admin_router = axum::Router::new()
                 .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
                 .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-                .route("/readyz", axum::routing::get(|| async { "ready\n" }));
+                .route("/readyz", axum::routing::get(ready));
             let admin_stop = stop.clone();
             tokio::spawn(async move {
                 let _ = axum::serve(admin, admin_router)
@@ -122,6 +192,8 @@ impl Worker {
         tracing::info!(id = %shared.config.id, "foundation worker running");
         shutdown.await;
         stop.cancel();
+        // the others then change the table at once instead of waiting to detect a failure
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), leaving).await;
         Ok(())
     }
 }

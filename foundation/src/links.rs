@@ -1,6 +1,7 @@
 //! Gateway links: each gateway connects a few links to every worker. Device data frames arrive as `UPSTREAM`, are
-//! applied to the ring, and are answered with `STORED` (or `REJECTED`); `OPEN` and `CLOSE` maintain the thing's
-//! binding; frames for devices leave as `DOWNSTREAM` on any link of the device's gateway.
+//! written to the ring, and are answered with `STORED` once every copy of the thing's partition has them (or with
+//! `REJECTED`); `OPEN` and `CLOSE` maintain the thing's binding; frames for devices leave as `DOWNSTREAM` on any link
+//! of the device's gateway. Frames of one link are stored concurrently, at most `link_in_flight` at a time.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,18 +10,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::link::LINK_VERSION;
+use thingport_protocol::peer::{CallOutcome, Op};
 use thingport_protocol::{
-    ByteString, DataHeader, ErrorCode, Frame, LinkDecoder, LinkFrame, ServiceErrorCode,
+    ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame, ServiceErrorCode,
     ServiceResponse, ServiceResult,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::calls::CallOutcome;
-use crate::model::{Binding, EventRecord, PropertyState, Version};
+use crate::ring::Cluster;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -34,8 +35,6 @@ type LinkSender = (u64, mpsc::Sender<Bytes>);
 pub struct Links {
     next_id: AtomicU64,
     by_gateway: Mutex<HashMap<ByteString, Vec<LinkSender>>>,
-    /// Incarnation of each session, from `OPEN` (sessions are numbered by their gateway).
-    incarnations: Mutex<HashMap<(ByteString, u64), u64>>,
 }
 
 impl Links {
@@ -79,11 +78,6 @@ impl Links {
     /// Gateways with at least one link.
     pub fn gateways(&self) -> usize {
         self.by_gateway.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    fn incarnation(&self, gateway: &ByteString, session_id: u64) -> u64 {
-        let map = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&(gateway.clone(), session_id)).copied().unwrap_or(0)
     }
 }
 
@@ -152,17 +146,14 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
             batch.clear();
         }
     };
+    let in_flight = Arc::new(Semaphore::new(shared.config.link_in_flight));
     let read = async {
         loop {
             loop {
                 match decoder.decode(&mut buf) {
                     Ok(Some(frame)) => {
-                        if let Some(reply) = handle(&shared, &gateway, frame) {
-                            // a gateway that does not read its replies loses this link; it reconnects and
-                            // sends the unacknowledged frames again
-                            if tx.try_send(reply.to_framed_bytes()).is_err() {
-                                return;
-                            }
+                        if !handle(&shared, &gateway, frame, &tx, &in_flight).await {
+                            return;
                         }
                     }
                     Ok(None) => break,
@@ -187,68 +178,96 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
     tracing::info!(gateway = %gateway, "gateway link down");
 }
 
-/// Applies one link frame; returns the reply for the gateway, if any.
-fn handle(shared: &Shared, gateway: &ByteString, frame: LinkFrame) -> Option<LinkFrame> {
+/// Sends a reply on the link. A gateway that does not read its replies loses the link: it reconnects and sends the
+/// unacknowledged frames again.
+fn reply(tx: &mpsc::Sender<Bytes>, frame: LinkFrame) -> bool {
+    tx.try_send(frame.to_framed_bytes()).is_ok()
+}
+
+/// Handles one link frame; false if the link must close.
+async fn handle(
+    shared: &Arc<Shared>,
+    gateway: &ByteString,
+    frame: LinkFrame,
+    tx: &mpsc::Sender<Bytes>,
+    in_flight: &Arc<Semaphore>,
+) -> bool {
     let now = now_ms();
+    let cluster = &shared.cluster;
     match frame {
-        LinkFrame::Ping { nonce } => Some(LinkFrame::Pong { nonce }),
-        LinkFrame::Open { session_id, thing, incarnation, .. } => {
-            shared
-                .links
-                .incarnations
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert((gateway.clone(), session_id), incarnation);
-            let binding = Binding { gateway: gateway.clone(), session_id, since_ms: now };
-            shared.store.update(&thing, shared.config.auto_provision, now, |t| t.bind(binding));
-            None
+        LinkFrame::Ping { nonce } => reply(tx, LinkFrame::Pong { nonce }),
+        LinkFrame::Open { session_id, thing, .. } => {
+            let op = Op::Bind {
+                thing: thing.to_string(),
+                create: shared.config.auto_provision,
+                gateway: gateway.to_string(),
+                session_id,
+                now_ms: now,
+            };
+            spawn_write(cluster, op, in_flight).await;
+            true
         }
         LinkFrame::Close { session_id, thing, .. } => {
-            shared
-                .links
-                .incarnations
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&(gateway.clone(), session_id));
-            shared.store.update(&thing, false, now, |t| t.unbind(gateway, session_id));
-            None
+            let op = Op::Unbind {
+                thing: thing.to_string(),
+                create: shared.config.auto_provision,
+                gateway: gateway.to_string(),
+                session_id,
+                now_ms: now,
+            };
+            spawn_write(cluster, op, in_flight).await;
+            true
         }
-        LinkFrame::Upstream { session_id, thing, frame } => {
-            let seq = match DataHeader::peek(&frame) {
-                Ok(Some(header)) => header.seq,
-                _ => return None, // not a data frame: nothing to store or acknowledge
+        LinkFrame::Upstream { session_id, incarnation, thing, frame } => {
+            let header = match DataHeader::peek(&frame) {
+                Ok(Some(header)) => header,
+                _ => return true, // not a data frame: nothing to store or acknowledge
             };
-            let rejected = |code| Some(LinkFrame::Rejected { session_id, seq, code });
-            let Ok(frame) = Frame::decode(frame, &shared.config.limits()) else {
-                return rejected(ErrorCode::MALFORMED_FRAME);
+            let seq = header.seq;
+            if matches!(header.frame_type, FrameType::Properties | FrameType::Event) {
+                // stored through the partition's primary; answered when every copy has it
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { return false };
+                let op = Op::Device {
+                    thing: thing.to_string(),
+                    create: shared.config.auto_provision,
+                    now_ms: now,
+                    incarnation,
+                    frame,
+                };
+                let cluster = cluster.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let answer = match cluster.write(op).await {
+                        Ok(()) => {
+                            ::metrics::counter!("thingport_foundation_frames_stored_total")
+                                .increment(1);
+                            LinkFrame::Stored { session_id, seq }
+                        }
+                        Err(e) => {
+                            ::metrics::counter!("thingport_foundation_frames_refused_total", "reason" => e.to_string())
+                                .increment(1);
+                            LinkFrame::Rejected { session_id, seq, code: e.code() }
+                        }
+                    };
+                    let _ = tx.send(answer.to_framed_bytes()).await;
+                    drop(permit);
+                });
+                return true;
+            }
+            let decoded = match Frame::decode(frame.clone(), &shared.config.limits()) {
+                Ok(decoded) => decoded,
+                Err(_) => {
+                    let code = ErrorCode::MALFORMED_FRAME;
+                    return reply(tx, LinkFrame::Rejected { session_id, seq, code });
+                }
             };
-            let incarnation = shared.links.incarnation(gateway, session_id);
-            let create = shared.config.auto_provision;
-            let applied = match frame {
-                Frame::Properties(batch) => shared.store.update(&thing, create, now, |t| {
-                    for u in batch.updates {
-                        let version = Version { timestamp_ms: u.timestamp_ms, incarnation, seq };
-                        let state = PropertyState {
-                            value: u.value,
-                            quality: u.quality,
-                            version,
-                            received_ms: now,
-                        };
-                        t.apply_property(&u.name, state);
-                    }
-                }),
-                Frame::Event(event) => shared.store.update(&thing, create, now, |t| {
-                    let version = Version { timestamp_ms: event.timestamp_ms, incarnation, seq };
-                    t.record_event(EventRecord {
-                        name: event.name,
-                        payload: event.payload,
-                        version,
-                        received_ms: now,
-                    });
-                }),
+            match decoded {
                 Frame::ServiceResponse(response) => {
-                    shared.calls.complete(response.call_id, CallOutcome::Answered(response.result));
-                    Some(())
+                    let cluster = cluster.clone();
+                    tokio::spawn(async move {
+                        let outcome = CallOutcome::Answered { frame };
+                        cluster.complete_call(response.call_id, outcome).await;
+                    });
                 }
                 Frame::ServiceRequest(request) => {
                     // devices may call server services; none are defined yet
@@ -261,22 +280,30 @@ fn handle(shared: &Shared, gateway: &ByteString, frame: LinkFrame) -> Option<Lin
                         },
                     });
                     shared.links.downstream(gateway, session_id, 0, &answer);
-                    Some(())
                 }
-                _ => Some(()),
-            };
-            match applied {
-                Some(()) => {
-                    ::metrics::counter!("thingport_foundation_frames_stored_total").increment(1);
-                    Some(LinkFrame::Stored { session_id, seq })
-                }
-                None => rejected(ErrorCode::THING_NOT_ALLOWED),
+                _ => {}
             }
+            reply(tx, LinkFrame::Stored { session_id, seq })
         }
         LinkFrame::Undeliverable { reference, code, .. } => {
-            shared.calls.complete(reference, CallOutcome::Undeliverable(code));
-            None
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                cluster.complete_call(reference, CallOutcome::Undeliverable { code: code.0 }).await;
+            });
+            true
         }
-        _ => None,
+        _ => true,
     }
+}
+
+/// Stores a binding change in the background, within the link's in-flight bound.
+async fn spawn_write(cluster: &Arc<Cluster>, op: Op, in_flight: &Arc<Semaphore>) {
+    let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+    let cluster = cluster.clone();
+    tokio::spawn(async move {
+        if let Err(e) = cluster.write(op).await {
+            tracing::warn!(error = %e, "a session binding was not stored");
+        }
+        drop(permit);
+    });
 }

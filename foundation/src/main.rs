@@ -68,7 +68,8 @@ fn main() -> ExitCode {
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
                 .init();
             let config = match load(&cli.config) {
                 Ok(config) => config,
@@ -86,7 +87,17 @@ fn main() -> ExitCode {
                 let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let worker = Worker::bind(config).await?;
                 let addrs = worker.addrs();
-                tracing::info!(link = %addrs.link, api = %addrs.api, admin = ?addrs.admin, "listening");
+                tracing::info!(link = %addrs.link, api = %addrs.api, admin = ?addrs.admin, peer = %addrs.peer, "listening");
+                // one line on stdout with the bound addresses, for whoever started the worker with ports 0
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "link": addrs.link.to_string(),
+                        "api": addrs.api.to_string(),
+                        "admin": addrs.admin.map(|a| a.to_string()),
+                        "peer": addrs.peer.to_string(),
+                    })
+                );
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 let mut watchdog_usec = 0;
                 if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {

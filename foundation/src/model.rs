@@ -54,6 +54,11 @@ pub struct ThingState {
     pub created_ms: u64,
     pub properties: BTreeMap<ByteString, PropertyState>,
     pub binding: Option<Binding>,
+    /// When the binding last changed, ms since the Unix epoch: copies of a thing merge to the later binding.
+    pub binding_changed_ms: u64,
+    /// The last session that ended, so that its `OPEN` arriving after its `CLOSE` (they may travel on different
+    /// links and workers) does not bind a session that is gone.
+    pub last_closed: Option<(ByteString, u64)>,
     pub events: VecDeque<EventRecord>,
 }
 
@@ -82,16 +87,28 @@ impl ThingState {
         true
     }
 
-    /// Binds the thing to a session (a newer session replaces an older one).
-    pub fn bind(&mut self, binding: Binding) {
+    /// Binds the thing to a session (a newer session replaces an older one); false if that session already
+    /// ended.
+    pub fn bind(&mut self, binding: Binding) -> bool {
+        if self
+            .last_closed
+            .as_ref()
+            .is_some_and(|(g, s)| *g == binding.gateway && *s == binding.session_id)
+        {
+            return false;
+        }
+        self.binding_changed_ms = self.binding_changed_ms.max(binding.since_ms);
         self.binding = Some(binding);
+        true
     }
 
     /// Removes the binding if it is still this session's (a later session's binding stays).
-    pub fn unbind(&mut self, gateway: &str, session_id: u64) -> bool {
+    pub fn unbind(&mut self, gateway: &str, session_id: u64, now_ms: u64) -> bool {
+        self.last_closed = Some((ByteString::from(gateway), session_id));
         if self.binding.as_ref().is_some_and(|b| b.gateway == gateway && b.session_id == session_id)
         {
             self.binding = None;
+            self.binding_changed_ms = self.binding_changed_ms.max(now_ms);
             return true;
         }
         false
@@ -153,9 +170,18 @@ mod tests {
         let mut thing = ThingState::default();
         thing.bind(Binding { gateway: "g".into(), session_id: 1, since_ms: 0 });
         thing.bind(Binding { gateway: "g".into(), session_id: 2, since_ms: 1 });
-        assert!(!thing.unbind("g", 1));
+        assert!(!thing.unbind("g", 1, 2));
         assert!(thing.binding.is_some());
-        assert!(thing.unbind("g", 2));
+        assert!(thing.unbind("g", 2, 3));
         assert!(thing.binding.is_none());
+    }
+
+    #[test]
+    fn an_open_arriving_after_its_close_binds_nothing() {
+        let mut thing = ThingState::default();
+        assert!(!thing.unbind("g", 7, 5));
+        assert!(!thing.bind(Binding { gateway: "g".into(), session_id: 7, since_ms: 4 }));
+        assert!(thing.binding.is_none());
+        assert!(thing.bind(Binding { gateway: "g".into(), session_id: 8, since_ms: 6 }));
     }
 }

@@ -7,22 +7,18 @@
     reason = "in tests a panic is a failed assertion"
 )]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::{Value as Json, json};
+use serde_json::json;
+use support::{KEY, device, http, within};
 use thingport_foundation::{Config as WorkerConfig, Worker};
-use thingport_gateway::token::TokenKey;
-use thingport_gateway::{Config as GatewayConfig, Gateway};
-use thingport_loadtest::client::{Device, Endpoint, Transport};
+use thingport_loadtest::client::Endpoint;
 use thingport_protocol::{
-    ByteString, Credential, DeviceConfig, DeviceEvent, Frame, Properties, PropertyUpdate, Quality,
-    ServiceResponse, ServiceResult, Value,
+    DeviceEvent, Frame, Properties, PropertyUpdate, Quality, ServiceResponse, ServiceResult, Value,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const SECRET: &[u8] = b"system-test-secret-system-test-secret-01";
-const KEY: &str = "app-key-1";
 
 struct System {
     _dir: tempfile::TempDir,
@@ -33,98 +29,30 @@ struct System {
 
 async fn start() -> System {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("api-keys");
-    std::fs::write(&keys, format!("# test\n{KEY}\n")).unwrap();
     let worker_config = WorkerConfig {
         link_address: "127.0.0.1:0".parse().unwrap(),
         api_address: "127.0.0.1:0".parse().unwrap(),
+        peer_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: None,
-        api_keys_file: keys,
+        api_keys_file: support::api_keys(dir.path()),
         ..WorkerConfig::default()
     };
     let worker = Worker::bind(worker_config).await.unwrap();
     let addrs = worker.addrs();
+    let mut ring_version = worker.cluster().table_version();
     let (worker_stop, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(worker.run(async move {
         let _ = rx.await;
     }));
-
-    let (cert, key) = thingport_gateway::tls::self_signed(&["localhost".into()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key).unwrap();
-    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
-    let mut config = GatewayConfig::default();
-    config.listen.address = "127.0.0.1:0".parse().unwrap();
-    config.admin.address = None;
-    config.tls.cert = dir.path().join("cert.pem");
-    config.tls.key = dir.path().join("key.pem");
-    config.auth.secret_file = dir.path().join("secret");
-    config.upstream.foundations = vec![addrs.link];
-    let gateway = Gateway::bind(config).await.unwrap();
-    let wss = gateway.addrs().wss.unwrap();
-    let handle = gateway.handle();
-    let (gateway_stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(gateway.run(async move {
-        let _ = rx.await;
-    }));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while handle.links_up() < 2 {
-        assert!(std::time::Instant::now() < deadline, "links never came up");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // a pool of one makes its partition table at once
+    ring_version.wait_for(|v| *v > 0).await.unwrap();
+    let gateway = support::gateway(dir.path(), vec![addrs.link]).await;
+    System {
+        _dir: dir,
+        api: addrs.api,
+        endpoint: gateway.endpoint,
+        stop: vec![gateway.stop, worker_stop],
     }
-    let trusted = rustls_pki_types_from_pem(&cert);
-    let endpoint = Endpoint::new(wss, "localhost", Transport::Wss, &[trusted]).unwrap();
-    System { _dir: dir, api: addrs.api, endpoint, stop: vec![gateway_stop, worker_stop] }
-}
-
-fn rustls_pki_types_from_pem(pem: &str) -> rustls::pki_types::CertificateDer<'static> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-}
-
-fn device(thing: &str) -> Device {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let token = TokenKey::new(SECRET).unwrap().issue(thing, now + 3_600);
-    Device::new(
-        DeviceConfig {
-            thing: ByteString::from(thing.to_string()),
-            credential: Credential::Token(token.into_bytes().into()),
-            keepalive_secs: 30,
-            handshake_timeout: Duration::from_secs(5),
-            window: 64,
-            incarnation: 7,
-        },
-        1,
-    )
-}
-
-/// One HTTP/1.1 request with an optional JSON body; returns the status and the JSON body.
-async fn http(
-    api: SocketAddr,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<Json>,
-) -> (u16, Json) {
-    let mut stream = tokio::net::TcpStream::connect(api).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let key = key.map(|k| format!("x-api-key: {k}\r\n")).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{key}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let text = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    (status, serde_json::from_str(text).unwrap_or(Json::Null))
-}
-
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 #[tokio::test]

@@ -139,7 +139,7 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
         Box::pin(open(&shared, &mut io, &mut session, &accepted)),
     )
     .await;
-    let (thing, inbox) = match opened {
+    let (thing, incarnation, inbox) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(close)) => {
             io.close(close).await;
@@ -165,6 +165,7 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
         shared: &shared,
         session,
         session_id,
+        incarnation,
         thing: thing.clone(),
         inbox: inbox.clone(),
         rate: TokenBucket::new(
@@ -201,7 +202,7 @@ async fn open<Io: DeviceIo>(
     io: &mut Io,
     session: &mut ServerSession,
     accepted: &Accepted,
-) -> Result<(ByteString, Arc<Inbox>), CloseCode> {
+) -> Result<(ByteString, u64, Arc<Inbox>), CloseCode> {
     let label = accepted.transport_label();
     let raw = match io.recv().await {
         Ok(Some(raw)) => raw,
@@ -276,7 +277,7 @@ async fn open<Io: DeviceIo>(
         shared.registry.remove(session.session_id());
         return Err(CloseCode::Normal);
     }
-    Ok((hello.thing, inbox))
+    Ok((hello.thing, hello.incarnation, inbox))
 }
 
 fn unreachable_event() -> ! {
@@ -308,6 +309,8 @@ struct Driver<'a> {
     shared: &'a Shared,
     session: ServerSession,
     session_id: u64,
+    /// The device's incarnation from its `HELLO`, carried in every `UPSTREAM`.
+    incarnation: u64,
     thing: ByteString,
     inbox: Arc<Inbox>,
     rate: TokenBucket,
@@ -527,6 +530,7 @@ impl Driver<'_> {
     async fn forward(&mut self, seq: u64, frame: Bytes) -> Step {
         let pending = Pending {
             session_id: self.session_id,
+            incarnation: self.incarnation,
             seq,
             thing: self.thing.clone(),
             frame,

@@ -42,6 +42,7 @@ const DRAINING: u8 = 3;
 #[derive(Debug, Clone)]
 pub struct Pending {
     pub session_id: u64,
+    pub incarnation: u64,
     pub seq: u64,
     pub thing: ByteString,
     pub frame: Bytes,
@@ -460,7 +461,13 @@ async fn write_loop(
         while let Some(outbound) = item {
             match outbound {
                 Outbound::Data(p) => {
-                    link::put_upstream_header(&mut buf, p.session_id, &p.thing, p.frame.len());
+                    link::put_upstream_header(
+                        &mut buf,
+                        p.session_id,
+                        p.incarnation,
+                        &p.thing,
+                        p.frame.len(),
+                    );
                     buf.extend_from_slice(&p.frame);
                     data_bytes += p.frame.len();
                 }

@@ -187,7 +187,7 @@ fn handle(
             let _ = events.send(WorkerEvent::Undeliverable { session_id, reference, code });
             None
         }
-        LinkFrame::Upstream { session_id, thing, frame } => {
+        LinkFrame::Upstream { session_id, thing, frame, .. } => {
             let frame = Frame::decode(frame, &Limits::DEFAULT).ok()?;
             let seq = frame.seq();
             {

@@ -17,6 +17,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod link;
+pub mod peer;
 pub mod session;
 pub mod stream;
 pub mod value;

@@ -15,11 +15,12 @@ use crate::varint;
 use crate::wire::{Reader, len_prefixed_len, put_len_prefixed};
 
 /// Version of the link format.
-pub const LINK_VERSION: u8 = 1;
+pub const LINK_VERSION: u8 = 2;
 
-/// Bytes a routing header adds at most to a device frame: type, session id, thing name at its length limit.
+/// Bytes a routing header adds at most to a device frame: type, session id, incarnation, thing name at its length
+/// limit.
 pub fn max_overhead(limits: &Limits) -> usize {
-    1 + varint::MAX_LEN * 2 + limits.max_name
+    1 + varint::MAX_LEN * 3 + limits.max_name
 }
 
 /// Link frame type bytes.
@@ -99,9 +100,11 @@ pub enum LinkFrame {
         thing: ByteString,
         code: ErrorCode,
     },
-    /// Gateway → worker: a device frame from a session, unchanged.
+    /// Gateway → worker: a device frame from a session, unchanged. `incarnation` is the session's, from its
+    /// `HELLO`, so that any worker can order and deduplicate the frame without having seen the `OPEN`.
     Upstream {
         session_id: u64,
+        incarnation: u64,
         thing: ByteString,
         frame: Bytes,
     },
@@ -182,8 +185,8 @@ impl LinkFrame {
             LinkFrame::Close { session_id, thing, code } => {
                 v(*session_id) + len_prefixed_len(thing.as_bytes()) + v(code.0.into())
             }
-            LinkFrame::Upstream { session_id, thing, frame } => {
-                v(*session_id) + len_prefixed_len(thing.as_bytes()) + frame.len()
+            LinkFrame::Upstream { session_id, incarnation, thing, frame } => {
+                v(*session_id) + v(*incarnation) + len_prefixed_len(thing.as_bytes()) + frame.len()
             }
             LinkFrame::Stored { session_id, seq } => v(*session_id) + v(*seq),
             LinkFrame::Downstream { session_id, reference, frame } => {
@@ -226,8 +229,9 @@ impl LinkFrame {
                 put_len_prefixed(dst, thing.as_bytes());
                 varint::put(dst, code.0.into());
             }
-            LinkFrame::Upstream { session_id, thing, frame } => {
+            LinkFrame::Upstream { session_id, incarnation, thing, frame } => {
                 varint::put(dst, *session_id);
+                varint::put(dst, *incarnation);
                 put_len_prefixed(dst, thing.as_bytes());
                 dst.put_slice(frame);
             }
@@ -313,8 +317,10 @@ impl LinkFrame {
             },
             LinkType::Upstream => {
                 let session_id = r.varint()?;
+                let incarnation = r.varint()?;
                 let thing = r.name("thing name", limits.max_name)?;
-                LinkFrame::Upstream { session_id, thing, frame: device_frame(&mut r, limits)? }
+                let frame = device_frame(&mut r, limits)?;
+                LinkFrame::Upstream { session_id, incarnation, thing, frame }
             }
             LinkType::Stored => LinkFrame::Stored { session_id: r.varint()?, seq: r.varint()? },
             LinkType::Downstream => {
@@ -376,11 +382,22 @@ fn device_frame(r: &mut Reader, limits: &Limits) -> Result<Bytes, DecodeError> {
 /// Writes the length prefix and routing header of an `UPSTREAM` frame; the caller appends the device frame's
 /// `frame_len` bytes. This lets a gateway copy a device frame straight from its receive buffer into the link's
 /// batch buffer.
-pub fn put_upstream_header(dst: &mut impl BufMut, session_id: u64, thing: &str, frame_len: usize) {
-    let len = 1 + varint::encoded_len(session_id) + len_prefixed_len(thing.as_bytes()) + frame_len;
+pub fn put_upstream_header(
+    dst: &mut impl BufMut,
+    session_id: u64,
+    incarnation: u64,
+    thing: &str,
+    frame_len: usize,
+) {
+    let len = 1
+        + varint::encoded_len(session_id)
+        + varint::encoded_len(incarnation)
+        + len_prefixed_len(thing.as_bytes())
+        + frame_len;
     stream::put_len(dst, len);
     dst.put_u8(LinkType::Upstream as u8);
     varint::put(dst, session_id);
+    varint::put(dst, incarnation);
     put_len_prefixed(dst, thing.as_bytes());
 }
 

@@ -152,7 +152,7 @@ fn field_rules() {
 #[test]
 fn link_frames_carry_only_bounded_nonempty_device_frames() {
     let limits = Limits { max_frame: 8, ..Limits::DEFAULT };
-    let empty = LinkFrame::decode(Bytes::from_static(&[0x05, 1, 1, b'a']), &limits);
+    let empty = LinkFrame::decode(Bytes::from_static(&[0x05, 1, 7, 1, b'a']), &limits);
     assert_eq!(empty, Err(DecodeError::Empty { what: "device frame" }));
     let mut big = vec![0x07, 1, 0];
     big.extend_from_slice(&[0x07; 9]);

@@ -75,11 +75,11 @@ proptest! {
 
     /// The upstream header written ahead of a device frame's bytes equals the full encoding of the frame.
     #[test]
-    fn upstream_header(session_id: u64, thing in strategies::name(), device in strategies::device_frame_bytes()) {
+    fn upstream_header(session_id: u64, incarnation: u64, thing in strategies::name(), device in strategies::device_frame_bytes()) {
         let mut by_header = BytesMut::new();
-        link::put_upstream_header(&mut by_header, session_id, &thing, device.len());
+        link::put_upstream_header(&mut by_header, session_id, incarnation, &thing, device.len());
         by_header.extend_from_slice(&device);
-        let whole = LinkFrame::Upstream { session_id, thing, frame: device }.to_framed_bytes();
+        let whole = LinkFrame::Upstream { session_id, incarnation, thing, frame: device }.to_framed_bytes();
         prop_assert_eq!(by_header.freeze(), whole);
     }
 

@@ -178,9 +178,10 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
         ),
         (
             "link-upstream",
-            "Link UPSTREAM (with its length prefix): session 5, thing `t1`, carrying the `ack` vector's frame.",
+            "Link UPSTREAM (with its length prefix): session 5, incarnation 7, thing `t1`, carrying the `ack` vector's frame.",
             Link(LinkFrame::Upstream {
                 session_id: 5,
+                incarnation: 7,
                 thing: "t1".into(),
                 frame: Frame::Ack { seq: 300 }.to_bytes(),
             }),

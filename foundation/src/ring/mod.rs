@@ -1,11 +1,19 @@
-//! The embedded cache ring: partition placement and the partition stores.
+//! The embedded cache ring: the workers of a pool share the thing model in 1,024 partitions, each held by a primary
+//! and backups.
 //!
-//! Built: [`placement`] (which members hold each partition) and [`store`] (the partitions this node holds). Not
-//! built yet: forwarding to a partition's primary, synchronous replication to its backups, and moving partitions on
-//! a membership change; today a worker holds every partition itself.
+//! - [`placement`]: which members hold each partition (sans-IO, deterministic).
+//! - [`store`]: the partitions this worker holds; [`ops`]: operations on them and copies of them.
+//! - [`membership`]: active members, with SWIM failure detection.
+//! - [`peers`]: requests between workers.
+//! - [`cluster`]: the write and read paths and table changes.
 
+pub mod cluster;
+pub mod membership;
+pub mod ops;
+pub mod peers;
 pub mod placement;
 pub mod store;
 
+pub use cluster::{Cluster, RingConfig, RingError};
 pub use placement::{PARTITIONS, Table, partition_of};
 pub use store::Store;

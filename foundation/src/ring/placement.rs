@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use thingport_protocol::peer::TableRecord;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Number of partitions of the key space.
@@ -258,6 +259,45 @@ impl Table {
             }
         }
         load
+    }
+
+    /// Whether `member` holds a copy of the partition.
+    pub fn holds(&self, partition: u16, member: &str) -> bool {
+        self.owners(partition).any(|o| o == member)
+    }
+
+    /// The table as the peer format carries it.
+    pub fn to_record(&self) -> TableRecord {
+        TableRecord {
+            version: self.version,
+            replicas: self.replicas as u32,
+            members: self.members.clone(),
+            owners: self.owners.clone(),
+        }
+    }
+
+    /// A table received from a peer; `None` if it is not well formed (every partition needs 1..=replicas distinct
+    /// owners among the members).
+    pub fn from_record(record: TableRecord) -> Option<Table> {
+        let n = record.members.len();
+        let replicas = record.replicas as usize;
+        let well_formed = record.owners.len() == PARTITIONS
+            && record.members.windows(2).all(|w| w[0] < w[1])
+            && record.owners.iter().all(|o| {
+                !o.is_empty()
+                    && o.len() <= replicas
+                    && o.iter().all(|&i| (i as usize) < n)
+                    && o.iter().enumerate().all(|(k, i)| !o[..k].contains(i))
+            });
+        if !well_formed {
+            return None;
+        }
+        Some(Table {
+            version: record.version,
+            members: record.members,
+            replicas,
+            owners: record.owners,
+        })
     }
 
     /// Replica slots whose holder differs between `self` and `other`, as (partition, from, to) — a slot held by a

@@ -28,23 +28,9 @@ impl Store {
         self.partitions[partition as usize].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on a thing's state, creating the thing (at `now_ms`) if `create` and it does not exist.
-    pub fn update<T>(
-        &self,
-        thing: &ByteString,
-        create: bool,
-        now_ms: u64,
-        f: impl FnOnce(&mut ThingState) -> T,
-    ) -> Option<T> {
-        let mut partition = self.lock(partition_of(thing.as_bytes()));
-        if !partition.contains_key(thing) {
-            if !create {
-                return None;
-            }
-            partition
-                .insert(thing.clone(), ThingState { created_ms: now_ms, ..ThingState::default() });
-        }
-        partition.get_mut(thing).map(f)
+    /// Runs `f` on a partition.
+    pub fn with<T>(&self, partition: u16, f: impl FnOnce(&mut Partition) -> T) -> T {
+        f(&mut self.lock(partition))
     }
 
     /// A copy of a thing's state.
@@ -52,16 +38,26 @@ impl Store {
         self.lock(partition_of(thing.as_bytes())).get(thing).cloned()
     }
 
-    /// Every thing, with `f` applied to its state, sorted by name.
-    pub fn list<T>(&self, mut f: impl FnMut(&ByteString, &ThingState) -> T) -> Vec<T> {
+    /// `f` applied to every thing of the partitions `keep` selects.
+    pub fn list<T>(
+        &self,
+        keep: impl Fn(u16) -> bool,
+        mut f: impl FnMut(&ByteString, &ThingState) -> T,
+    ) -> Vec<T> {
         let mut all = Vec::new();
-        for p in 0..PARTITIONS as u16 {
+        for p in (0..PARTITIONS as u16).filter(|&p| keep(p)) {
             let partition = self.lock(p);
-            let mut items: Vec<_> = partition.iter().map(|(k, v)| (k.clone(), f(k, v))).collect();
-            all.append(&mut items);
+            all.extend(partition.iter().map(|(k, v)| f(k, v)));
         }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.into_iter().map(|(_, t)| t).collect()
+        all
+    }
+
+    /// Empties a partition this node no longer holds.
+    pub fn clear(&self, partition: u16) -> usize {
+        let mut partition = self.lock(partition);
+        let n = partition.len();
+        partition.clear();
+        n
     }
 
     /// Things held in each partition.

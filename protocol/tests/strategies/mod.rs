@@ -168,9 +168,14 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
         (any::<u64>(), name(), any::<u16>()).prop_map(|(session_id, thing, code)| {
             LinkFrame::Close { session_id, thing, code: ErrorCode(code) }
         }),
-        (any::<u64>(), name(), device_frame_bytes()).prop_map(|(session_id, thing, frame)| {
-            LinkFrame::Upstream { session_id, thing, frame }
-        }),
+        (any::<u64>(), any::<u64>(), name(), device_frame_bytes()).prop_map(
+            |(session_id, incarnation, thing, frame)| LinkFrame::Upstream {
+                session_id,
+                incarnation,
+                thing,
+                frame
+            }
+        ),
         (any::<u64>(), any::<u64>())
             .prop_map(|(session_id, seq)| LinkFrame::Stored { session_id, seq }),
         (any::<u64>(), any::<u64>(), device_frame_bytes()).prop_map(

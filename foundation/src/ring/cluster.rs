@@ -1,0 +1,666 @@
+//! The ring as one worker runs it: the partition table, the write and read paths, and table changes.
+//!
+//! **Writes.** A write goes to its partition's primary (in one hop when another worker received it). The primary
+//! applies it, then sends it to every other holder of the partition — the backups of the table and, during a
+//! change, the owners of the prepared next table — and answers only when all of them applied it. A write that
+//! cannot complete (the primary or a backup is unreachable, a table is changing) is retried against the newest
+//! table until the write timeout; every operation is idempotent, so a retry applies nothing twice.
+//!
+//! **Reads** are answered by the partition's primary.
+//!
+//! **Table changes.** The coordinator is the active member of the current table with the lowest key. When the
+//! active members differ from the table's, and more than half of the table's members are active, it computes the
+//! next table from the current one (`Table::next`: ~1/N of the replica slots move, none between survivors) and:
+//! 1. *prepares* it on every active member, after which primaries replicate writes to its owners too;
+//! 2. has every new owner of a partition *pull* a copy from a surviving holder, merging it with the writes it
+//!    already received;
+//! 3. *commits* it everywhere; a member then drops the partitions it no longer holds.
+//!
+//! A step that fails abandons the change; the next attempt starts again from the committed table. Every member
+//! sends its committed table to members it sees appear and, from the coordinator, periodically to all, so a member
+//! that missed a commit catches up.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use thingport_protocol::peer::{
+    CallOutcome as CallWire, Op, Refusal, Request, Response, ThingRecord, ThingSummary,
+};
+use thingport_protocol::{ErrorCode, Frame, Limits};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::calls::{CallOutcome, Calls, tag_of, tag_of_call};
+use crate::model::ThingState;
+use crate::ring::membership::{Members, Membership};
+use crate::ring::ops::{self, Refused};
+use crate::ring::peers::Peers;
+use crate::ring::placement::{PARTITIONS, Table, partition_of};
+use crate::ring::store::Store;
+
+/// Settings of the ring.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// Copies of each partition, the primary included.
+    pub replicas: usize,
+    /// Active members needed before the first table is made.
+    pub bootstrap_members: usize,
+    /// How long a write or read keeps trying before it fails.
+    pub write_timeout: Duration,
+    /// How long one request to another worker may take.
+    pub request_timeout: Duration,
+    /// How often the coordinator checks the membership.
+    pub check_period: Duration,
+    /// How long the membership must stay unchanged before a worker without a table makes the first one (a worker
+    /// joining a pool gets the pool's table within that time).
+    pub settle: Duration,
+    /// Limits of device frames and values.
+    pub limits: Limits,
+    /// Largest peer message.
+    pub max_message: usize,
+}
+
+/// Why a write or a read failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("the thing does not exist")]
+    UnknownThing,
+    #[error("the operation is not valid")]
+    Invalid,
+    #[error("the partition's owners did not answer in time")]
+    Unavailable,
+}
+
+impl RingError {
+    /// The code a gateway passes on to the device for a refused data frame.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            RingError::UnknownThing => ErrorCode::THING_NOT_ALLOWED,
+            RingError::Invalid => ErrorCode::MALFORMED_FRAME,
+            RingError::Unavailable => ErrorCode::UNAVAILABLE,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    committed: Option<Arc<Table>>,
+    pending: Option<Arc<Table>>,
+}
+
+/// One worker's part of the ring.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This worker's member key.
+    pub me: String,
+    pub config: RingConfig,
+    pub store: Store,
+    pub calls: Calls,
+    tables: RwLock<Tables>,
+    version: watch::Sender<u64>,
+    members: watch::Receiver<Members>,
+    peers: Peers,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl Cluster {
+    pub fn new(membership: &Membership, config: RingConfig) -> Cluster {
+        let me = membership.me.key();
+        Cluster {
+            calls: Calls::new(&me),
+            peers: Peers::new(me.clone(), config.max_message),
+            me,
+            config,
+            store: Store::default(),
+            tables: RwLock::default(),
+            version: watch::channel(0).0,
+            members: membership.members.clone(),
+        }
+    }
+
+    /// The committed table, if there is one yet.
+    pub fn table(&self) -> Option<Arc<Table>> {
+        self.tables.read().unwrap_or_else(|e| e.into_inner()).committed.clone()
+    }
+
+    /// The committed table's version (0 before the first), as it changes.
+    pub fn table_version(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Whether a table change is prepared and not yet committed.
+    pub fn changing(&self) -> bool {
+        self.tables.read().unwrap_or_else(|e| e.into_inner()).pending.is_some()
+    }
+
+    /// Active members by key.
+    pub fn members(&self) -> Members {
+        self.members.borrow().clone()
+    }
+
+    fn addr(&self, key: &str) -> Option<SocketAddr> {
+        self.members.borrow().get(key).map(|n| n.addr)
+    }
+
+    /// Sends a request to a member (this worker included) and waits for the answer.
+    fn call<'a>(
+        &'a self,
+        key: &'a str,
+        request: Request,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Option<Response>> {
+        Box::pin(async move {
+            if key == self.me {
+                return Some(self.handle(request).await);
+            }
+            let addr = self.addr(key)?;
+            self.peers.request(key, addr, request, timeout).await.ok()
+        })
+    }
+
+    /// Waits for a newer table or a short while, whichever comes first.
+    async fn backoff(&self, deadline: Instant) -> bool {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        let mut version = self.version.subscribe();
+        let pause = Duration::from_millis(50).min(deadline - Instant::now());
+        let _ = tokio::time::timeout(pause, version.changed()).await;
+        true
+    }
+
+    /// Applies a write through its partition's primary; returns once every holder applied it.
+    pub async fn write(&self, op: Op) -> Result<(), RingError> {
+        let partition = partition_of(op.thing().as_bytes());
+        let deadline = Instant::now() + self.config.write_timeout;
+        loop {
+            let primary = self.table().and_then(|t| t.primary(partition).map(String::from));
+            if let Some(primary) = primary {
+                let request = Request::Write { partition, replica: false, op: op.clone() };
+                match self.call(&primary, request, self.config.request_timeout).await {
+                    Some(Response::Done) => {
+                        ::metrics::counter!("thingport_ring_writes_total").increment(1);
+                        return Ok(());
+                    }
+                    Some(Response::Refused { refusal: Refusal::UnknownThing, .. }) => {
+                        return Err(RingError::UnknownThing);
+                    }
+                    Some(Response::Refused { refusal: Refusal::Invalid, .. }) => {
+                        return Err(RingError::Invalid);
+                    }
+                    _ => {}
+                }
+            }
+            ::metrics::counter!("thingport_ring_retries_total").increment(1);
+            if !self.backoff(deadline).await {
+                ::metrics::counter!("thingport_ring_write_failures_total").increment(1);
+                return Err(RingError::Unavailable);
+            }
+        }
+    }
+
+    /// A thing's state, read on its partition's primary.
+    pub async fn read(&self, thing: &str) -> Result<Option<ThingState>, RingError> {
+        let partition = partition_of(thing.as_bytes());
+        let deadline = Instant::now() + self.config.write_timeout;
+        loop {
+            let primary = self.table().and_then(|t| t.primary(partition).map(String::from));
+            if let Some(primary) = primary {
+                let request = Request::Read { thing: thing.to_string() };
+                if let Some(Response::Thing(record)) =
+                    self.call(&primary, request, self.config.request_timeout).await
+                {
+                    ::metrics::counter!("thingport_ring_reads_total").increment(1);
+                    return match record {
+                        None => Ok(None),
+                        Some(r) => ops::from_record(&r, &self.config.limits)
+                            .map(Some)
+                            .ok_or(RingError::Invalid),
+                    };
+                }
+            }
+            if !self.backoff(deadline).await {
+                return Err(RingError::Unavailable);
+            }
+        }
+    }
+
+    /// Every thing, from each member's primaries; `false` if some member did not answer.
+    pub async fn list(&self) -> (Vec<ThingSummary>, bool) {
+        let Some(table) = self.table() else { return (Vec::new(), false) };
+        let answers = join_all(
+            table.members.iter().map(|m| self.call(m, Request::List, self.config.request_timeout)),
+        )
+        .await;
+        let mut complete = true;
+        let mut things = BTreeMap::new();
+        for answer in answers {
+            match answer {
+                Some(Response::Things(list)) => {
+                    things.extend(list.into_iter().map(|t| (t.name.clone(), t)));
+                }
+                _ => complete = false,
+            }
+        }
+        (things.into_values().collect(), complete)
+    }
+
+    /// Counts from every active member: (member key, things held, partitions held, primaries).
+    pub async fn stats(&self) -> Vec<(String, Option<(u64, u32, u32)>)> {
+        let members: Vec<String> = self.members().keys().cloned().collect();
+        let answers = join_all(
+            members.iter().map(|m| self.call(m, Request::Stats, self.config.request_timeout)),
+        )
+        .await;
+        members
+            .into_iter()
+            .zip(answers)
+            .map(|(m, a)| match a {
+                Some(Response::Stats { things, partitions_held, primaries }) => {
+                    (m, Some((things, partitions_held, primaries)))
+                }
+                _ => (m, None),
+            })
+            .collect()
+    }
+
+    /// Ends a service call: here if this worker started it, else at the worker that did.
+    pub async fn complete_call(&self, call_id: u64, outcome: CallWire) {
+        if self.calls.is_mine(call_id) {
+            if let Some(outcome) = self.outcome(outcome) {
+                self.calls.complete(call_id, outcome);
+            }
+            return;
+        }
+        let tag = tag_of_call(call_id);
+        let owners: Vec<String> =
+            self.members().keys().filter(|k| tag_of(k) == tag).cloned().collect();
+        for owner in owners {
+            let request = Request::Complete { call_id, outcome: outcome.clone() };
+            self.call(&owner, request, self.config.request_timeout).await;
+        }
+    }
+
+    fn outcome(&self, outcome: CallWire) -> Option<CallOutcome> {
+        match outcome {
+            CallWire::Answered { frame } => match Frame::decode(frame, &self.config.limits) {
+                Ok(Frame::ServiceResponse(response)) => {
+                    Some(CallOutcome::Answered(response.result))
+                }
+                _ => None,
+            },
+            CallWire::Undeliverable { code } => Some(CallOutcome::Undeliverable(ErrorCode(code))),
+        }
+    }
+
+    fn refused(&self, refusal: Refusal) -> Response {
+        Response::Refused { refusal, table_version: self.table().map_or(0, |t| t.version) }
+    }
+
+    /// Answers a request from another worker (or from this one).
+    pub fn handle(&self, request: Request) -> BoxFuture<'_, Response> {
+        Box::pin(async move {
+            match request {
+                Request::Write { partition, replica: false, op } => self.lead(partition, op).await,
+                Request::Write { partition, replica: true, op } => self.replicate(partition, &op),
+                Request::Read { thing } => {
+                    let partition = partition_of(thing.as_bytes());
+                    match self.table() {
+                        Some(t) if t.primary(partition) == Some(self.me.as_str()) => {
+                            Response::Thing(
+                                self.store.get(&thing).map(|state| ops::to_record(&thing, &state)),
+                            )
+                        }
+                        Some(_) => self.refused(Refusal::NotPrimary),
+                        None => self.refused(Refusal::NoTable),
+                    }
+                }
+                Request::List => {
+                    let Some(t) = self.table() else { return self.refused(Refusal::NoTable) };
+                    let mine = |p: u16| t.primary(p) == Some(self.me.as_str());
+                    Response::Things(self.store.list(mine, |name, thing| ops::summary(name, thing)))
+                }
+                Request::Fetch { partitions } => {
+                    let copies = partitions
+                        .into_iter()
+                        .filter(|&p| (p as usize) < PARTITIONS)
+                        .map(|p| {
+                            let records: Vec<ThingRecord> = self.store.with(p, |part| {
+                                part.iter().map(|(name, t)| ops::to_record(name, t)).collect()
+                            });
+                            (p, records)
+                        })
+                        .collect();
+                    Response::Partitions(copies)
+                }
+                Request::Stats => {
+                    let held = self.table().map_or((0, 0), |t| {
+                        let held = (0..PARTITIONS as u16).filter(|&p| t.holds(p, &self.me)).count();
+                        let led = (0..PARTITIONS as u16)
+                            .filter(|&p| t.primary(p) == Some(self.me.as_str()))
+                            .count();
+                        (held as u32, led as u32)
+                    });
+                    let things = self.store.counts().iter().sum::<usize>() as u64;
+                    Response::Stats { things, partitions_held: held.0, primaries: held.1 }
+                }
+                Request::Prepare { table } => self.prepare(table),
+                Request::Pull { version, sources } => self.pull(version, sources).await,
+                Request::Commit { version } => self.commit(version),
+                Request::Table { table } => {
+                    if let Some(table) = Table::from_record(table) {
+                        self.adopt(Arc::new(table));
+                    }
+                    Response::Done
+                }
+                Request::Complete { call_id, outcome } => {
+                    if let Some(outcome) = self.outcome(outcome) {
+                        self.calls.complete(call_id, outcome);
+                    }
+                    Response::Done
+                }
+            }
+        })
+    }
+
+    /// As the primary: apply, then have every other holder apply, then answer.
+    async fn lead(&self, partition: u16, op: Op) -> Response {
+        let Some(table) = self.table() else { return self.refused(Refusal::NoTable) };
+        if table.primary(partition) != Some(self.me.as_str()) {
+            return self.refused(Refusal::NotPrimary);
+        }
+        let limits = self.config.limits;
+        match self.store.with(partition, |p| ops::apply(p, &op, &limits, false)) {
+            Ok(()) => {}
+            Err(Refused::UnknownThing) => return self.refused(Refusal::UnknownThing),
+            Err(Refused::Invalid) => return self.refused(Refusal::Invalid),
+        }
+        // read after applying: a table prepared after this point is covered by the copy its owners pull
+        let targets: BTreeSet<String> = {
+            let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            tables
+                .committed
+                .iter()
+                .chain(tables.pending.iter())
+                .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
+                .filter(|o| *o != self.me)
+                .collect()
+        };
+        let request = |op: Op| Request::Write { partition, replica: true, op };
+        let answers = join_all(
+            targets.iter().map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
+        )
+        .await;
+        ::metrics::counter!("thingport_ring_replications_total").increment(targets.len() as u64);
+        if answers.iter().all(|a| matches!(a, Some(Response::Done))) {
+            Response::Done
+        } else {
+            self.refused(Refusal::Unavailable)
+        }
+    }
+
+    /// As a backup: apply if this worker holds the partition in the committed or the prepared table.
+    fn replicate(&self, partition: u16, op: &Op) -> Response {
+        let holds = {
+            let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            tables
+                .committed
+                .iter()
+                .chain(tables.pending.iter())
+                .any(|t| t.holds(partition, &self.me))
+        };
+        if !holds {
+            return self.refused(Refusal::NotOwner);
+        }
+        let limits = self.config.limits;
+        match self.store.with(partition, |p| ops::apply(p, op, &limits, true)) {
+            Ok(()) => Response::Done,
+            Err(_) => self.refused(Refusal::Invalid),
+        }
+    }
+
+    fn prepare(&self, record: thingport_protocol::peer::TableRecord) -> Response {
+        let Some(next) = Table::from_record(record) else {
+            return self.refused(Refusal::Invalid);
+        };
+        let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(committed) = tables.committed.as_ref().filter(|c| c.version >= next.version) {
+            return Response::Prepared { newer: Some(committed.to_record()) };
+        }
+        tables.pending = Some(Arc::new(next));
+        Response::Prepared { newer: None }
+    }
+
+    async fn pull(&self, version: u64, sources: Vec<(u16, String)>) -> Response {
+        let prepared = self.tables.read().unwrap_or_else(|e| e.into_inner()).pending.clone();
+        if prepared.is_none_or(|t| t.version != version) {
+            return self.refused(Refusal::Stale);
+        }
+        let mut by_source: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+        for (p, source) in sources {
+            by_source.entry(source).or_default().push(p);
+        }
+        let limits = self.config.limits;
+        let mut copied = 0usize;
+        for (source, partitions) in by_source {
+            for chunk in partitions.chunks(64) {
+                let request = Request::Fetch { partitions: chunk.to_vec() };
+                let timeout = self.config.write_timeout.max(Duration::from_secs(30));
+                let Some(Response::Partitions(copies)) = self.call(&source, request, timeout).await
+                else {
+                    return self.refused(Refusal::CopyFailed);
+                };
+                for (p, records) in copies {
+                    if (p as usize) >= PARTITIONS {
+                        continue;
+                    }
+                    copied += records.len();
+                    self.store.with(p, |part| {
+                        for record in &records {
+                            if let Some(state) = ops::from_record(record, &limits) {
+                                ops::merge(part, state, &record.name);
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        ::metrics::counter!("thingport_ring_things_copied_total").increment(copied as u64);
+        Response::Done
+    }
+
+    fn commit(&self, version: u64) -> Response {
+        let pending = self.tables.read().unwrap_or_else(|e| e.into_inner()).pending.clone();
+        match pending {
+            Some(table) if table.version == version => {
+                self.adopt(table);
+                Response::Done
+            }
+            _ if self.table().is_some_and(|t| t.version >= version) => Response::Done,
+            _ => self.refused(Refusal::Stale),
+        }
+    }
+
+    /// Makes `table` the committed table if it is newer, and drops the partitions this worker no longer holds.
+    fn adopt(&self, table: Arc<Table>) {
+        {
+            let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+            if tables.committed.as_ref().is_some_and(|c| c.version >= table.version) {
+                return;
+            }
+            if tables.pending.as_ref().is_some_and(|p| p.version <= table.version) {
+                tables.pending = None;
+            }
+            tables.committed = Some(table.clone());
+            let still_held = |p: u16| tables.pending.as_ref().is_some_and(|t| t.holds(p, &self.me));
+            for p in 0..PARTITIONS as u16 {
+                if !table.holds(p, &self.me) && !still_held(p) {
+                    self.store.clear(p);
+                }
+            }
+        }
+        tracing::info!(version = table.version, members = ?table.members, "partition table committed");
+        ::metrics::gauge!("thingport_ring_table_version").set(table.version as f64);
+        let held = (0..PARTITIONS as u16).filter(|&p| table.holds(p, &self.me)).count();
+        ::metrics::gauge!("thingport_ring_partitions_held").set(held as f64);
+        self.version.send_replace(table.version);
+    }
+
+    /// Runs the coordinator's checks until `stop`. Every member runs this; only the coordinator changes tables.
+    pub async fn coordinate(self: Arc<Self>, stop: CancellationToken) {
+        let mut members = self.members.clone();
+        let mut tick = tokio::time::interval(self.config.check_period);
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut stable_since = Instant::now();
+        let mut last_push = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = members.changed() => {
+                    if changed.is_err() { return }
+                    stable_since = Instant::now();
+                }
+                _ = tick.tick() => {}
+            }
+            let active: Vec<String> = members.borrow().keys().cloned().collect();
+            if active.is_empty() {
+                continue; // this worker left the pool
+            }
+            // members that just appeared get the committed table
+            let appeared: Vec<String> =
+                active.iter().filter(|m| !seen.contains(*m) && **m != self.me).cloned().collect();
+            seen = active.iter().cloned().collect();
+            if let Some(table) = self.table() {
+                for member in appeared {
+                    self.send_table(member, &table);
+                }
+            }
+            let Some(table) = self.table() else {
+                let first = active.first().is_some_and(|m| *m == self.me);
+                let settled = stable_since.elapsed() >= self.config.settle;
+                if first && settled && active.len() >= self.config.bootstrap_members {
+                    let mut initial = Table::initial(&active, self.config.replicas);
+                    initial.version = 1;
+                    let initial = Arc::new(initial);
+                    tracing::info!(members = ?active, "first partition table");
+                    self.adopt(initial.clone());
+                    for member in active.iter().filter(|m| **m != self.me) {
+                        self.send_table(member.clone(), &initial);
+                    }
+                }
+                continue;
+            };
+            let in_table: Vec<&String> =
+                active.iter().filter(|m| table.members.contains(m)).collect();
+            if in_table.first().is_none_or(|m| **m != self.me) {
+                continue;
+            }
+            if active == table.members {
+                if last_push.elapsed() >= self.config.check_period * 10 {
+                    last_push = Instant::now();
+                    for member in active.iter().filter(|m| **m != self.me) {
+                        self.send_table(member.clone(), &table);
+                    }
+                }
+                continue;
+            }
+            if in_table.len() * 2 <= table.members.len() {
+                tracing::warn!(
+                    active = in_table.len(),
+                    members = table.members.len(),
+                    "no majority of the table's members is active; the table stays"
+                );
+                continue;
+            }
+            let started = Instant::now();
+            match self.change(&table, &active).await {
+                Ok((version, moved)) => tracing::info!(
+                    version,
+                    moved,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "partition table changed"
+                ),
+                Err(why) => tracing::warn!(why, "partition table change abandoned; retrying"),
+            }
+        }
+    }
+
+    fn send_table(self: &Arc<Self>, member: String, table: &Table) {
+        let this = self.clone();
+        let record = table.to_record();
+        tokio::spawn(async move {
+            let request = Request::Table { table: record };
+            this.call(&member, request, this.config.request_timeout).await;
+        });
+    }
+
+    /// Prepares, copies and commits the table for `active`; returns its version and the replica slots copied.
+    async fn change(
+        &self,
+        current: &Table,
+        active: &[String],
+    ) -> Result<(u64, usize), &'static str> {
+        let next = current.next(active);
+        let record = next.to_record();
+        let timeout = self.config.request_timeout;
+        let prepared = join_all(
+            active
+                .iter()
+                .map(|m| self.call(m, Request::Prepare { table: record.clone() }, timeout)),
+        )
+        .await;
+        for answer in prepared {
+            match answer {
+                Some(Response::Prepared { newer: None }) => {}
+                Some(Response::Prepared { newer: Some(newer) }) => {
+                    if let Some(newer) = Table::from_record(newer) {
+                        self.adopt(Arc::new(newer));
+                    }
+                    return Err("a member has a newer table");
+                }
+                _ => return Err("a member did not prepare"),
+            }
+        }
+        let mut pulls: BTreeMap<&str, Vec<(u16, String)>> = BTreeMap::new();
+        let mut moved = 0;
+        for p in 0..PARTITIONS as u16 {
+            let source = current.owners(p).find(|o| active.iter().any(|a| a == o));
+            for owner in next.owners(p).filter(|o| !current.holds(p, o)) {
+                moved += 1;
+                match source {
+                    Some(source) => pulls.entry(owner).or_default().push((p, source.to_string())),
+                    None => tracing::error!(partition = p, "every holder of the partition is gone"),
+                }
+            }
+        }
+        let copy_timeout = self.config.write_timeout.max(Duration::from_secs(60));
+        let pulled = join_all(pulls.into_iter().map(|(member, sources)| {
+            self.call(member, Request::Pull { version: next.version, sources }, copy_timeout)
+        }))
+        .await;
+        if !pulled.iter().all(|a| matches!(a, Some(Response::Done))) {
+            return Err("a new owner could not copy its partitions");
+        }
+        let committed = join_all(
+            active
+                .iter()
+                .filter(|m| **m != self.me)
+                .map(|m| self.call(m, Request::Commit { version: next.version }, timeout)),
+        )
+        .await;
+        if committed.iter().any(|a| !matches!(a, Some(Response::Done))) {
+            tracing::warn!("a member missed the commit; it gets the table with the next push");
+        }
+        let version = next.version;
+        self.adopt(Arc::new(next));
+        ::metrics::counter!("thingport_ring_table_changes_total").increment(1);
+        ::metrics::counter!("thingport_ring_partitions_moved_total").increment(moved as u64);
+        Ok((version, moved))
+    }
+}

@@ -1,0 +1,230 @@
+//! Membership and failure detection: SWIM over UDP with [foca](https://docs.rs/foca), on the worker's peer port.
+//!
+//! A worker's identity is its configured name, its peer address and a boot number taken at start, so a restarted
+//! worker is a new member (its memory is empty) and its earlier self is declared down. A worker joins by announcing
+//! itself to the seed addresses until some member answers. The set of active members (this worker included) is
+//! published on a watch channel, keyed by [`Node::key`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{Config as FocaConfig, Foca, OwnedNotification, PeriodicParams, PostcardCodec, Timer};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// A member of the pool.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Node {
+    /// The configured worker name.
+    pub name: String,
+    /// The peer address: UDP for membership, TCP for the ring's requests.
+    pub addr: SocketAddr,
+    /// Distinguishes this run of the worker from earlier ones.
+    pub boot: u64,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.key(), self.addr)
+    }
+}
+
+impl Node {
+    /// The member's name in partition tables: worker name and boot number.
+    pub fn key(&self) -> String {
+        format!("{}#{:x}", self.name, self.boot)
+    }
+}
+
+/// The worker name part of a member key.
+pub fn name_of(key: &str) -> &str {
+    key.rsplit_once('#').map_or(key, |(name, _)| name)
+}
+
+impl foca::Identity for Node {
+    type Addr = SocketAddr;
+
+    // A worker declared down does not come back under another boot number: it leaves the pool (see `run`), and its
+    // supervisor restarts it as a new member with empty partitions.
+    fn renew(&self) -> Option<Self> {
+        None
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.boot > adversary.boot
+    }
+}
+
+/// Active members by key, this worker included.
+pub type Members = Arc<BTreeMap<String, Node>>;
+
+/// Timing of failure detection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often each member probes another.
+    pub probe_period: Duration,
+    /// How long a suspected member has to refute before it is declared down.
+    pub suspect_timeout: Duration,
+}
+
+enum Input {
+    Data(Bytes),
+    Timer(Timer<Node>),
+}
+
+/// The running membership of this worker.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub me: Node,
+    pub members: watch::Receiver<Members>,
+}
+
+fn foca_config(timing: Timing) -> FocaConfig {
+    let mut config = FocaConfig::simple();
+    config.probe_period = timing.probe_period;
+    config.probe_rtt = timing.probe_period / 2;
+    config.suspect_to_down_after = timing.suspect_timeout;
+    config.max_transmissions = NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN);
+    config.notify_down_members = false;
+    config.periodic_announce = Some(PeriodicParams {
+        frequency: timing.probe_period * 10,
+        num_members: NonZeroUsize::MIN,
+    });
+    config.periodic_gossip = Some(PeriodicParams {
+        frequency: timing.probe_period / 4,
+        num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
+    });
+    config
+}
+
+/// Starts membership on `socket`; it stops at `stop`, announcing the departure first (the task ends then).
+pub fn start(
+    me: Node,
+    socket: UdpSocket,
+    seeds: Vec<SocketAddr>,
+    timing: Timing,
+    stop: CancellationToken,
+) -> (Membership, tokio::task::JoinHandle<()>) {
+    let mut initial = BTreeMap::new();
+    initial.insert(me.key(), me.clone());
+    let (members_tx, members) = watch::channel(Arc::new(initial));
+    let task = tokio::spawn(run(me.clone(), Arc::new(socket), seeds, timing, members_tx, stop));
+    (Membership { me, members }, task)
+}
+
+async fn run(
+    me: Node,
+    socket: Arc<UdpSocket>,
+    seeds: Vec<SocketAddr>,
+    timing: Timing,
+    members: watch::Sender<Members>,
+    stop: CancellationToken,
+) {
+    let mut foca = Foca::new(me.clone(), foca_config(timing), StdRng::from_os_rng(), PostcardCodec);
+    let mut runtime = foca::AccumulatingRuntime::new();
+    // bounded: datagrams beyond it are dropped, as the network could drop them
+    let (tx, mut rx) = mpsc::channel::<Input>(1024);
+    let receiver = {
+        let socket = socket.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok((n, _)) = socket.recv_from(&mut buf).await {
+                let _ = tx.try_send(Input::Data(Bytes::copy_from_slice(&buf[..n])));
+            }
+        })
+    };
+    let mut announce = tokio::time::interval(timing.probe_period);
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = foca.leave_cluster(&mut runtime);
+                flush(&mut runtime, &socket, &tx, &members, &foca).await;
+                break;
+            }
+            _ = announce.tick() => {
+                // until some member answers, keep announcing to the seeds
+                if foca.num_members() == 0 {
+                    for &seed in seeds.iter().filter(|&&s| s != me.addr) {
+                        let target = Node { name: String::new(), addr: seed, boot: 0 };
+                        let _ = foca.announce(target, &mut runtime);
+                    }
+                }
+                Ok(())
+            }
+            input = rx.recv() => match input {
+                Some(Input::Data(data)) => foca.handle_data(&data, &mut runtime),
+                Some(Input::Timer(timer)) => foca.handle_timer(timer, &mut runtime),
+                None => break,
+            },
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "membership message ignored");
+        }
+        if !flush(&mut runtime, &socket, &tx, &members, &foca).await {
+            tracing::error!(
+                member = ?me,
+                "the pool declared this worker down; it leaves the ring (restart it to rejoin)"
+            );
+            members.send_replace(Arc::new(BTreeMap::new()));
+            break;
+        }
+    }
+    receiver.abort();
+}
+
+/// Sends, schedules and publishes what foca asked for; false once this worker is defunct.
+async fn flush(
+    runtime: &mut foca::AccumulatingRuntime<Node>,
+    socket: &UdpSocket,
+    tx: &mpsc::Sender<Input>,
+    members: &watch::Sender<Members>,
+    foca: &Foca<Node, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+) -> bool {
+    while let Some((to, data)) = runtime.to_send() {
+        let _ = socket.send_to(&data, to.addr).await;
+    }
+    while let Some((after, timer)) = runtime.to_schedule() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Input::Timer(timer)).await;
+        });
+    }
+    let mut changed = false;
+    while let Some(notification) = runtime.to_notify() {
+        match notification {
+            OwnedNotification::MemberUp(node) => {
+                tracing::info!(member = ?node, "member up");
+                changed = true;
+            }
+            OwnedNotification::MemberDown(node) => {
+                tracing::warn!(member = ?node, "member down");
+                changed = true;
+            }
+            OwnedNotification::Rename(_, _) => changed = true,
+            OwnedNotification::Defunct => return false,
+            _ => {}
+        }
+    }
+    if changed {
+        let mut active: BTreeMap<String, Node> =
+            foca.iter_members().map(|m| (m.id().key(), m.id().clone())).collect();
+        active.insert(foca.identity().key(), foca.identity().clone());
+        ::metrics::gauge!("thingport_ring_members").set(active.len() as f64);
+        members.send_replace(Arc::new(active));
+    }
+    true
+}

@@ -1,0 +1,351 @@
+//! Operations on a partition's things and copies of things, as the peer format carries them
+//! (`thingport_protocol::peer`). Applying an operation is deterministic and idempotent, and operations on one thing
+//! commute (last writer wins by version), so a primary and its backups that apply the same operations in any order
+//! hold the same state, and a copy merged into a partition that already saw some of its writes changes nothing twice.
+
+use bytes::BytesMut;
+use thingport_protocol::peer::{
+    BindingRecord, EventRecord as EventWire, Op, PropertyRecord, ThingRecord, ThingSummary,
+};
+use thingport_protocol::{ByteString, Frame, Limits, Quality, Value};
+
+use crate::model::{Binding, EventRecord, PropertyState, ThingState, Version};
+use crate::ring::store::Partition;
+
+/// Why an operation was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The thing does not exist and the operation may not create it.
+    UnknownThing,
+    /// The operation carries a frame or value that does not decode, or a frame that is not data.
+    Invalid,
+}
+
+/// Applies an operation to the thing's partition. A backup passes `replica`: the primary already decided whether the
+/// thing may be created, and a backup that has not yet received its copy of the partition creates the thing.
+pub fn apply(
+    partition: &mut Partition,
+    op: &Op,
+    limits: &Limits,
+    replica: bool,
+) -> Result<(), Refused> {
+    let name = ByteString::from(op.thing());
+    let (create, now_ms) = match op {
+        Op::Create { now_ms, .. } => (true, *now_ms),
+        Op::Device { create, now_ms, .. }
+        | Op::Bind { create, now_ms, .. }
+        | Op::Unbind { create, now_ms, .. } => (*create, *now_ms),
+        Op::Write { now_ms, .. } => (false, *now_ms),
+    };
+    // decode before creating, so that a refused operation leaves nothing behind
+    let frame = match op {
+        Op::Device { frame, .. } => {
+            Some(Frame::decode(frame.clone(), limits).map_err(|_| Refused::Invalid)?)
+        }
+        _ => None,
+    };
+    let thing = match partition.get_mut(&name) {
+        Some(thing) => thing,
+        None if create || replica => partition
+            .entry(name.clone())
+            .or_insert(ThingState { created_ms: now_ms, ..ThingState::default() }),
+        None => return Err(Refused::UnknownThing),
+    };
+    match op {
+        Op::Create { .. } => {}
+        Op::Device { incarnation, .. } => match frame {
+            Some(Frame::Properties(batch)) => {
+                for u in batch.updates {
+                    let version = Version {
+                        timestamp_ms: u.timestamp_ms,
+                        incarnation: *incarnation,
+                        seq: batch.seq,
+                    };
+                    let state = PropertyState {
+                        value: u.value,
+                        quality: u.quality,
+                        version,
+                        received_ms: now_ms,
+                    };
+                    thing.apply_property(&u.name, state);
+                }
+            }
+            Some(Frame::Event(event)) => {
+                let version = Version {
+                    timestamp_ms: event.timestamp_ms,
+                    incarnation: *incarnation,
+                    seq: event.seq,
+                };
+                thing.record_event(EventRecord {
+                    name: event.name,
+                    payload: event.payload,
+                    version,
+                    received_ms: now_ms,
+                });
+            }
+            _ => return Err(Refused::Invalid),
+        },
+        Op::Write { property, value, .. } => {
+            let value = Value::decode(value.clone(), limits).map_err(|_| Refused::Invalid)?;
+            // an application's write is newer than any device report of the same millisecond
+            let version = Version { timestamp_ms: now_ms, incarnation: u64::MAX, seq: 0 };
+            let state =
+                PropertyState { value, quality: Quality::Good, version, received_ms: now_ms };
+            thing.apply_property(&ByteString::from(property.as_str()), state);
+        }
+        Op::Bind { gateway, session_id, .. } => {
+            thing.bind(Binding {
+                gateway: ByteString::from(gateway.as_str()),
+                session_id: *session_id,
+                since_ms: now_ms,
+            });
+        }
+        Op::Unbind { gateway, session_id, .. } => {
+            thing.unbind(gateway, *session_id, now_ms);
+        }
+    }
+    Ok(())
+}
+
+fn encode_value(value: &Value) -> bytes::Bytes {
+    let mut buf = BytesMut::with_capacity(value.encoded_len());
+    value.encode(&mut buf);
+    buf.freeze()
+}
+
+/// A thing's state as the peer format carries it.
+pub fn to_record(name: &str, thing: &ThingState) -> ThingRecord {
+    ThingRecord {
+        name: name.to_string(),
+        created_ms: thing.created_ms,
+        properties: thing
+            .properties
+            .iter()
+            .map(|(name, p)| PropertyRecord {
+                name: name.to_string(),
+                value: encode_value(&p.value),
+                quality: p.quality as u8,
+                timestamp_ms: p.version.timestamp_ms,
+                incarnation: p.version.incarnation,
+                seq: p.version.seq,
+                received_ms: p.received_ms,
+            })
+            .collect(),
+        binding: thing.binding.as_ref().map(|b| BindingRecord {
+            gateway: b.gateway.to_string(),
+            session_id: b.session_id,
+            since_ms: b.since_ms,
+        }),
+        binding_changed_ms: thing.binding_changed_ms,
+        events: thing
+            .events
+            .iter()
+            .map(|e| EventWire {
+                name: e.name.to_string(),
+                payload: encode_value(&e.payload),
+                timestamp_ms: e.version.timestamp_ms,
+                incarnation: e.version.incarnation,
+                seq: e.version.seq,
+                received_ms: e.received_ms,
+            })
+            .collect(),
+    }
+}
+
+/// A thing's state from its record; `None` if a value in it does not decode.
+pub fn from_record(record: &ThingRecord, limits: &Limits) -> Option<ThingState> {
+    let mut thing = ThingState {
+        created_ms: record.created_ms,
+        binding_changed_ms: record.binding_changed_ms,
+        binding: record.binding.as_ref().map(|b| Binding {
+            gateway: ByteString::from(b.gateway.as_str()),
+            session_id: b.session_id,
+            since_ms: b.since_ms,
+        }),
+        ..ThingState::default()
+    };
+    for p in &record.properties {
+        let state = PropertyState {
+            value: Value::decode(p.value.clone(), limits).ok()?,
+            quality: Quality::from_u8(p.quality)?,
+            version: Version {
+                timestamp_ms: p.timestamp_ms,
+                incarnation: p.incarnation,
+                seq: p.seq,
+            },
+            received_ms: p.received_ms,
+        };
+        thing.properties.insert(ByteString::from(p.name.as_str()), state);
+    }
+    for e in &record.events {
+        thing.events.push_back(EventRecord {
+            name: ByteString::from(e.name.as_str()),
+            payload: Value::decode(e.payload.clone(), limits).ok()?,
+            version: Version {
+                timestamp_ms: e.timestamp_ms,
+                incarnation: e.incarnation,
+                seq: e.seq,
+            },
+            received_ms: e.received_ms,
+        });
+    }
+    Some(thing)
+}
+
+/// Merges a copy of a thing into the partition: properties by last writer, events once each, the later binding.
+pub fn merge(partition: &mut Partition, copy: ThingState, name: &str) {
+    let name = ByteString::from(name);
+    let Some(thing) = partition.get_mut(&name) else {
+        partition.insert(name, copy);
+        return;
+    };
+    thing.created_ms = thing.created_ms.min(copy.created_ms);
+    for (property, state) in copy.properties {
+        thing.apply_property(&property, state);
+    }
+    for event in copy.events {
+        thing.record_event(event);
+    }
+    if copy.binding_changed_ms > thing.binding_changed_ms {
+        thing.binding = copy.binding;
+        thing.binding_changed_ms = copy.binding_changed_ms;
+        thing.last_closed = copy.last_closed;
+    }
+}
+
+/// One line of a listing.
+pub fn summary(name: &str, thing: &ThingState) -> ThingSummary {
+    ThingSummary {
+        name: name.to_string(),
+        gateway: thing.binding.as_ref().map(|b| b.gateway.to_string()),
+        properties: thing.properties.len() as u32,
+        created_ms: thing.created_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use thingport_protocol::{Event, Properties, PropertyUpdate};
+
+    use super::*;
+
+    fn device(thing: &str, seq: u64, timestamp_ms: u64, value: i64) -> Op {
+        let frame = Frame::Properties(Properties {
+            seq,
+            updates: vec![PropertyUpdate {
+                name: "level".into(),
+                timestamp_ms,
+                quality: Quality::Good,
+                value: Value::Int(value),
+            }],
+        });
+        Op::Device {
+            thing: thing.into(),
+            create: true,
+            now_ms: 1,
+            incarnation: 1,
+            frame: frame.to_bytes(),
+        }
+    }
+
+    fn event(thing: &str, seq: u64) -> Op {
+        let frame = Frame::Event(Event {
+            seq,
+            timestamp_ms: seq,
+            name: "tick".into(),
+            payload: Value::Int(seq as i64),
+        });
+        Op::Device {
+            thing: thing.into(),
+            create: true,
+            now_ms: 1,
+            incarnation: 1,
+            frame: frame.to_bytes(),
+        }
+    }
+
+    #[test]
+    fn any_order_and_any_repetition_give_the_same_state() {
+        let ops = vec![
+            device("t", 1, 100, 1),
+            event("t", 2),
+            device("t", 3, 300, 3),
+            Op::Bind {
+                thing: "t".into(),
+                create: true,
+                gateway: "g".into(),
+                session_id: 1,
+                now_ms: 10,
+            },
+            Op::Unbind {
+                thing: "t".into(),
+                create: true,
+                gateway: "g".into(),
+                session_id: 1,
+                now_ms: 20,
+            },
+            device("t", 4, 200, 2),
+        ];
+        let limits = Limits::DEFAULT;
+        let mut reference = Partition::new();
+        for op in &ops {
+            apply(&mut reference, op, &limits, false).unwrap();
+        }
+        // every rotation, reversed, and each op applied twice
+        for shift in 0..ops.len() {
+            let mut order: Vec<&Op> = ops.iter().cycle().skip(shift).take(ops.len()).collect();
+            if shift % 2 == 1 {
+                order.reverse();
+            }
+            let mut partition = Partition::new();
+            for op in order.iter().chain(order.iter()) {
+                apply(&mut partition, op, &limits, false).unwrap();
+            }
+            let (a, b) = (&partition["t"], &reference["t"]);
+            assert_eq!(a.properties, b.properties, "order from {shift}");
+            assert_eq!(a.binding, b.binding, "order from {shift}");
+            assert_eq!(a.events.len(), b.events.len());
+        }
+        assert_eq!(reference["t"].properties["level"].value, Value::Int(3));
+    }
+
+    #[test]
+    fn a_copy_round_trips_and_merges_without_loss() {
+        let limits = Limits::DEFAULT;
+        let mut primary = Partition::new();
+        for op in [device("t", 1, 100, 1), event("t", 2), device("t", 3, 300, 3)] {
+            apply(&mut primary, &op, &limits, false).unwrap();
+        }
+        let record = to_record("t", &primary["t"]);
+        let copy = from_record(&record, &limits).unwrap();
+        assert_eq!(copy, primary["t"]);
+        // a new owner that already got a later write through double replication keeps it
+        let mut new_owner = Partition::new();
+        apply(&mut new_owner, &device("t", 5, 500, 5), &limits, true).unwrap();
+        merge(&mut new_owner, copy, "t");
+        assert_eq!(new_owner["t"].properties["level"].value, Value::Int(5));
+        assert_eq!(new_owner["t"].events.len(), 1);
+    }
+
+    #[test]
+    fn refusals_leave_nothing_behind() {
+        let limits = Limits::DEFAULT;
+        let mut partition = Partition::new();
+        let bad = Op::Device {
+            thing: "t".into(),
+            create: true,
+            now_ms: 1,
+            incarnation: 1,
+            frame: bytes::Bytes::from_static(&[0x03, 0xff]),
+        };
+        assert_eq!(apply(&mut partition, &bad, &limits, false), Err(Refused::Invalid));
+        let write = Op::Write {
+            thing: "t".into(),
+            property: "p".into(),
+            value: encode_value(&Value::Int(1)),
+            now_ms: 1,
+        };
+        assert_eq!(apply(&mut partition, &write, &limits, false), Err(Refused::UnknownThing));
+        assert!(partition.is_empty());
+    }
+}

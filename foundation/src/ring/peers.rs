@@ -1,0 +1,270 @@
+//! Connections between the workers of a pool (`docs/PROTOCOL.md` §10): one TCP connection from each worker to each
+//! other it sends requests to, opened on first use and again after a failure. Requests are written in batches and
+//! answered in any order, matched by id.
+//!
+//! Bounds: a connection queues at most [`QUEUE`] messages (a request finding it full fails at once, and the caller
+//! retries as after any failure); a served connection runs at most [`IN_FLIGHT`] requests at a time and stops
+//! reading beyond that; a message is at most the configured size, checked before it is buffered.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use thingport_protocol::peer::{PEER_VERSION, PeerMessage, Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Messages queued on one connection.
+pub const QUEUE: usize = 16_384;
+/// Requests served at once on one connection.
+pub const IN_FLIGHT: usize = 4_096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_BATCH: usize = 256 * 1024;
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("could not connect")]
+    Connect,
+    #[error("connection queue full")]
+    Busy,
+    #[error("connection lost")]
+    Lost,
+    #[error("no answer in time")]
+    Timeout,
+}
+
+type Waiting = Mutex<HashMap<u64, oneshot::Sender<Response>>>;
+
+#[derive(Debug)]
+struct Conn {
+    tx: mpsc::Sender<Bytes>,
+    waiting: Waiting,
+    next: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// This worker's connections to the others.
+#[derive(Debug)]
+pub struct Peers {
+    me: String,
+    max_message: usize,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+}
+
+impl Peers {
+    pub fn new(me: String, max_message: usize) -> Peers {
+        Peers { me, max_message, conns: Mutex::new(HashMap::new()) }
+    }
+
+    /// Sends a request to the member `key` at `addr` and waits up to `timeout` for its answer.
+    pub async fn request(
+        &self,
+        key: &str,
+        addr: SocketAddr,
+        body: Request,
+        timeout: Duration,
+    ) -> Result<Response, PeerError> {
+        let conn = self.conn(key, addr).await?;
+        let id = conn.next.fetch_add(1, Ordering::Relaxed);
+        let message = PeerMessage::Request { id, body };
+        let bytes = message.to_framed_bytes().map_err(|_| PeerError::Lost)?;
+        let (tx, rx) = oneshot::channel();
+        lock(&conn.waiting).insert(id, tx);
+        if let Err(e) = conn.tx.try_send(bytes) {
+            lock(&conn.waiting).remove(&id);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => PeerError::Busy,
+                mpsc::error::TrySendError::Closed(_) => PeerError::Lost,
+            });
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(PeerError::Lost),
+            Err(_) => {
+                lock(&conn.waiting).remove(&id);
+                Err(PeerError::Timeout)
+            }
+        }
+    }
+
+    async fn conn(&self, key: &str, addr: SocketAddr) -> Result<Arc<Conn>, PeerError> {
+        if let Some(conn) = lock(&self.conns).get(key)
+            && !conn.closed.load(Ordering::Acquire)
+        {
+            return Ok(conn.clone());
+        }
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| PeerError::Connect)?
+            .map_err(|_| PeerError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (reader, mut writer) = stream.into_split();
+        let hello = PeerMessage::Hello { version: PEER_VERSION, member: self.me.clone() };
+        let hello = hello.to_framed_bytes().map_err(|_| PeerError::Connect)?;
+        writer.write_all(&hello).await.map_err(|_| PeerError::Connect)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let conn = Arc::new(Conn {
+            tx,
+            waiting: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
+        {
+            let mut conns = lock(&self.conns);
+            if let Some(other) = conns.get(key)
+                && !other.closed.load(Ordering::Acquire)
+            {
+                return Ok(other.clone()); // another task connected first; this one is dropped
+            }
+            conns.insert(key.to_string(), conn.clone());
+        }
+        let max_message = self.max_message;
+        let running = conn.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = write_batches(writer, rx) => {}
+                _ = read_responses(reader, &running, max_message) => {}
+            }
+            running.closed.store(true, Ordering::Release);
+            // waiting requests fail now rather than at their timeout
+            lock(&running.waiting).clear();
+        });
+        Ok(conn)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes queued messages, as many per write as are ready.
+async fn write_batches(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut batch = BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        batch.extend_from_slice(&first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if writer.write_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+}
+
+async fn read_responses(mut reader: OwnedReadHalf, conn: &Conn, max_message: usize) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        loop {
+            match PeerMessage::decode_framed(&mut buf, max_message) {
+                Ok(Some(PeerMessage::Response { id, body })) => {
+                    if let Some(tx) = lock(&conn.waiting).remove(&id) {
+                        let _ = tx.send(body);
+                    }
+                }
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => break,
+            }
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Serves peer connections until `stop`, answering each request with `handle`.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    max_message: usize,
+    handle: H,
+    stop: CancellationToken,
+) where
+    H: Fn(Request) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let handle = handle.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = serve_conn(stream, max_message, handle) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "peer accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn<H, F>(stream: TcpStream, max_message: usize, handle: H)
+where
+    H: Fn(Request) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    let (mut reader, writer) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+    let writing = tokio::spawn(write_batches(writer, rx));
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut greeted = false;
+    'read: loop {
+        loop {
+            let message = match PeerMessage::decode_framed(&mut buf, max_message) {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable peer message; closing the connection");
+                    break 'read;
+                }
+            };
+            match message {
+                PeerMessage::Hello { version: PEER_VERSION, .. } if !greeted => greeted = true,
+                PeerMessage::Request { id, body } if greeted => {
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else { break 'read };
+                    let handle = handle.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let body = handle(body).await;
+                        if let Ok(bytes) = (PeerMessage::Response { id, body }).to_framed_bytes() {
+                            let _ = tx.send(bytes).await;
+                        }
+                        drop(permit);
+                    });
+                }
+                other => {
+                    tracing::warn!(message = ?other, "unexpected peer message; closing the connection");
+                    break 'read;
+                }
+            }
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    drop(tx);
+    let _ = writing.await;
+}

@@ -1,0 +1,111 @@
+//! Helpers shared by the foundation's integration tests: a gateway in front of given workers, devices with tokens,
+//! a minimal HTTP client for the API.
+
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different part")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use thingport_gateway::token::TokenKey;
+use thingport_gateway::{Config as GatewayConfig, Gateway};
+use thingport_loadtest::client::{Device, Endpoint, Transport};
+use thingport_protocol::{ByteString, Credential, DeviceConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const SECRET: &[u8] = b"system-test-secret-system-test-secret-01";
+pub const KEY: &str = "app-key-1";
+
+/// Writes the application keys file into `dir`.
+pub fn api_keys(dir: &std::path::Path) -> std::path::PathBuf {
+    let keys = dir.join("api-keys");
+    std::fs::write(&keys, format!("# test\n{KEY}\n")).unwrap();
+    keys
+}
+
+/// A gateway linked to `foundations`, with a self-signed certificate in `dir`.
+pub struct TestGateway {
+    pub endpoint: Endpoint,
+    pub handle: thingport_gateway::Handle,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+}
+
+pub async fn gateway(dir: &std::path::Path, foundations: Vec<SocketAddr>) -> TestGateway {
+    let (cert, key) = thingport_gateway::tls::self_signed(&["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    std::fs::write(dir.join("secret"), SECRET).unwrap();
+    let mut config = GatewayConfig::default();
+    config.listen.address = "127.0.0.1:0".parse().unwrap();
+    config.admin.address = None;
+    config.tls.cert = dir.join("cert.pem");
+    config.tls.key = dir.join("key.pem");
+    config.auth.secret_file = dir.join("secret");
+    let links = foundations.len() * config.upstream.links_per_foundation;
+    config.upstream.foundations = foundations;
+    let gateway = Gateway::bind(config).await.unwrap();
+    let wss = gateway.addrs().wss.unwrap();
+    let handle = gateway.handle();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async move {
+        let _ = rx.await;
+    }));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while handle.links_up() < links {
+        assert!(std::time::Instant::now() < deadline, "links never came up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let trusted = rustls_pki_types_from_pem(&cert);
+    let endpoint = Endpoint::new(wss, "localhost", Transport::Wss, &[trusted]).unwrap();
+    TestGateway { endpoint, handle, stop }
+}
+
+fn rustls_pki_types_from_pem(pem: &str) -> rustls::pki_types::CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+pub fn device(thing: &str) -> Device {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let token = TokenKey::new(SECRET).unwrap().issue(thing, now + 3_600);
+    Device::new(
+        DeviceConfig {
+            thing: ByteString::from(thing.to_string()),
+            credential: Credential::Token(token.into_bytes().into()),
+            keepalive_secs: 30,
+            handshake_timeout: Duration::from_secs(5),
+            window: 64,
+            incarnation: 7,
+        },
+        1,
+    )
+}
+
+/// One HTTP/1.1 request with an optional JSON body; returns the status and the JSON body.
+pub async fn http(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Json>,
+) -> (u16, Json) {
+    let mut stream = tokio::net::TcpStream::connect(api).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let key = key.map(|k| format!("x-api-key: {k}\r\n")).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{key}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let text = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (status, serde_json::from_str(text).unwrap_or(Json::Null))
+}
+
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}

@@ -1,0 +1,267 @@
+//! The foundation ↔ foundation format of the cache ring (`docs/PROTOCOL.md` §10).
+//!
+//! Workers of one pool talk over one TCP connection per ordered pair: the dialling worker sends requests, the
+//! other answers on the same connection, in any order, matched by id. Each message is a length prefix (§2.3) and a
+//! [postcard](https://docs.rs/postcard) encoding of [`PeerMessage`]. The format is internal to a pool whose
+//! workers run the same release: the first message names the format's version and a worker refuses any other.
+//! Property values and event payloads travel in the device encoding of a value (§4), so the ring never re-encodes
+//! what a device sent.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::error::DecodeError;
+use crate::stream;
+
+/// Version of the peer format.
+pub const PEER_VERSION: u8 = 1;
+
+/// One message on a peer connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// First message of the dialling worker.
+    Hello {
+        version: u8,
+        member: String,
+    },
+    Request {
+        id: u64,
+        body: Request,
+    },
+    Response {
+        id: u64,
+        body: Response,
+    },
+}
+
+/// A change to one thing, applied by the partition's primary and then by each backup, in any order: every
+/// operation is idempotent and commutes with the others of its thing (last writer wins by version).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Creates the thing if it does not exist.
+    Create { thing: String, now_ms: u64 },
+    /// A device data frame (`PROPERTIES` or `EVENT`), byte for byte as the device sent it.
+    Device { thing: String, create: bool, now_ms: u64, incarnation: u64, frame: Bytes },
+    /// A property value written by an application; `value` in the device encoding.
+    Write { thing: String, property: String, value: Bytes, now_ms: u64 },
+    /// The thing is now reached through this gateway session.
+    Bind { thing: String, create: bool, gateway: String, session_id: u64, now_ms: u64 },
+    /// The session ended; the binding goes if it is still this session's. `create` as for `Bind`: a `CLOSE` may be
+    /// applied before its `OPEN`, and must still be remembered.
+    Unbind { thing: String, create: bool, gateway: String, session_id: u64, now_ms: u64 },
+}
+
+impl Op {
+    /// The thing the operation changes.
+    pub fn thing(&self) -> &str {
+        match self {
+            Op::Create { thing, .. }
+            | Op::Device { thing, .. }
+            | Op::Write { thing, .. }
+            | Op::Bind { thing, .. }
+            | Op::Unbind { thing, .. } => thing,
+        }
+    }
+}
+
+/// A partition table: members, replicas and each partition's owners (indices into `members`, primary first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableRecord {
+    pub version: u64,
+    pub replicas: u32,
+    pub members: Vec<String>,
+    pub owners: Vec<Vec<u16>>,
+}
+
+/// Everything stored about one thing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThingRecord {
+    pub name: String,
+    pub created_ms: u64,
+    pub properties: Vec<PropertyRecord>,
+    pub binding: Option<BindingRecord>,
+    /// When the binding last changed (bound or unbound), ms since the Unix epoch; the later change wins.
+    pub binding_changed_ms: u64,
+    pub events: Vec<EventRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PropertyRecord {
+    pub name: String,
+    /// The value in the device encoding (§4).
+    pub value: Bytes,
+    pub quality: u8,
+    pub timestamp_ms: u64,
+    pub incarnation: u64,
+    pub seq: u64,
+    pub received_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingRecord {
+    pub gateway: String,
+    pub session_id: u64,
+    pub since_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub name: String,
+    /// The payload in the device encoding (§4).
+    pub payload: Bytes,
+    pub timestamp_ms: u64,
+    pub incarnation: u64,
+    pub seq: u64,
+    pub received_ms: u64,
+}
+
+/// One line of a thing listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingSummary {
+    pub name: String,
+    pub gateway: Option<String>,
+    pub properties: u32,
+    pub created_ms: u64,
+}
+
+/// How a service call ended, sent to the worker that started it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CallOutcome {
+    /// The device's `SERVICE_RESPONSE` frame, byte for byte.
+    Answered { frame: Bytes },
+    /// The gateway could not deliver the request; the error code.
+    Undeliverable { code: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Apply `op` to its thing's partition: as the primary (apply, replicate to the backups, then answer) or, with
+    /// `replica`, as a backup (apply and answer).
+    Write { partition: u16, replica: bool, op: Op },
+    /// A thing's record, read on the partition's primary.
+    Read { thing: String },
+    /// The things of the partitions this worker leads.
+    List,
+    /// Copies of partitions this worker holds.
+    Fetch { partitions: Vec<u16> },
+    /// Counts for the cluster view.
+    Stats,
+    /// The coordinator's next table: replicate writes to its owners too from now on.
+    Prepare { table: TableRecord },
+    /// Copy these partitions of the prepared table from these members, then answer.
+    Pull { version: u64, sources: Vec<(u16, String)> },
+    /// The prepared table `version` is now the table.
+    Commit { version: u64 },
+    /// The committed table, sent to a member that just appeared.
+    Table { table: TableRecord },
+    /// A service call this worker started ended.
+    Complete { call_id: u64, outcome: CallOutcome },
+}
+
+/// Why a request was not carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// This worker does not lead the partition in its table; the sender should retry with a newer table.
+    NotPrimary,
+    /// This worker holds no copy of the partition.
+    NotOwner,
+    /// This worker has no table yet.
+    NoTable,
+    /// The thing does not exist and the operation may not create it.
+    UnknownThing,
+    /// The operation is invalid (an undecodable frame or value).
+    Invalid,
+    /// The primary could not reach every owner of the partition; retry.
+    Unavailable,
+    /// The prepared table is not the one named.
+    Stale,
+    /// Copying a partition failed.
+    CopyFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Done,
+    Refused {
+        refusal: Refusal,
+        table_version: u64,
+    },
+    Thing(Option<ThingRecord>),
+    Things(Vec<ThingSummary>),
+    Partitions(Vec<(u16, Vec<ThingRecord>)>),
+    Stats {
+        things: u64,
+        partitions_held: u32,
+        primaries: u32,
+    },
+    /// The table was prepared; or, if this worker already has a table at least as new as the one proposed, that
+    /// table.
+    Prepared {
+        newer: Option<TableRecord>,
+    },
+}
+
+impl PeerMessage {
+    /// Appends the message with its length prefix.
+    pub fn encode_framed(&self, dst: &mut BytesMut) -> Result<(), postcard::Error> {
+        let body = postcard::to_stdvec(self)?;
+        stream::put_len(dst, body.len());
+        dst.put_slice(&body);
+        Ok(())
+    }
+
+    /// The message with its length prefix.
+    pub fn to_framed_bytes(&self) -> Result<Bytes, postcard::Error> {
+        let mut buf = BytesMut::new();
+        self.encode_framed(&mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    /// The next whole message in `buf`, or `None` until one is complete; a declared length over `max_message` is
+    /// refused before it is buffered.
+    pub fn decode_framed(
+        buf: &mut BytesMut,
+        max_message: usize,
+    ) -> Result<Option<PeerMessage>, DecodeError> {
+        let Some(frame) = stream::next_frame(buf, max_message)? else { return Ok(None) };
+        postcard::from_bytes(&frame).map(Some).map_err(|_| DecodeError::InvalidField {
+            what: "peer message",
+            value: frame.len() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_truncations_wait() {
+        let message = PeerMessage::Request {
+            id: 7,
+            body: Request::Write {
+                partition: 513,
+                replica: true,
+                op: Op::Device {
+                    thing: "pump-7".into(),
+                    create: true,
+                    now_ms: 1_700_000_000_000,
+                    incarnation: 3,
+                    frame: Bytes::from_static(&[3, 1, 1]),
+                },
+            },
+        };
+        let bytes = message.to_framed_bytes().unwrap();
+        let mut whole = BytesMut::from(&bytes[..]);
+        assert_eq!(PeerMessage::decode_framed(&mut whole, 1024).unwrap(), Some(message));
+        assert!(whole.is_empty());
+        for cut in 0..bytes.len() {
+            let mut part = BytesMut::from(&bytes[..cut]);
+            assert_eq!(PeerMessage::decode_framed(&mut part, 1024).unwrap(), None, "cut at {cut}");
+        }
+        let mut small = BytesMut::from(&bytes[..]);
+        assert!(PeerMessage::decode_framed(&mut small, 4).is_err(), "over the limit");
+        let mut garbage = BytesMut::from(&[3u8, 0xff, 0xff, 0xff][..]);
+        assert!(PeerMessage::decode_framed(&mut garbage, 1024).is_err());
+    }
+}
