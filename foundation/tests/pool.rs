@@ -1,0 +1,287 @@
+//! A pool of foundation worker processes sharing the ring, behind a real gateway: devices write, any worker's API
+//! reads it back; a fourth worker joins and takes its share; a worker is killed with SIGKILL under write load and
+//! no acknowledged write is lost, the ring rebalances and the devices stay connected.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+use support::{KEY, device, http, within};
+use thingport_loadtest::client::Endpoint;
+use thingport_protocol::{DeviceEvent, Frame, Properties, PropertyUpdate, Quality, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+struct WorkerProcess {
+    id: String,
+    child: Child,
+    link: SocketAddr,
+    api: SocketAddr,
+    peer: SocketAddr,
+}
+
+/// Starts `thingport-foundation` with every port 0 and reads the addresses it bound from its first stdout line.
+async fn spawn_worker(dir: &Path, id: &str, seeds: &[SocketAddr], bootstrap: usize) -> WorkerProcess {
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let config = format!(
+        r#"id = "{id}"
+link_address = "127.0.0.1:0"
+api_address = "127.0.0.1:0"
+peer_address = "127.0.0.1:0"
+admin_address = "127.0.0.1:0"
+api_keys_file = "{keys}"
+seeds = [{seeds}]
+bootstrap_members = {bootstrap}
+replicas = 2
+probe_period = "100ms"
+suspect_timeout = "500ms"
+request_timeout = "1s"
+write_timeout = "20s"
+"#,
+        keys = dir.join("api-keys").display(),
+        seeds = seeds.join(", "),
+    );
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{id}.log"))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thingport-foundation"))
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    within("worker addresses", BufReader::new(stdout).read_line(&mut line)).await.unwrap();
+    let addrs: Json = serde_json::from_str(&line).unwrap();
+    let addr = |k: &str| addrs[k].as_str().unwrap().parse().unwrap();
+    WorkerProcess {
+        id: id.to_string(),
+        link: addr("link"),
+        api: addr("api"),
+        peer: addr("peer"),
+        child,
+    }
+}
+
+/// Polls a worker's cluster view until `done` holds for it.
+async fn cluster_until(api: SocketAddr, what: &str, done: impl Fn(&Json) -> bool) -> Json {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, view) = http(api, "GET", "/v1/cluster", Some(KEY), None).await;
+        if status == 200 && done(&view) {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last view: {view:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The table's workers (names without boot numbers), and whether no change is under way.
+fn table_ids(view: &Json) -> Vec<String> {
+    view["table"]["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|k| k.as_str().unwrap().rsplit_once('#').unwrap().0.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn settled_on(view: &Json, ids: &[&str]) -> bool {
+    view["changing"] == json!(false) && table_ids(view) == ids
+}
+
+/// Replica slots per worker name from a cluster view.
+fn slots(view: &Json) -> BTreeMap<String, u64> {
+    view["table"]["replica_slots"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.rsplit_once('#').unwrap().0.to_string(), v.as_u64().unwrap()))
+        .collect()
+}
+
+/// What one device had acknowledged: property `m<n>` holds `n`.
+type Acked = Arc<Mutex<BTreeMap<String, Vec<i64>>>>;
+
+/// A device writing a new property every 10 ms until `stop`, then waiting for its last acknowledgement. Fails if
+/// the device is ever disconnected.
+async fn run_device(
+    name: String,
+    endpoint: Endpoint,
+    stop: CancellationToken,
+    acked: Acked,
+) -> Result<(), String> {
+    let mut dev = device(&name);
+    dev.connect(&endpoint).await.map_err(|e| format!("{name}: connect: {e}"))?;
+    let mut unacked: BTreeMap<u64, i64> = BTreeMap::new();
+    let mut n = 0i64;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled(), if !stopping => stopping = true,
+            _ = tick.tick(), if !stopping && unacked.len() < 32 => {
+                n += 1;
+                let frame = Frame::Properties(Properties {
+                    seq: 0,
+                    updates: vec![PropertyUpdate {
+                        name: format!("m{n}").into(),
+                        timestamp_ms: n as u64,
+                        quality: Quality::Good,
+                        value: Value::Int(n),
+                    }],
+                });
+                let seq = dev.send(frame).await.map_err(|e| format!("{name}: send: {e}"))?;
+                unacked.insert(seq, n);
+            }
+            event = dev.recv_event() => {
+                if let Some(DeviceEvent::Acked { seq }) =
+                    event.map_err(|e| format!("{name}: disconnected: {e}"))?
+                {
+                    let rest = unacked.split_off(&(seq + 1));
+                    let done: Vec<i64> = std::mem::replace(&mut unacked, rest).into_values().collect();
+                    acked.lock().unwrap().entry(name.clone()).or_default().extend(done);
+                }
+                dev.flush().await.map_err(|e| format!("{name}: flush: {e}"))?;
+            }
+        }
+        if stopping && unacked.is_empty() {
+            dev.disconnect().await;
+            return Ok(());
+        }
+    }
+}
+
+fn total(acked: &Acked) -> usize {
+    acked.lock().unwrap().values().map(Vec::len).sum()
+}
+
+async fn acked_grows_by(acked: &Acked, more: usize, what: &str) {
+    let target = total(acked) + more;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while total(acked) < target {
+        assert!(Instant::now() < deadline, "acknowledgements stalled {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let first = spawn_worker(dir.path(), "w1", &[], 3).await;
+    let mut workers = vec![first];
+    for id in ["w2", "w3"] {
+        let seed = workers[0].peer;
+        workers.push(spawn_worker(dir.path(), id, &[seed], 3).await);
+    }
+    let view =
+        cluster_until(workers[2].api, "three members", |v| settled_on(v, &["w1", "w2", "w3"]))
+            .await;
+    let spread = slots(&view);
+    assert_eq!(spread.values().sum::<u64>(), 2048, "two copies of 1,024 partitions");
+    assert!(
+        spread.values().all(|&n| n as f64 <= 1.10 * 2048.0 / 3.0),
+        "balanced (max/mean ≤ 1.10): {spread:?}"
+    );
+
+    let links = workers.iter().map(|w| w.link).collect();
+    let gateway = support::gateway(dir.path(), links).await;
+    let stop = CancellationToken::new();
+    let acked: Acked = Arc::default();
+    let devices: Vec<_> = (0..12)
+        .map(|i| {
+            let run =
+                run_device(format!("dev-{i}"), gateway.endpoint.clone(), stop.clone(), acked.clone());
+            tokio::spawn(run)
+        })
+        .collect();
+    acked_grows_by(&acked, 300, "before any change").await;
+
+    // any worker's API reads what a device wrote, whichever worker stored it
+    let (name, n) = {
+        let acked = acked.lock().unwrap();
+        let (name, values) = acked.iter().next().unwrap();
+        (name.clone(), values[0])
+    };
+    for w in &workers {
+        let path = format!("/v1/things/{name}/properties/m{n}");
+        let (status, property) = http(w.api, "GET", &path, Some(KEY), None).await;
+        assert_eq!((status, property["value"].clone()), (200, json!(n)), "read on {}", w.id);
+    }
+
+    // a fourth worker joins: it takes about a quarter of the replica slots, and only it gains any
+    let before = slots(&view);
+    workers.push(spawn_worker(dir.path(), "w4", &[workers[0].peer], 3).await);
+    let view = cluster_until(workers[3].api, "the join", |v| {
+        settled_on(v, &["w1", "w2", "w3", "w4"])
+    })
+    .await;
+    let after = slots(&view);
+    assert!((460..=564).contains(&after["w4"]), "a quarter of 2,048 slots (±10 %): {after:?}");
+    for (id, n) in &before {
+        assert!(after[id] <= *n, "{id} gained slots on a join: {before:?} → {after:?}");
+    }
+    let moved: u64 = before.iter().map(|(id, n)| n - after[id]).sum();
+    assert_eq!(moved, after["w4"], "every moved slot went to the new worker");
+    eprintln!("join: {moved} of 2048 replica slots moved to w4");
+    acked_grows_by(&acked, 300, "after the join").await;
+
+    // kill -9 a worker under write load
+    let killed = Instant::now();
+    workers[1].child.start_kill().unwrap();
+    let _ = workers[1].child.wait().await;
+    let view = cluster_until(workers[0].api, "the failover", |v| settled_on(v, &["w1", "w3", "w4"]))
+        .await;
+    let rebalanced = killed.elapsed();
+    let after_kill = slots(&view);
+    assert_eq!(after_kill.values().sum::<u64>(), 2048, "every partition has two copies again");
+    for (id, n) in &after_kill {
+        assert!(*n >= after[id], "{id} lost slots though it survived");
+    }
+    acked_grows_by(&acked, 300, "after the kill").await;
+    eprintln!("kill -9: table rebalanced {} ms after the kill", rebalanced.as_millis());
+
+    stop.cancel();
+    for device in devices {
+        within("device end", device).await.unwrap().unwrap();
+    }
+
+    // every acknowledged write is readable through every surviving worker
+    let survivors: Vec<&WorkerProcess> = workers.iter().filter(|w| w.id != "w2").collect();
+    let acked = acked.lock().unwrap().clone();
+    let written: usize = acked.values().map(Vec::len).sum();
+    for (i, (name, values)) in acked.iter().enumerate() {
+        let api = survivors[i % survivors.len()].api;
+        let (status, thing) = http(api, "GET", &format!("/v1/things/{name}"), Some(KEY), None).await;
+        assert_eq!(status, 200, "{name}");
+        for n in values {
+            assert_eq!(thing["properties"][format!("m{n}")]["value"], json!(n), "{name} m{n}");
+        }
+    }
+    eprintln!("{written} acknowledged writes from 12 devices all readable after the join and the kill");
+    let (_, things) = http(survivors[0].api, "GET", "/v1/things", Some(KEY), None).await;
+    assert_eq!(things["things"].as_array().unwrap().len(), 12);
+    assert_eq!(things["complete"], json!(true));
+    let _ = gateway.stop.send(());
+}
