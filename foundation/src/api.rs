@@ -149,6 +149,12 @@ async fn get_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>)
     summary["properties"] = json!(properties);
     summary["events"] = json!(events);
     summary["session_id"] = json!(t.binding.as_ref().map(|b| b.session_id));
+    // where the thing lives in the ring: its partition and the partition's holders, primary first
+    let partition = crate::ring::partition_of(thing.as_bytes());
+    summary["partition"] = json!(partition);
+    summary["owners"] = json!(
+        shared.cluster.table().map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
+    );
     Json(summary).into_response()
 }
 

@@ -190,7 +190,16 @@ impl Worker {
             });
         }
         tracing::info!(id = %shared.config.id, "foundation worker running");
-        shutdown.await;
+        let mut leaving = leaving;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = &mut leaving => {
+                // the pool declared this worker down (it was unreachable for too long): its partitions are gone to
+                // others, and it can only come back as a new member, so it exits for its supervisor to restart it
+                stop.cancel();
+                anyhow::bail!("the pool declared this worker down; exiting so that it restarts as a new member");
+            }
+        }
         stop.cancel();
         // the others then change the table at once instead of waiting to detect a failure
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), leaving).await;

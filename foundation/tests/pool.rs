@@ -34,7 +34,12 @@ struct WorkerProcess {
 }
 
 /// Starts `thingport-foundation` with every port 0 and reads the addresses it bound from its first stdout line.
-async fn spawn_worker(dir: &Path, id: &str, seeds: &[SocketAddr], bootstrap: usize) -> WorkerProcess {
+async fn spawn_worker(
+    dir: &Path,
+    id: &str,
+    seeds: &[SocketAddr],
+    bootstrap: usize,
+) -> WorkerProcess {
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
     let config = format!(
         r#"id = "{id}"
@@ -46,8 +51,8 @@ api_keys_file = "{keys}"
 seeds = [{seeds}]
 bootstrap_members = {bootstrap}
 replicas = 2
-probe_period = "100ms"
-suspect_timeout = "500ms"
+probe_period = "150ms"
+suspect_timeout = "750ms"
 request_timeout = "1s"
 write_timeout = "20s"
 "#,
@@ -99,9 +104,7 @@ fn table_ids(view: &Json) -> Vec<String> {
     view["table"]["members"]
         .as_array()
         .map(|m| {
-            m.iter()
-                .map(|k| k.as_str().unwrap().rsplit_once('#').unwrap().0.to_string())
-                .collect()
+            m.iter().map(|k| k.as_str().unwrap().rsplit_once('#').unwrap().0.to_string()).collect()
         })
         .unwrap_or_default()
 }
@@ -211,8 +214,12 @@ async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
     let acked: Acked = Arc::default();
     let devices: Vec<_> = (0..12)
         .map(|i| {
-            let run =
-                run_device(format!("dev-{i}"), gateway.endpoint.clone(), stop.clone(), acked.clone());
+            let run = run_device(
+                format!("dev-{i}"),
+                gateway.endpoint.clone(),
+                stop.clone(),
+                acked.clone(),
+            );
             tokio::spawn(run)
         })
         .collect();
@@ -233,10 +240,9 @@ async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
     // a fourth worker joins: it takes about a quarter of the replica slots, and only it gains any
     let before = slots(&view);
     workers.push(spawn_worker(dir.path(), "w4", &[workers[0].peer], 3).await);
-    let view = cluster_until(workers[3].api, "the join", |v| {
-        settled_on(v, &["w1", "w2", "w3", "w4"])
-    })
-    .await;
+    let view =
+        cluster_until(workers[3].api, "the join", |v| settled_on(v, &["w1", "w2", "w3", "w4"]))
+            .await;
     let after = slots(&view);
     assert!((460..=564).contains(&after["w4"]), "a quarter of 2,048 slots (±10 %): {after:?}");
     for (id, n) in &before {
@@ -247,12 +253,30 @@ async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
     eprintln!("join: {moved} of 2048 replica slots moved to w4");
     acked_grows_by(&acked, 300, "after the join").await;
 
-    // kill -9 a worker under write load
+    // a thing whose partition the worker about to be killed leads
+    let mut probe = 0;
+    let led_by_w2 = loop {
+        let thing = format!("probe-{probe}");
+        let api = workers[0].api;
+        assert_eq!(http(api, "PUT", &format!("/v1/things/{thing}"), Some(KEY), None).await.0, 201);
+        let (_, state) = http(api, "GET", &format!("/v1/things/{thing}"), Some(KEY), None).await;
+        if state["owners"][0].as_str().unwrap().starts_with("w2#") {
+            break thing;
+        }
+        probe += 1;
+    };
+
+    // kill -9 a worker under write load; a write to a partition it led succeeds once the ring has failed over
     let killed = Instant::now();
     workers[1].child.start_kill().unwrap();
     let _ = workers[1].child.wait().await;
-    let view = cluster_until(workers[0].api, "the failover", |v| settled_on(v, &["w1", "w3", "w4"]))
-        .await;
+    let path = format!("/v1/things/{led_by_w2}/properties/after");
+    let (status, _) =
+        http(workers[0].api, "PUT", &path, Some(KEY), Some(json!({"value": 1}))).await;
+    assert_eq!(status, 200, "a write through the failover");
+    let failover = killed.elapsed();
+    let view =
+        cluster_until(workers[0].api, "the failover", |v| settled_on(v, &["w1", "w3", "w4"])).await;
     let rebalanced = killed.elapsed();
     let after_kill = slots(&view);
     assert_eq!(after_kill.values().sum::<u64>(), 2048, "every partition has two copies again");
@@ -260,7 +284,11 @@ async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
         assert!(*n >= after[id], "{id} lost slots though it survived");
     }
     acked_grows_by(&acked, 300, "after the kill").await;
-    eprintln!("kill -9: table rebalanced {} ms after the kill", rebalanced.as_millis());
+    eprintln!(
+        "kill -9: first write to a partition the killed worker led after {} ms; table rebalanced after {} ms",
+        failover.as_millis(),
+        rebalanced.as_millis()
+    );
 
     stop.cancel();
     for device in devices {
@@ -273,15 +301,18 @@ async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
     let written: usize = acked.values().map(Vec::len).sum();
     for (i, (name, values)) in acked.iter().enumerate() {
         let api = survivors[i % survivors.len()].api;
-        let (status, thing) = http(api, "GET", &format!("/v1/things/{name}"), Some(KEY), None).await;
+        let (status, thing) =
+            http(api, "GET", &format!("/v1/things/{name}"), Some(KEY), None).await;
         assert_eq!(status, 200, "{name}");
         for n in values {
             assert_eq!(thing["properties"][format!("m{n}")]["value"], json!(n), "{name} m{n}");
         }
     }
-    eprintln!("{written} acknowledged writes from 12 devices all readable after the join and the kill");
+    eprintln!(
+        "{written} acknowledged writes from 12 devices all readable after the join and the kill"
+    );
     let (_, things) = http(survivors[0].api, "GET", "/v1/things", Some(KEY), None).await;
-    assert_eq!(things["things"].as_array().unwrap().len(), 12);
+    assert_eq!(things["things"].as_array().unwrap().len(), 12 + probe + 1, "devices and probes");
     assert_eq!(things["complete"], json!(true));
     let _ = gateway.stop.send(());
 }

@@ -606,7 +606,7 @@ impl Cluster {
         current: &Table,
         active: &[String],
     ) -> Result<(u64, usize), &'static str> {
-        let next = current.next(active);
+        let next = current.next_with(active, self.config.replicas);
         let record = next.to_record();
         let timeout = self.config.request_timeout;
         let prepared = join_all(

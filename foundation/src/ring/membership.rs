@@ -109,7 +109,8 @@ fn foca_config(timing: Timing) -> FocaConfig {
     config
 }
 
-/// Starts membership on `socket`; it stops at `stop`, announcing the departure first (the task ends then).
+/// Starts membership on `socket`; it stops at `stop`, announcing the departure first. The task ends then, or
+/// earlier if the pool declares this worker down.
 pub fn start(
     me: Node,
     socket: UdpSocket,
@@ -174,10 +175,7 @@ async fn run(
             tracing::debug!(error = %e, "membership message ignored");
         }
         if !flush(&mut runtime, &socket, &tx, &members, &foca).await {
-            tracing::error!(
-                member = ?me,
-                "the pool declared this worker down; it leaves the ring (restart it to rejoin)"
-            );
+            tracing::error!(member = ?me, "the pool declared this worker down");
             members.send_replace(Arc::new(BTreeMap::new()));
             break;
         }

@@ -57,11 +57,19 @@ pub struct Peers {
     me: String,
     max_message: usize,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Held while connecting, so that requests arriving together open one connection, not one each (a burst of
+    /// connections overflows the listener's backlog, and a dropped SYN costs a second).
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl Peers {
     pub fn new(me: String, max_message: usize) -> Peers {
-        Peers { me, max_message, conns: Mutex::new(HashMap::new()) }
+        Peers {
+            me,
+            max_message,
+            conns: Mutex::new(HashMap::new()),
+            connecting: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Sends a request to the member `key` at `addr` and waits up to `timeout` for its answer.
@@ -95,11 +103,17 @@ impl Peers {
         }
     }
 
+    fn open_conn(&self, key: &str) -> Option<Arc<Conn>> {
+        lock(&self.conns).get(key).filter(|c| !c.closed.load(Ordering::Acquire)).cloned()
+    }
+
     async fn conn(&self, key: &str, addr: SocketAddr) -> Result<Arc<Conn>, PeerError> {
-        if let Some(conn) = lock(&self.conns).get(key)
-            && !conn.closed.load(Ordering::Acquire)
-        {
-            return Ok(conn.clone());
+        if let Some(conn) = self.open_conn(key) {
+            return Ok(conn);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(conn) = self.open_conn(key) {
+            return Ok(conn);
         }
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
@@ -117,15 +131,7 @@ impl Peers {
             next: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         });
-        {
-            let mut conns = lock(&self.conns);
-            if let Some(other) = conns.get(key)
-                && !other.closed.load(Ordering::Acquire)
-            {
-                return Ok(other.clone()); // another task connected first; this one is dropped
-            }
-            conns.insert(key.to_string(), conn.clone());
-        }
+        lock(&self.conns).insert(key.to_string(), conn.clone());
         let max_message = self.max_message;
         let running = conn.clone();
         tokio::spawn(async move {

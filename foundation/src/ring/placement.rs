@@ -63,16 +63,23 @@ impl Table {
             replicas,
             owners: vec![Vec::new(); PARTITIONS],
         };
-        empty.next(members)
+        empty.next_with(members, replicas)
     }
 
-    /// The table after the membership became `members`, moving as few replica slots as possible.
+    /// The table after the membership became `members`, moving as few replica slots as possible, with as many
+    /// copies per partition as before.
     pub fn next(&self, members: &[String]) -> Table {
+        self.next_with(members, self.replicas)
+    }
+
+    /// The table after the membership became `members`, with `replicas` copies per partition (fewer while there
+    /// are fewer members: a pool of one holds one copy, and gains the second when a second member joins).
+    pub fn next_with(&self, members: &[String], replicas: usize) -> Table {
         let mut names: Vec<String> = members.to_vec();
         names.sort();
         names.dedup();
         let n = names.len();
-        let replicas = self.replicas.min(n).max(usize::from(n > 0));
+        let replicas = replicas.min(n).max(usize::from(n > 0));
         let mut table = Table {
             version: self.version + 1,
             members: names,
@@ -330,6 +337,17 @@ mod tests {
         let max = *load.values().max().unwrap_or(&0) as f64;
         let mean = load.values().sum::<usize>() as f64 / load.len() as f64;
         max / mean
+    }
+
+    #[test]
+    fn a_pool_of_one_gains_its_second_copy_when_a_second_member_joins() {
+        let alone = Table::initial(&names(1, 3), 2);
+        assert_eq!(alone.replicas, 1);
+        let pair = alone.next_with(&names(2, 3), 2);
+        assert_eq!(pair.replicas, 2);
+        assert!((0..PARTITIONS as u16).all(|p| pair.owners(p).count() == 2));
+        // the first member keeps every partition it held
+        assert!((0..PARTITIONS as u16).all(|p| pair.holds(p, &names(1, 3)[0])));
     }
 
     #[test]

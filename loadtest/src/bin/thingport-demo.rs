@@ -1,6 +1,7 @@
-//! `thingport-demo`: the whole system on this machine for a first try — a gateway and a foundation worker on
-//! loopback with a self-signed certificate, a demo device token, an application key, and a simulated device that
-//! reports a temperature every second. It prints how to connect a device, call the API and scrape metrics.
+//! `thingport-demo`: the whole system on this machine for a first try — a gateway and a pool of two foundation
+//! workers sharing the cache ring, on loopback with a self-signed certificate, a demo device token, an application
+//! key, and a simulated device that reports a temperature every second. It prints how to connect a device, call the
+//! API and scrape metrics.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,7 +17,7 @@ use thingport_protocol::{
     ServiceResponse, ServiceResult, Value,
 };
 
-/// Start a gateway and a foundation worker on loopback, with a simulated device.
+/// Start a gateway and two foundation workers on loopback, with a simulated device.
 #[derive(Debug, Parser)]
 #[command(name = "thingport-demo", version)]
 struct Args {
@@ -26,7 +27,7 @@ struct Args {
     /// Gateway port (WSS on TCP and QUIC on UDP); 0 picks a free one.
     #[arg(long, default_value_t = 8443)]
     port: u16,
-    /// API port of the foundation worker; 0 picks a free one.
+    /// API port of the first foundation worker (the second takes the next port); 0 picks free ones.
     #[arg(long, default_value_t = 8080)]
     api_port: u16,
     /// Do not run the simulated device.
@@ -84,21 +85,39 @@ async fn main() -> Result<()> {
     }
     std::fs::write(&keys, format!("{API_KEY}\n"))?;
 
-    // the foundation worker
-    let worker_config = thingport_foundation::Config {
-        id: "foundation-1".into(),
-        link_address: loopback(0),
-        api_address: loopback(free_or_any(args.api_port)),
-        admin_address: Some(loopback(0)),
-        api_keys_file: keys.clone(),
-        ..thingport_foundation::Config::default()
-    };
-    let worker = thingport_foundation::Worker::bind(worker_config).await?;
-    let worker_addrs = worker.addrs();
-    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(worker.run(async move {
-        let _ = worker_stopped.await;
-    }));
+    // two foundation workers sharing the ring: the second joins through the first
+    let mut workers = Vec::new();
+    let mut stops = Vec::new();
+    for i in 0..2u16 {
+        let api_port = if args.api_port == 0 { 0 } else { free_or_any(args.api_port + i) };
+        let seeds = workers.iter().map(|a: &thingport_foundation::Addrs| a.peer).collect();
+        let worker_config = thingport_foundation::Config {
+            id: format!("foundation-{}", i + 1),
+            link_address: loopback(0),
+            api_address: loopback(api_port),
+            admin_address: Some(loopback(0)),
+            peer_address: loopback(0),
+            seeds,
+            bootstrap_members: 2,
+            api_keys_file: keys.clone(),
+            ..thingport_foundation::Config::default()
+        };
+        let worker = thingport_foundation::Worker::bind(worker_config).await?;
+        workers.push(worker.addrs());
+        let mut table = worker.cluster().table_version();
+        let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(worker.run(async move {
+            let _ = worker_stopped.await;
+        }));
+        stops.push(stop_worker);
+        if i == 1 {
+            // the pool's first partition table, made once both are members
+            tokio::time::timeout(Duration::from_secs(30), table.wait_for(|v| *v > 0))
+                .await
+                .context("the two workers did not form a pool")??;
+        }
+    }
+    let worker_addrs = workers[0];
 
     // the gateway
     let mut config = thingport_gateway::Config::default();
@@ -107,7 +126,7 @@ async fn main() -> Result<()> {
     config.tls.cert = cert.clone();
     config.tls.key = key.clone();
     config.auth.secret_file = secret.clone();
-    config.upstream.foundations = vec![worker_addrs.link];
+    config.upstream.foundations = workers.iter().map(|w| w.link).collect();
     let problems = config.validate();
     anyhow::ensure!(problems.is_empty(), "demo configuration: {problems:?}");
     let gateway = thingport_gateway::Gateway::bind(config).await?;
@@ -124,8 +143,8 @@ async fn main() -> Result<()> {
         "thingport demo is running (Ctrl-C stops it)\n\
          \n  gateway      wss://localhost:{port}/v1/device and quic://localhost:{port} (ALPN thingport/1)\n\
          \x20 certificate  {cert}\n\
-         \x20 foundation   REST API http://{api}  (application key: {API_KEY})\n\
-         \x20 metrics      http://{gw_admin}/metrics (gateway), http://{fd_admin}/metrics (foundation)\n\
+         \x20 foundation   REST API http://{api} and http://{api2}, two workers sharing the ring (application key: {API_KEY})\n\
+         \x20 metrics      http://{gw_admin}/metrics (gateway), http://{fd_admin}/metrics and http://{fd_admin2}/metrics (foundation)\n\
          \n  connect a device:\n\
          \x20   cargo run --release --example device -- --target {wss} --ca {cert} --thing demo-device --token {token}\n\
          \x20 more tokens:\n\
@@ -134,11 +153,13 @@ async fn main() -> Result<()> {
          \x20   curl -s -H 'x-api-key: {API_KEY}' http://{api}/v1/things\n\
          \x20   curl -s -H 'x-api-key: {API_KEY}' http://{api}/v1/things/sim-device/properties/temperature\n\
          \x20   curl -s -X PUT -H 'x-api-key: {API_KEY}' -H 'content-type: application/json' -d '{{\"value\": 25}}' http://{api}/v1/things/sim-device/properties/setpoint\n\
-         \x20   curl -s -X POST -H 'x-api-key: {API_KEY}' -H 'content-type: application/json' -d '{{\"hello\": 1}}' http://{api}/v1/things/sim-device/services/echo\n\
-         \n  the pool has one worker: pools that share the cache ring come with clustering (see README).",
+         \x20   curl -s -X POST -H 'x-api-key: {API_KEY}' -H 'content-type: application/json' -d '{{\"hello\": 1}}' http://{api2}/v1/things/sim-device/services/echo\n\
+         \x20   curl -s -H 'x-api-key: {API_KEY}' http://{api2}/v1/cluster",
         port = wss.port(),
         cert = cert.display(),
         api = worker_addrs.api,
+        api2 = workers[1].api,
+        fd_admin2 = workers[1].admin.map(|a| a.to_string()).unwrap_or_default(),
         gw_admin = gw.admin.map(|a| a.to_string()).unwrap_or_default(),
         fd_admin = worker_addrs.admin.map(|a| a.to_string()).unwrap_or_default(),
         secret = secret.display(),
@@ -156,7 +177,9 @@ async fn main() -> Result<()> {
     println!("stopping: the gateway drains first");
     let _ = stop_gateway.send(());
     let _ = gateway_task.await;
-    let _ = stop_worker.send(());
+    for stop_worker in stops {
+        let _ = stop_worker.send(());
+    }
     Ok(())
 }
 
