@@ -12,6 +12,8 @@ use thingport_protocol::{ByteString, Quality, Value};
 
 /// Events kept per thing (oldest dropped first).
 pub const EVENTS_KEPT: usize = 100;
+/// Ended sessions remembered per thing (oldest forgotten first).
+pub const CLOSED_KEPT: usize = 16;
 
 /// Where a device write came from, for last-writer-wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -54,11 +56,9 @@ pub struct ThingState {
     pub created_ms: u64,
     pub properties: BTreeMap<ByteString, PropertyState>,
     pub binding: Option<Binding>,
-    /// When the binding last changed, ms since the Unix epoch: copies of a thing merge to the later binding.
-    pub binding_changed_ms: u64,
-    /// The last session that ended, so that its `OPEN` arriving after its `CLOSE` (they may travel on different
-    /// links and workers) does not bind a session that is gone.
-    pub last_closed: Option<(ByteString, u64)>,
+    /// The most recent sessions that ended (at most [`CLOSED_KEPT`]), so that a session's `OPEN` arriving after its
+    /// `CLOSE` — they may travel on different links and workers — does not bind a session that is gone.
+    pub closed: VecDeque<(ByteString, u64)>,
     pub events: VecDeque<EventRecord>,
 }
 
@@ -87,28 +87,34 @@ impl ThingState {
         true
     }
 
-    /// Binds the thing to a session (a newer session replaces an older one); false if that session already
-    /// ended.
+    /// Binds the thing to a session unless that session already ended or a later one is bound: a thing's
+    /// sessions follow one another (a new one replaces the old, which is then closed), so in whatever order the
+    /// `OPEN`s and `CLOSE`s arrive, the binding ends as the latest session still open.
     pub fn bind(&mut self, binding: Binding) -> bool {
-        if self
-            .last_closed
-            .as_ref()
-            .is_some_and(|(g, s)| *g == binding.gateway && *s == binding.session_id)
+        if self.is_closed(&binding.gateway, binding.session_id)
+            || self.binding.as_ref().is_some_and(|b| b.since_ms > binding.since_ms)
         {
             return false;
         }
-        self.binding_changed_ms = self.binding_changed_ms.max(binding.since_ms);
         self.binding = Some(binding);
         true
     }
 
-    /// Removes the binding if it is still this session's (a later session's binding stays).
-    pub fn unbind(&mut self, gateway: &str, session_id: u64, now_ms: u64) -> bool {
-        self.last_closed = Some((ByteString::from(gateway), session_id));
+    fn is_closed(&self, gateway: &str, session_id: u64) -> bool {
+        self.closed.iter().any(|(g, s)| *g == gateway && *s == session_id)
+    }
+
+    /// Records that a session ended and removes the binding if it is this session's (a later session's stays).
+    pub fn unbind(&mut self, gateway: &str, session_id: u64) -> bool {
+        if !self.is_closed(gateway, session_id) {
+            self.closed.push_back((ByteString::from(gateway), session_id));
+            while self.closed.len() > CLOSED_KEPT {
+                self.closed.pop_front();
+            }
+        }
         if self.binding.as_ref().is_some_and(|b| b.gateway == gateway && b.session_id == session_id)
         {
             self.binding = None;
-            self.binding_changed_ms = self.binding_changed_ms.max(now_ms);
             return true;
         }
         false
@@ -170,16 +176,16 @@ mod tests {
         let mut thing = ThingState::default();
         thing.bind(Binding { gateway: "g".into(), session_id: 1, since_ms: 0 });
         thing.bind(Binding { gateway: "g".into(), session_id: 2, since_ms: 1 });
-        assert!(!thing.unbind("g", 1, 2));
+        assert!(!thing.unbind("g", 1));
         assert!(thing.binding.is_some());
-        assert!(thing.unbind("g", 2, 3));
+        assert!(thing.unbind("g", 2));
         assert!(thing.binding.is_none());
     }
 
     #[test]
     fn an_open_arriving_after_its_close_binds_nothing() {
         let mut thing = ThingState::default();
-        assert!(!thing.unbind("g", 7, 5));
+        assert!(!thing.unbind("g", 7));
         assert!(!thing.bind(Binding { gateway: "g".into(), session_id: 7, since_ms: 4 }));
         assert!(thing.binding.is_none());
         assert!(thing.bind(Binding { gateway: "g".into(), session_id: 8, since_ms: 6 }));

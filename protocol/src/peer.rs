@@ -80,8 +80,8 @@ pub struct ThingRecord {
     pub created_ms: u64,
     pub properties: Vec<PropertyRecord>,
     pub binding: Option<BindingRecord>,
-    /// When the binding last changed (bound or unbound), ms since the Unix epoch; the later change wins.
-    pub binding_changed_ms: u64,
+    /// Recently ended sessions: (gateway, session id).
+    pub closed: Vec<(String, u64)>,
     pub events: Vec<EventRecord>,
 }
 

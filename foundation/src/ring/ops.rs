@@ -101,7 +101,7 @@ pub fn apply(
             });
         }
         Op::Unbind { gateway, session_id, .. } => {
-            thing.unbind(gateway, *session_id, now_ms);
+            thing.unbind(gateway, *session_id);
         }
     }
     Ok(())
@@ -136,7 +136,7 @@ pub fn to_record(name: &str, thing: &ThingState) -> ThingRecord {
             session_id: b.session_id,
             since_ms: b.since_ms,
         }),
-        binding_changed_ms: thing.binding_changed_ms,
+        closed: thing.closed.iter().map(|(g, s)| (g.to_string(), *s)).collect(),
         events: thing
             .events
             .iter()
@@ -156,7 +156,7 @@ pub fn to_record(name: &str, thing: &ThingState) -> ThingRecord {
 pub fn from_record(record: &ThingRecord, limits: &Limits) -> Option<ThingState> {
     let mut thing = ThingState {
         created_ms: record.created_ms,
-        binding_changed_ms: record.binding_changed_ms,
+        closed: record.closed.iter().map(|(g, s)| (ByteString::from(g.as_str()), *s)).collect(),
         binding: record.binding.as_ref().map(|b| Binding {
             gateway: ByteString::from(b.gateway.as_str()),
             session_id: b.session_id,
@@ -206,10 +206,11 @@ pub fn merge(partition: &mut Partition, copy: ThingState, name: &str) {
     for event in copy.events {
         thing.record_event(event);
     }
-    if copy.binding_changed_ms > thing.binding_changed_ms {
-        thing.binding = copy.binding;
-        thing.binding_changed_ms = copy.binding_changed_ms;
-        thing.last_closed = copy.last_closed;
+    for (gateway, session_id) in copy.closed {
+        thing.unbind(&gateway, session_id);
+    }
+    if let Some(binding) = copy.binding {
+        thing.bind(binding);
     }
 }
 
@@ -325,6 +326,142 @@ mod tests {
         merge(&mut new_owner, copy, "t");
         assert_eq!(new_owner["t"].properties["level"].value, Value::Int(5));
         assert_eq!(new_owner["t"].events.len(), 1);
+    }
+
+    /// One step of a generated history: (kind, thing, property, device timestamp, value).
+    type Step = (u8, usize, u8, u64, i32);
+
+    /// Turns generated steps into the operations a primary would receive, in order: property reports, events,
+    /// and sessions that follow one another (each opened after the previous one closed).
+    fn history(steps: &[Step]) -> Vec<Op> {
+        let names = ["a", "b"];
+        let mut open: [Option<u64>; 2] = [None, None];
+        let mut next_session = 1;
+        let mut ops = Vec::new();
+        for (i, &(kind, t, prop, ts, value)) in steps.iter().enumerate() {
+            let now_ms = i as u64 + 1;
+            let thing = names[t].to_string();
+            let seq = i as u64 + 1;
+            let frame = match kind {
+                0 | 1 => Frame::Properties(Properties {
+                    seq,
+                    updates: vec![PropertyUpdate {
+                        name: format!("p{prop}").into(),
+                        timestamp_ms: ts,
+                        quality: Quality::Good,
+                        value: Value::Int(value.into()),
+                    }],
+                }),
+                2 => Frame::Event(Event {
+                    seq,
+                    timestamp_ms: ts,
+                    name: "e".into(),
+                    payload: Value::Int(value.into()),
+                }),
+                _ => {
+                    let op = match open[t].take() {
+                        Some(session_id) => Op::Unbind {
+                            thing,
+                            create: true,
+                            gateway: "g".into(),
+                            session_id,
+                            now_ms,
+                        },
+                        None => {
+                            open[t] = Some(next_session);
+                            next_session += 1;
+                            Op::Bind {
+                                thing,
+                                create: true,
+                                gateway: "g".into(),
+                                session_id: next_session - 1,
+                                now_ms,
+                            }
+                        }
+                    };
+                    ops.push(op);
+                    continue;
+                }
+            };
+            ops.push(Op::Device {
+                thing,
+                create: true,
+                now_ms,
+                incarnation: 1,
+                frame: frame.to_bytes(),
+            });
+        }
+        ops
+    }
+
+    /// What a reader can observe of a partition: properties, the set of events, bindings.
+    fn observed(partition: &Partition) -> Vec<(String, String)> {
+        partition
+            .iter()
+            .map(|(name, t)| {
+                let mut events: Vec<_> = t.events.iter().map(|e| e.version.seq).collect();
+                events.sort_unstable();
+                (name.to_string(), format!("{:?} {events:?} {:?}", t.properties, t.binding))
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// A deterministic simulation of one partition through a table change. The primary applies a history in
+        /// order; the old backup gets every operation, shuffled (replication runs concurrently); the new owner gets
+        /// every operation from the prepare point on, shuffled, and a copy of the primary taken at a later point,
+        /// merged at a random moment. Both end exactly as the primary.
+        #[test]
+        fn a_moved_partition_ends_as_its_primary(
+            steps in proptest::collection::vec((0u8..4, 0usize..2, 0u8..3, 0u64..40, proptest::num::i32::ANY), 1..60),
+            prepare in proptest::sample::select((0..=100).collect::<Vec<usize>>()),
+            copy_after in proptest::sample::select((0..=100).collect::<Vec<usize>>()),
+            merge_at in proptest::sample::select((0..=100).collect::<Vec<usize>>()),
+            seed: u64,
+        ) {
+            let limits = Limits::DEFAULT;
+            let ops = history(&steps);
+            let n = ops.len();
+            let prepare = prepare * n / 100;
+            let copy_after = prepare + (copy_after * (n - prepare)) / 100;
+            let mut primary = Partition::new();
+            let mut snapshot = None;
+            for (i, op) in ops.iter().enumerate() {
+                if i == copy_after {
+                    snapshot = Some(primary.clone());
+                }
+                apply(&mut primary, op, &limits, false).unwrap();
+            }
+            let snapshot = snapshot.unwrap_or_else(|| primary.clone());
+            let mut rng = fastrand::Rng::with_seed(seed);
+
+            let mut backup = Partition::new();
+            let mut shuffled: Vec<&Op> = ops.iter().collect();
+            rng.shuffle(&mut shuffled);
+            for op in shuffled {
+                apply(&mut backup, op, &limits, true).unwrap();
+            }
+            proptest::prop_assert_eq!(observed(&backup), observed(&primary));
+
+            let mut new_owner = Partition::new();
+            let mut late: Vec<&Op> = ops[prepare..].iter().collect();
+            rng.shuffle(&mut late);
+            let merge_at = merge_at * late.len() / 100;
+            for (i, op) in late.iter().enumerate() {
+                if i == merge_at {
+                    for (name, thing) in &snapshot {
+                        merge(&mut new_owner, from_record(&to_record(name, thing), &limits).unwrap(), name);
+                    }
+                }
+                apply(&mut new_owner, op, &limits, true).unwrap();
+            }
+            if merge_at >= late.len() {
+                for (name, thing) in &snapshot {
+                    merge(&mut new_owner, from_record(&to_record(name, thing), &limits).unwrap(), name);
+                }
+            }
+            proptest::prop_assert_eq!(observed(&new_owner), observed(&primary));
+        }
     }
 
     #[test]

@@ -351,6 +351,24 @@ mod tests {
     }
 
     #[test]
+    fn tables_from_peers_round_trip_and_malformed_ones_are_refused() {
+        let table = Table::initial(&names(3, 1), 2);
+        assert_eq!(Table::from_record(table.to_record()), Some(table.clone()));
+        let mut record = table.to_record();
+        record.owners[5] = vec![0, 0];
+        assert_eq!(Table::from_record(record), None, "one member twice");
+        let mut record = table.to_record();
+        record.owners[5] = vec![3];
+        assert_eq!(Table::from_record(record), None, "no such member");
+        let mut record = table.to_record();
+        record.owners.pop();
+        assert_eq!(Table::from_record(record), None, "a partition missing");
+        let mut record = table.to_record();
+        record.members.swap(0, 1);
+        assert_eq!(Table::from_record(record), None, "members out of order");
+    }
+
+    #[test]
     fn plain_rendezvous_is_not_balanced_enough() {
         // the reason for the capacity: highest score alone leaves a member well above the mean
         let members = names(10, 7);
