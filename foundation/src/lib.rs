@@ -166,8 +166,9 @@ impl Worker {
             let handle = metrics_handle();
             let cluster = shared.cluster.clone();
             let ready = move || {
-                // ready once this worker has a partition table: before that it can store nothing
-                let ready = cluster.table().is_some();
+                // ready once this worker has a partition table and sees a majority of its members: before that
+                // it can store nothing
+                let ready = cluster.table().is_some_and(|t| cluster.has_quorum(&t));
                 let status = if ready {
                     axum::http::StatusCode::OK
                 } else {

@@ -144,6 +144,15 @@ impl Cluster {
         self.members.borrow().clone()
     }
 
+    /// Whether more than half of the table's members are active as this worker sees them. A worker cut off with a
+    /// minority stops acknowledging writes once failure detection notices (`probe_period` + `suspect_timeout`): the
+    /// majority side will move its partitions away.
+    pub fn has_quorum(&self, table: &Table) -> bool {
+        let members = self.members.borrow();
+        let active = table.members.iter().filter(|m| members.contains_key(*m)).count();
+        active * 2 > table.members.len()
+    }
+
     fn addr(&self, key: &str) -> Option<SocketAddr> {
         self.members.borrow().get(key).map(|n| n.addr)
     }
@@ -374,6 +383,9 @@ impl Cluster {
         let Some(table) = self.table() else { return self.refused(Refusal::NoTable) };
         if table.primary(partition) != Some(self.me.as_str()) {
             return self.refused(Refusal::NotPrimary);
+        }
+        if !self.has_quorum(&table) {
+            return self.refused(Refusal::Unavailable);
         }
         let limits = self.config.limits;
         match self.store.with(partition, |p| ops::apply(p, &op, &limits, false)) {
