@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The load generator's scenarios against the whole system (a gateway process and a foundation worker process on
-# loopback): a fixed-rate telemetry run, service calls through the REST API, a reconnect storm, and a drain (the
-# gateway is sent SIGTERM mid-run and started again; devices follow GOAWAY and reconnect).
+# The load generator's scenarios against the whole system (a gateway process and a pool of foundation worker
+# processes sharing the ring, replication 2, on loopback): a fixed-rate telemetry run, service calls through the REST
+# API, a reconnect storm, a drain (the gateway is sent SIGTERM mid-run and started again; devices follow GOAWAY and
+# reconnect), and `kill -9` of a worker mid-run.
 #
-#   benches/scenarios.sh [--devices 1000] [--rate 10] [--seconds 60]
+#   benches/scenarios.sh [--devices 1000] [--rate 10] [--seconds 60] [--workers 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICES=1000 RATE=10 SECONDS_=60
+DEVICES=1000 RATE=10 SECONDS_=60 WORKERS=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) DEVICES=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --seconds) SECONDS_=$2; shift 2 ;;
+    --workers) WORKERS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
@@ -27,12 +29,21 @@ $B/thingport-gateway gen-cert --cert "$WORK/cert.pem" --key "$WORK/key.pem" >/de
 $B/thingport-gateway gen-secret --out "$WORK/secret" >/dev/null
 echo "bench-key" > "$WORK/api-keys"
 $B/thingport-gateway token issue --thing dev- --count "$DEVICES" --secret-file "$WORK/secret" > "$WORK/fleet.txt"
-cat > "$WORK/foundation.toml" <<TOML
-link_address = "127.0.0.1:7191"
-api_address = "127.0.0.1:8191"
-admin_address = "127.0.0.1:9191"
+# worker i: links on 7190+i, API on 8190+i, peer port 7290+i; worker 1 is every worker's seed
+FOUNDATIONS=""
+for i in $(seq 1 "$WORKERS"); do
+  cat > "$WORK/foundation-$i.toml" <<TOML
+id = "foundation-$i"
+link_address = "127.0.0.1:$((7190 + i))"
+api_address = "127.0.0.1:$((8190 + i))"
+admin_address = "127.0.0.1:$((9190 + i))"
+peer_address = "127.0.0.1:$((7290 + i))"
+seeds = ["127.0.0.1:7291"]
+bootstrap_members = $WORKERS
 api_keys_file = "$WORK/api-keys"
 TOML
+  FOUNDATIONS="$FOUNDATIONS\"127.0.0.1:$((7190 + i))\", "
+done
 cat > "$WORK/gateway.toml" <<TOML
 [listen]
 address = "127.0.0.1:8491"
@@ -42,7 +53,7 @@ key = "$WORK/key.pem"
 [auth]
 secret_file = "$WORK/secret"
 [upstream]
-foundations = ["127.0.0.1:7191"]
+foundations = [${FOUNDATIONS%, }]
 [limits]
 max_sessions_per_ip = 100000
 accept_rate = 20000
@@ -54,15 +65,23 @@ drain_timeout = "5s"
 address = "127.0.0.1:9491"
 TOML
 wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-taskset -c 1 $B/thingport-foundation --config "$WORK/foundation.toml" > "$WORK/foundation.log" 2>&1 &
-PIDS+=($!)
+declare -A WORKER_PID
+for i in $(seq 1 "$WORKERS"); do
+  taskset -c 1 $B/thingport-foundation --config "$WORK/foundation-$i.toml" > "$WORK/foundation-$i.log" 2>&1 &
+  WORKER_PID[$i]=$!
+  PIDS+=($!)
+done
 start_gateway() {
   taskset -c 1 $B/thingport-gateway --config "$WORK/gateway.toml" >> "$WORK/gateway.log" 2>&1 &
   GW=$!
   PIDS+=($GW)
   wait_port 8491
 }
-wait_port 7191
+# until the pool has made its partition table
+for _ in $(seq 1 300); do
+  curl -sf -o /dev/null http://127.0.0.1:9191/readyz && break
+  sleep 0.1
+done
 start_gateway
 run() {
   echo "== $1"
@@ -70,12 +89,21 @@ run() {
   taskset -c 0 $B/thingport-loadtest run --target 127.0.0.1:8491 --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
     --devices "$DEVICES" --ramp 2000 --quiet "$@"
 }
-echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); gateway and foundation on core 1, load on core 0"
+echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); gateway and $WORKERS foundation workers on core 1, load on core 0"
 run "telemetry: $DEVICES devices x $RATE/s for ${SECONDS_}s" --scenario telemetry --rate "$RATE" --duration "${SECONDS_}s"
 run "service calls through the API: 200/s for 20s" --scenario service --api 127.0.0.1:8191 --api-key bench-key \
   --call-rate 200 --duration 20s
 run "reconnect storm: 30% of $DEVICES devices drop and reconnect mid-run" --scenario reconnect --rate 1 \
   --reconnect-share 0.3 --duration 20s
+if [ "$WORKERS" -ge 3 ]; then
+  echo "== kill -9 of foundation-2, 10 s into a 30 s telemetry run"
+  ( sleep 10; kill -9 "${WORKER_PID[2]}" ) &
+  run "telemetry through the kill" --scenario telemetry --rate "$RATE" --duration 30s
+  curl -s -H 'x-api-key: bench-key' http://127.0.0.1:8191/v1/cluster | python3 -c "
+import json,sys
+v=json.load(sys.stdin)
+print('table after the kill: version', v['table']['version'], {k.split('#')[0]: n for k, n in v['table']['replica_slots'].items()})"
+fi
 echo "== drain: SIGTERM to the gateway 10 s into a 30 s run, then a new gateway on the same port"
 ( sleep 11; kill -TERM "$GW"; wait "$GW" 2>/dev/null; start_gateway ) &
 RESTART=$!

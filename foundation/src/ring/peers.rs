@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::peer::{PEER_VERSION, PeerMessage, Request, Response};
@@ -26,6 +26,8 @@ pub const QUEUE: usize = 16_384;
 /// Requests served at once on one connection.
 pub const IN_FLIGHT: usize = 4_096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a failed connection attempt stands before the next one.
+pub const RECONNECT_AFTER: Duration = Duration::from_millis(100);
 const MAX_BATCH: usize = 256 * 1024;
 
 /// Why a request got no answer.
@@ -56,7 +58,10 @@ struct Conn {
 pub struct Peers {
     me: String,
     max_message: usize,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    conns: Arc<Mutex<HashMap<String, Arc<Conn>>>>,
+    /// When connecting to a member last failed: requests to it fail at once for [`RECONNECT_AFTER`], rather than
+    /// every waiting write trying to connect to a worker that is gone.
+    failed: Mutex<HashMap<String, Instant>>,
     /// Held while connecting, so that requests arriving together open one connection, not one each (a burst of
     /// connections overflows the listener's backlog, and a dropped SYN costs a second).
     connecting: tokio::sync::Mutex<()>,
@@ -67,7 +72,8 @@ impl Peers {
         Peers {
             me,
             max_message,
-            conns: Mutex::new(HashMap::new()),
+            conns: Arc::default(),
+            failed: Mutex::default(),
             connecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -111,14 +117,19 @@ impl Peers {
         if let Some(conn) = self.open_conn(key) {
             return Ok(conn);
         }
+        if lock(&self.failed).get(key).is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
+            return Err(PeerError::Connect);
+        }
         let _connecting = self.connecting.lock().await;
         if let Some(conn) = self.open_conn(key) {
             return Ok(conn);
         }
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| PeerError::Connect)?
-            .map_err(|_| PeerError::Connect)?;
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
+        let Ok(Ok(stream)) = connected else {
+            lock(&self.failed).insert(key.to_string(), Instant::now());
+            return Err(PeerError::Connect);
+        };
+        lock(&self.failed).remove(key);
         let _ = stream.set_nodelay(true);
         let (reader, mut writer) = stream.into_split();
         let hello = PeerMessage::Hello { version: PEER_VERSION, member: self.me.clone() };
@@ -134,6 +145,8 @@ impl Peers {
         lock(&self.conns).insert(key.to_string(), conn.clone());
         let max_message = self.max_message;
         let running = conn.clone();
+        let conns = self.conns.clone();
+        let key = key.to_string();
         tokio::spawn(async move {
             tokio::select! {
                 _ = write_batches(writer, rx) => {}
@@ -142,6 +155,10 @@ impl Peers {
             running.closed.store(true, Ordering::Release);
             // waiting requests fail now rather than at their timeout
             lock(&running.waiting).clear();
+            let mut conns = lock(&conns);
+            if conns.get(&key).is_some_and(|c| Arc::ptr_eq(c, &running)) {
+                conns.remove(&key);
+            }
         });
         Ok(conn)
     }
