@@ -126,26 +126,11 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
     if writer.write_all(&welcome.to_framed_bytes()).await.is_err() {
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<Bytes>(shared.config.link_queue_frames);
+    let (tx, rx) = mpsc::channel::<Bytes>(shared.config.link_queue_frames);
     let link_id = shared.links.register(&gateway, tx.clone());
     tracing::info!(gateway = %gateway, "gateway link up");
 
-    let write = async move {
-        let mut batch = BytesMut::with_capacity(64 * 1024);
-        while let Some(first) = rx.recv().await {
-            batch.extend_from_slice(&first);
-            while batch.len() < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(more) => batch.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if writer.write_all(&batch).await.is_err() {
-                return;
-            }
-            batch.clear();
-        }
-    };
+    let write = crate::ring::peers::write_batches(writer, rx);
     let in_flight = Arc::new(Semaphore::new(shared.config.link_in_flight));
     let read = async {
         loop {

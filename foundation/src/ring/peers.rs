@@ -168,8 +168,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes queued messages, as many per write as are ready.
-async fn write_batches(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+/// Writes queued messages, as many per write as are ready (up to 256 KiB), until the queue closes or a write fails.
+pub(crate) async fn write_batches(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
     let mut batch = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
         batch.extend_from_slice(&first);
