@@ -95,7 +95,7 @@ async fn client(shared: Arc<Shared>, index: usize) -> Tally {
         let request = if read {
             Request::Read { thing: thing.clone() }
         } else {
-            Request::Write { partition, replica: false, op: put(thing.clone(), n) }
+            Request::Write { partition, replica: false, version: 0, op: put(thing.clone(), n) }
         };
         let began = Instant::now();
         let mut at = shared.route[partition as usize].load(Ordering::Relaxed);

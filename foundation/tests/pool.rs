@@ -1,6 +1,7 @@
 //! A pool of foundation worker processes sharing the ring, behind a real gateway: devices write, any worker's API
-//! reads it back; a fourth worker joins and takes its share; a worker is killed with SIGKILL under write load and
-//! no acknowledged write is lost, the ring rebalances and the devices stay connected.
+//! reads it back; a fourth worker joins and takes its share; a worker is killed with SIGKILL under write load, and
+//! another is paused with SIGSTOP until failure detection declares it down, then resumed (it exits, to restart as a
+//! new member). No acknowledged write is lost, the ring rebalances and the devices stay connected throughout.
 
 #![allow(
     clippy::unwrap_used,
@@ -84,6 +85,13 @@ write_timeout = "20s"
         peer: addr("peer"),
         child,
     }
+}
+
+/// Sends a signal to a worker process.
+fn signal(child: &Child, which: &str) {
+    let pid = child.id().expect("the worker is running").to_string();
+    let status = std::process::Command::new("kill").args([which, &pid]).status().unwrap();
+    assert!(status.success(), "kill {which} {pid}");
 }
 
 /// Polls a worker's cluster view until `done` holds for it.
@@ -189,7 +197,7 @@ async fn acked_grows_by(acked: &Acked, more: usize, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
+async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let dir = tempfile::tempdir().unwrap();
     support::api_keys(dir.path());
     let first = spawn_worker(dir.path(), "w1", &[], 3).await;
@@ -290,13 +298,27 @@ async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
         rebalanced.as_millis()
     );
 
+    // SIGSTOP a worker: nothing refuses connections, so failure detection must notice the silence
+    let paused = Instant::now();
+    signal(&workers[2].child, "-STOP");
+    let view = cluster_until(workers[0].api, "the pause", |v| settled_on(v, &["w1", "w4"])).await;
+    assert_eq!(slots(&view).values().sum::<u64>(), 2048);
+    eprintln!("SIGSTOP: table rebalanced {} ms after the pause", paused.elapsed().as_millis());
+    acked_grows_by(&acked, 300, "with a worker paused").await;
+    // resumed, it learns that the pool declared it down, and exits
+    signal(&workers[2].child, "-CONT");
+    let status = within("the resumed worker exits", workers[2].child.wait()).await.unwrap();
+    assert!(!status.success(), "a worker declared down exits with a failure status");
+    acked_grows_by(&acked, 300, "after the paused worker left").await;
+
     stop.cancel();
     for device in devices {
         within("device end", device).await.unwrap().unwrap();
     }
 
     // every acknowledged write is readable through every surviving worker
-    let survivors: Vec<&WorkerProcess> = workers.iter().filter(|w| w.id != "w2").collect();
+    let survivors: Vec<&WorkerProcess> =
+        workers.iter().filter(|w| w.id == "w1" || w.id == "w4").collect();
     let acked = acked.lock().unwrap().clone();
     let written: usize = acked.values().map(Vec::len).sum();
     for (i, (name, values)) in acked.iter().enumerate() {
@@ -309,7 +331,7 @@ async fn a_pool_shares_the_ring_through_a_join_and_a_kill() {
         }
     }
     eprintln!(
-        "{written} acknowledged writes from 12 devices all readable after the join and the kill"
+        "{written} acknowledged writes from 12 devices all readable after the join, the kill and the pause"
     );
     let (_, things) = http(survivors[0].api, "GET", "/v1/things", Some(KEY), None).await;
     assert_eq!(things["things"].as_array().unwrap().len(), 12 + probe + 1, "devices and probes");

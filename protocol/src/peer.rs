@@ -136,8 +136,9 @@ pub enum CallOutcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Apply `op` to its thing's partition: as the primary (apply, replicate to the backups, then answer) or, with
-    /// `replica`, as a backup (apply and answer).
-    Write { partition: u16, replica: bool, op: Op },
+    /// `replica`, as a backup (apply and answer). `version` is the sender's table version: a backup whose table is
+    /// newer refuses the copy (`Stale`), so a primary that missed a table change cannot acknowledge writes.
+    Write { partition: u16, replica: bool, version: u64, op: Op },
     /// A thing's record, read on the partition's primary.
     Read { thing: String },
     /// The things of the partitions this worker leads.
@@ -242,6 +243,7 @@ mod tests {
             body: Request::Write {
                 partition: 513,
                 replica: true,
+                version: 4,
                 op: Op::Device {
                     thing: "pump-7".into(),
                     create: true,

@@ -22,7 +22,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -39,7 +38,7 @@ use crate::calls::{CallOutcome, Calls, tag_of, tag_of_call};
 use crate::model::ThingState;
 use crate::ring::membership::{Members, Membership};
 use crate::ring::ops::{self, Refused};
-use crate::ring::peers::Peers;
+use crate::ring::peers::{PeerError, Peers};
 use crate::ring::placement::{PARTITIONS, Table, partition_of};
 use crate::ring::store::Store;
 
@@ -104,6 +103,7 @@ pub struct Cluster {
     tables: RwLock<Tables>,
     version: watch::Sender<u64>,
     members: watch::Receiver<Members>,
+    membership: Membership,
     peers: Peers,
 }
 
@@ -121,6 +121,7 @@ impl Cluster {
             tables: RwLock::default(),
             version: watch::channel(0).0,
             members: membership.members.clone(),
+            membership: membership.clone(),
         }
     }
 
@@ -153,10 +154,6 @@ impl Cluster {
         active * 2 > table.members.len()
     }
 
-    fn addr(&self, key: &str) -> Option<SocketAddr> {
-        self.members.borrow().get(key).map(|n| n.addr)
-    }
-
     /// Sends a request to a member (this worker included) and waits for the answer.
     fn call<'a>(
         &'a self,
@@ -168,8 +165,15 @@ impl Cluster {
             if key == self.me {
                 return Some(self.handle(request).await);
             }
-            let addr = self.addr(key)?;
-            self.peers.request(key, addr, request, timeout).await.ok()
+            let node = self.members.borrow().get(key).cloned()?;
+            match self.peers.request(key, node.addr, request, timeout).await {
+                Ok(response) => Some(response),
+                Err(PeerError::Refused) => {
+                    self.membership.gone(&node);
+                    None
+                }
+                Err(_) => None,
+            }
         })
     }
 
@@ -191,7 +195,8 @@ impl Cluster {
         loop {
             let primary = self.table().and_then(|t| t.primary(partition).map(String::from));
             if let Some(primary) = primary {
-                let request = Request::Write { partition, replica: false, op: op.clone() };
+                let request =
+                    Request::Write { partition, replica: false, version: 0, op: op.clone() };
                 match self.call(&primary, request, self.config.request_timeout).await {
                     Some(Response::Done) => {
                         ::metrics::counter!("thingport_ring_writes_total").increment(1);
@@ -316,8 +321,12 @@ impl Cluster {
     pub fn handle(&self, request: Request) -> BoxFuture<'_, Response> {
         Box::pin(async move {
             match request {
-                Request::Write { partition, replica: false, op } => self.lead(partition, op).await,
-                Request::Write { partition, replica: true, op } => self.replicate(partition, &op),
+                Request::Write { partition, replica: false, op, .. } => {
+                    self.lead(partition, op).await
+                }
+                Request::Write { partition, replica: true, version, op } => {
+                    self.replicate(partition, version, &op)
+                }
                 Request::Read { thing } => {
                     let partition = partition_of(thing.as_bytes());
                     match self.table() {
@@ -404,7 +413,8 @@ impl Cluster {
                 .filter(|o| *o != self.me)
                 .collect()
         };
-        let request = |op: Op| Request::Write { partition, replica: true, op };
+        let version = table.version;
+        let request = |op: Op| Request::Write { partition, replica: true, version, op };
         let answers = join_all(
             targets.iter().map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
         )
@@ -417,16 +427,18 @@ impl Cluster {
         }
     }
 
-    /// As a backup: apply if this worker holds the partition in the committed or the prepared table.
-    fn replicate(&self, partition: u16, op: &Op) -> Response {
-        let holds = {
+    /// As a backup: apply if this worker holds the partition in the committed or the prepared table, and the
+    /// primary's table is not older than the committed one.
+    fn replicate(&self, partition: u16, version: u64, op: &Op) -> Response {
+        let (stale, holds) = {
             let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-            tables
-                .committed
-                .iter()
-                .chain(tables.pending.iter())
-                .any(|t| t.holds(partition, &self.me))
+            let stale = tables.committed.as_ref().is_some_and(|t| t.version > version);
+            let mut tables_held = tables.committed.iter().chain(tables.pending.iter());
+            (stale, tables_held.any(|t| t.holds(partition, &self.me)))
         };
+        if stale {
+            return self.refused(Refusal::Stale);
+        }
         if !holds {
             return self.refused(Refusal::NotOwner);
         }

@@ -82,6 +82,8 @@ pub struct Timing {
 enum Input {
     Data(Bytes),
     Timer(Timer<Node>),
+    /// The member's peer port refused a connection: its process is gone.
+    Gone(Node),
 }
 
 /// The running membership of this worker.
@@ -89,6 +91,27 @@ enum Input {
 pub struct Membership {
     pub me: Node,
     pub members: watch::Receiver<Members>,
+    gone: mpsc::Sender<Input>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Data(d) => write!(f, "Data({} bytes)", d.len()),
+            Input::Timer(_) => f.write_str("Timer"),
+            Input::Gone(n) => write!(f, "Gone({n:?})"),
+        }
+    }
+}
+
+impl Membership {
+    /// Declares a member down without waiting for failure detection, because its peer port refused a connection:
+    /// a worker binds that port before it joins and keeps it until it exits, so a refusal means the process is
+    /// gone (killed, crashed). The news spreads to the others as SWIM's own would. Failures that refuse nothing
+    /// (a host down, a network cut) are left to failure detection.
+    pub fn gone(&self, node: &Node) {
+        let _ = self.gone.try_send(Input::Gone(node.clone()));
+    }
 }
 
 fn foca_config(timing: Timing) -> FocaConfig {
@@ -97,7 +120,8 @@ fn foca_config(timing: Timing) -> FocaConfig {
     config.probe_rtt = timing.probe_period / 2;
     config.suspect_to_down_after = timing.suspect_timeout;
     config.max_transmissions = NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN);
-    config.notify_down_members = false;
+    // a member declared down that still talks (it was paused, or cut off) is told so, and leaves
+    config.notify_down_members = true;
     config.periodic_announce = Some(PeriodicParams {
         frequency: timing.probe_period * 10,
         num_members: NonZeroUsize::MIN,
@@ -121,8 +145,12 @@ pub fn start(
     let mut initial = BTreeMap::new();
     initial.insert(me.key(), me.clone());
     let (members_tx, members) = watch::channel(Arc::new(initial));
-    let task = tokio::spawn(run(me.clone(), Arc::new(socket), seeds, timing, members_tx, stop));
-    (Membership { me, members }, task)
+    // bounded: datagrams beyond it are dropped, as the network could drop them
+    let (tx, rx) = mpsc::channel::<Input>(1024);
+    let inputs = (tx.clone(), rx);
+    let task =
+        tokio::spawn(run(me.clone(), Arc::new(socket), seeds, timing, members_tx, stop, inputs));
+    (Membership { me, members, gone: tx }, task)
 }
 
 async fn run(
@@ -132,11 +160,10 @@ async fn run(
     timing: Timing,
     members: watch::Sender<Members>,
     stop: CancellationToken,
+    (tx, mut rx): (mpsc::Sender<Input>, mpsc::Receiver<Input>),
 ) {
     let mut foca = Foca::new(me.clone(), foca_config(timing), StdRng::from_os_rng(), PostcardCodec);
     let mut runtime = foca::AccumulatingRuntime::new();
-    // bounded: datagrams beyond it are dropped, as the network could drop them
-    let (tx, mut rx) = mpsc::channel::<Input>(1024);
     let receiver = {
         let socket = socket.clone();
         let tx = tx.clone();
@@ -168,6 +195,16 @@ async fn run(
             input = rx.recv() => match input {
                 Some(Input::Data(data)) => foca.handle_data(&data, &mut runtime),
                 Some(Input::Timer(timer)) => foca.handle_timer(timer, &mut runtime),
+                Some(Input::Gone(node)) => {
+                    let known = foca.iter_members().any(|m| *m.id() == node);
+                    if known {
+                        tracing::warn!(member = ?node, "member's peer port refuses connections; declaring it down");
+                        let down = foca::Member::new(node, 0, foca::State::Down);
+                        foca.apply_many(std::iter::once(down), true, &mut runtime)
+                    } else {
+                        Ok(())
+                    }
+                }
                 None => break,
             },
         };

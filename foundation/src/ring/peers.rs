@@ -35,6 +35,9 @@ const MAX_BATCH: usize = 256 * 1024;
 pub enum PeerError {
     #[error("could not connect")]
     Connect,
+    /// Nothing listens on the member's peer port: its process is gone.
+    #[error("connection refused")]
+    Refused,
     #[error("connection queue full")]
     Busy,
     #[error("connection lost")]
@@ -125,9 +128,13 @@ impl Peers {
             return Ok(conn);
         }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-        let Ok(Ok(stream)) = connected else {
-            lock(&self.failed).insert(key.to_string(), Instant::now());
-            return Err(PeerError::Connect);
+        let stream = match connected {
+            Ok(Ok(stream)) => stream,
+            failed => {
+                lock(&self.failed).insert(key.to_string(), Instant::now());
+                let refused = matches!(&failed, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+                return Err(if refused { PeerError::Refused } else { PeerError::Connect });
+            }
         };
         lock(&self.failed).remove(key);
         let _ = stream.set_nodelay(true);

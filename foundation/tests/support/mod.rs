@@ -41,6 +41,8 @@ pub async fn gateway(dir: &std::path::Path, foundations: Vec<SocketAddr>) -> Tes
     config.tls.cert = dir.join("cert.pem");
     config.tls.key = dir.join("key.pem");
     config.auth.secret_file = dir.join("secret");
+    // a worker that stops answering loses its links within a second, and their frames go to the others
+    config.upstream.heartbeat = Duration::from_millis(250);
     let links = foundations.len() * config.upstream.links_per_foundation;
     config.upstream.foundations = foundations;
     let gateway = Gateway::bind(config).await.unwrap();
