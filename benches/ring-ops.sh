@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The cache ring alone, on worker processes: put and get operations per second per worker at replication 2, the
-# failover time after `kill -9` of a worker (the longest time a partition's puts stalled), and the partitions moved
-# when a worker joins. Workers run on core 1, the load (foundation's `ring_load` example, straight to the
+# failover time after `kill -9` of a worker and after SIGSTOP of one (the longest time a partition's puts stalled),
+# and the partitions moved when a worker joins. Workers run on core 1, the load (foundation's `ring_load` example, straight to the
 # partitions' primaries over the peer protocol) on core 0.
 #
 #   benches/ring-ops.sh [--workers 3] [--seconds 10] [--concurrency 256]
@@ -51,10 +51,11 @@ wait_table() {
   done
   echo "the pool did not settle on $1 members" >&2; return 1
 }
-PEERS=$(seq -s, 1 "$WORKERS" | sed -E 's/([0-9]+)/127.0.0.1:726\1/g')
+# the load's peers: the workers that run
+peers() { for i in "${!PID[@]}"; do echo "127.0.0.1:$((7260 + i))"; done | paste -sd,; }
 for i in $(seq 1 "$WORKERS"); do start_worker "$i"; done
 wait_table "$WORKERS"
-load() { RING_LOAD_DEBUG=${RING_LOAD_DEBUG:-} taskset -c 0 "$B/examples/ring_load" --peers "$PEERS" --concurrency "$CONCURRENCY" "$@"; }
+load() { RING_LOAD_DEBUG=${RING_LOAD_DEBUG:-} taskset -c 0 "$B/examples/ring_load" --peers "$(peers)" --concurrency "$CONCURRENCY" "$@"; }
 
 echo "== puts (replication 2), $WORKERS workers on core 1"
 load --seconds "$SECONDS_" --reads 0
@@ -80,3 +81,18 @@ import json,sys
 v=json.load(sys.stdin)
 print('replica slots:', {k.split('#')[0]: n for k, n in v['table']['replica_slots'].items()})
 print('things per worker:', {m['id']: m['keys'] for m in v['members']})"
+
+echo "== SIGSTOP of w3 after 3 s of puts: nothing refuses connections, so failure detection (default: probe 500 ms,"
+echo "   suspect 1.5 s) must notice the silence"
+load --seconds 10 --reads 0 &
+LOAD=$!
+sleep 3
+kill -STOP "${PID[3]}"
+PAUSED=$(date +%s.%N)
+wait_table $((WORKERS - 1))
+echo "table settled on $((WORKERS - 1)) members $(echo "$(date +%s.%N) - $PAUSED" | bc) s after the pause"
+wait $LOAD
+kill -CONT "${PID[3]}"
+running() { case "$(ps -o stat= -p "$1" 2>/dev/null)" in ""|Z*) return 1 ;; *) return 0 ;; esac; }
+for _ in $(seq 1 100); do running "${PID[3]}" || break; sleep 0.1; done
+if running "${PID[3]}"; then echo "w3 still runs 10 s after resuming"; else echo "w3, resumed, exited: the pool had declared it down"; fi

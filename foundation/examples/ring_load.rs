@@ -49,6 +49,8 @@ struct Shared {
     things: Vec<Vec<String>>,
     /// Which worker led each partition at the last success.
     route: Vec<AtomicUsize>,
+    /// Per worker: until when (µs since the start) it is skipped, after it failed to answer in time.
+    skip_until: Vec<AtomicU64>,
     /// Per partition: the last successful put and the longest time between two, in µs since the start.
     last: Vec<AtomicU64>,
     gap: Vec<AtomicU64>,
@@ -100,10 +102,23 @@ async fn client(shared: Arc<Shared>, index: usize) -> Tally {
         let began = Instant::now();
         let mut at = shared.route[partition as usize].load(Ordering::Relaxed);
         loop {
+            // a worker that did not answer in time is tried again only after a pause, as a worker's own
+            // forwarding would after its table changed
+            let now_us = shared.started.elapsed().as_micros() as u64;
+            if (0..n_peers).any(|i| shared.skip_until[i].load(Ordering::Relaxed) <= now_us) {
+                while shared.skip_until[at % n_peers].load(Ordering::Relaxed) > now_us {
+                    at += 1;
+                }
+            }
             let addr = args.peers[at % n_peers];
             let key = addr.to_string();
-            let answer = shared.peers.request(&key, addr, request.clone(), Duration::from_secs(5));
+            let answer = shared.peers.request(&key, addr, request.clone(), Duration::from_secs(1));
             match answer.await {
+                Err(thingport_foundation::ring::peers::PeerError::Timeout) => {
+                    let until = shared.started.elapsed().as_micros() as u64 + 2_000_000;
+                    shared.skip_until[at % n_peers].fetch_max(until, Ordering::Relaxed);
+                    at += 1;
+                }
                 Ok(Response::Done | Response::Thing(_)) => break,
                 Ok(Response::Refused { refusal: Refusal::NotPrimary, .. }) => at += 1,
                 other => {
@@ -168,6 +183,7 @@ async fn main() {
         peers: Peers::new("ring-load".into(), 64 << 20),
         route: (0..1024).map(|p| AtomicUsize::new(p % args.peers.len())).collect(),
         last: (0..1024).map(|_| AtomicU64::new(0)).collect(),
+        skip_until: args.peers.iter().map(|_| AtomicU64::new(0)).collect(),
         gap: (0..1024).map(|_| AtomicU64::new(0)).collect(),
         started: Instant::now(),
         args,
