@@ -338,3 +338,41 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     assert_eq!(things["complete"], json!(true));
     let _ = gateway.stop.send(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_two_recovers_when_its_lost_worker_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let w1 = spawn_worker(dir.path(), "w1", &[], 2).await;
+    let mut w2 = spawn_worker(dir.path(), "w2", &[w1.peer], 2).await;
+    cluster_until(w1.api, "two members", |v| settled_on(v, &["w1", "w2"])).await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        let thing = format!("t{i}");
+        assert_eq!(
+            http(w1.api, "PUT", &format!("/v1/things/{thing}"), Some(KEY), None).await.0,
+            201
+        );
+        let path = format!("/v1/things/{thing}/properties/p");
+        let (status, _) = http(w2.api, "PUT", &path, Some(KEY), Some(json!({"value": i}))).await;
+        assert_eq!(status, 200);
+        written.push((path, i));
+    }
+
+    // one of two is lost: no majority, so the survivor keeps its table; restarted, the lost worker rejoins as a new
+    // member that replaces its old self
+    w2.child.start_kill().unwrap();
+    let _ = w2.child.wait().await;
+    let w2 = spawn_worker(dir.path(), "w2", &[w1.peer], 2).await;
+    let view = cluster_until(w1.api, "the restarted worker replaces its old self", |v| {
+        settled_on(v, &["w1", "w2"]) && v["table"]["version"].as_u64() > Some(1)
+    })
+    .await;
+    assert_eq!(slots(&view).values().sum::<u64>(), 2048);
+    for (path, i) in &written {
+        let (status, property) = http(w2.api, "GET", path, Some(KEY), None).await;
+        assert_eq!((status, property["value"].clone()), (200, json!(i)), "{path}");
+    }
+    let path = "/v1/things/t0/properties/after";
+    assert_eq!(http(w2.api, "PUT", path, Some(KEY), Some(json!({"value": 1}))).await.0, 200);
+}

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::calls::{CallOutcome, Calls, tag_of, tag_of_call};
 use crate::model::ThingState;
-use crate::ring::membership::{Members, Membership};
+use crate::ring::membership::{self, Members, Membership};
 use crate::ring::ops::{self, Refused};
 use crate::ring::peers::{PeerError, Peers};
 use crate::ring::placement::{PARTITIONS, Table, partition_of};
@@ -148,10 +148,21 @@ impl Cluster {
     /// Whether more than half of the table's members are active as this worker sees them. A worker cut off with a
     /// minority stops acknowledging writes once failure detection notices (`probe_period` + `suspect_timeout`): the
     /// majority side will move its partitions away.
+    ///
+    /// A table member that has been restarted (a member with its id and a later boot number is active) counts as
+    /// present: its old run is certainly gone, not cut off, so a pool of two whose second worker was restarted can
+    /// replace it.
     pub fn has_quorum(&self, table: &Table) -> bool {
         let members = self.members.borrow();
-        let active = table.members.iter().filter(|m| members.contains_key(*m)).count();
-        active * 2 > table.members.len()
+        let present = |key: &String| {
+            members.contains_key(key)
+                || members.values().any(|n| {
+                    n.name == membership::name_of(key)
+                        && membership::boot_of(key).is_some_and(|boot| n.boot > boot)
+                })
+        };
+        let present = table.members.iter().filter(|m| present(m)).count();
+        present * 2 > table.members.len()
     }
 
     /// Sends a request to a member (this worker included) and waits for the answer.
@@ -594,7 +605,7 @@ impl Cluster {
                 }
                 continue;
             }
-            if in_table.len() * 2 <= table.members.len() {
+            if !self.has_quorum(&table) {
                 tracing::warn!(
                     active = in_table.len(),
                     members = table.members.len(),

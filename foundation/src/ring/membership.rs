@@ -49,6 +49,11 @@ pub fn name_of(key: &str) -> &str {
     key.rsplit_once('#').map_or(key, |(name, _)| name)
 }
 
+/// The boot number part of a member key.
+pub fn boot_of(key: &str) -> Option<u64> {
+    key.rsplit_once('#').and_then(|(_, boot)| u64::from_str_radix(boot, 16).ok())
+}
+
 impl foca::Identity for Node {
     type Addr = SocketAddr;
 
