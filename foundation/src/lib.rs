@@ -103,7 +103,8 @@ impl Worker {
             peer: peer.local_addr()?,
         };
         let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let me = ring::membership::Node { name: config.id.clone(), addr: addrs.peer, boot };
+        let me =
+            ring::membership::Node { name: config.id.clone(), addr: addrs.peer, boot, renewal: 0 };
         let stop = CancellationToken::new();
         let timing = ring::membership::Timing {
             probe_period: config.probe_period,
@@ -195,10 +196,9 @@ impl Worker {
         tokio::select! {
             _ = shutdown => {}
             _ = &mut leaving => {
-                // the pool declared this worker down (it was unreachable for too long): its partitions are gone to
-                // others, and it can only come back as a new member, so it exits for its supervisor to restart it
+                // membership ended by itself: this worker can no longer take part in the pool
                 stop.cancel();
-                anyhow::bail!("the pool declared this worker down; exiting so that it restarts as a new member");
+                anyhow::bail!("membership ended; exiting so that the worker restarts as a new member");
             }
         }
         stop.cancel();

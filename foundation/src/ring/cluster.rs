@@ -468,6 +468,19 @@ impl Cluster {
         if let Some(committed) = tables.committed.as_ref().filter(|c| c.version >= next.version) {
             return Response::Prepared { newer: Some(committed.to_record()) };
         }
+        // a partition this worker gains starts empty: a copy it kept from an earlier table (it was cut off, or
+        // paused, and is coming back) would be stale. No write for it can have arrived yet: a backup accepts copies
+        // only for partitions of its committed or prepared table. A table older than the one `next` follows does
+        // not count as held: this worker missed changes since.
+        let recent = |t: &&Arc<Table>| t.version + 1 >= next.version;
+        for p in 0..PARTITIONS as u16 {
+            let mut tables_held =
+                tables.committed.iter().chain(tables.pending.iter()).filter(recent);
+            let held = tables_held.any(|t| t.holds(p, &self.me));
+            if next.holds(p, &self.me) && !held {
+                self.store.clear(p);
+            }
+        }
         tables.pending = Some(Arc::new(next));
         Response::Prepared { newer: None }
     }

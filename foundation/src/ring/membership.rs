@@ -1,9 +1,11 @@
 //! Membership and failure detection: SWIM over UDP with [foca](https://docs.rs/foca), on the worker's peer port.
 //!
 //! A worker's identity is its configured name, its peer address and a boot number taken at start, so a restarted
-//! worker is a new member (its memory is empty) and its earlier self is declared down. A worker joins by announcing
-//! itself to the seed addresses until some member answers. The set of active members (this worker included) is
-//! published on a watch channel, keyed by [`Node::key`].
+//! worker is a new member (its memory is empty) and its earlier self is declared down. A worker that the others
+//! declared down while it ran (it was paused, or cut off) rejoins under a new *renewal* of the same run: SWIM sees a
+//! new identity, the ring sees the same member key, so the worker keeps its memory and is added back to the table
+//! like any joining member. A worker joins by announcing itself to the seed addresses until some member answers. The
+//! set of active members (this worker included) is published on a watch channel, keyed by [`Node::key`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,16 +31,18 @@ pub struct Node {
     pub addr: SocketAddr,
     /// Distinguishes this run of the worker from earlier ones.
     pub boot: u64,
+    /// Counts the times this run rejoined after being declared down.
+    pub renewal: u32,
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.key(), self.addr)
+        write!(f, "{}.{}@{}", self.key(), self.renewal, self.addr)
     }
 }
 
 impl Node {
-    /// The member's name in partition tables: worker name and boot number.
+    /// The member's name in partition tables: worker name and boot number (the same for every renewal).
     pub fn key(&self) -> String {
         format!("{}#{:x}", self.name, self.boot)
     }
@@ -57,10 +61,10 @@ pub fn boot_of(key: &str) -> Option<u64> {
 impl foca::Identity for Node {
     type Addr = SocketAddr;
 
-    // A worker declared down does not come back under another boot number: it leaves the pool (see `run`), and its
-    // supervisor restarts it as a new member with empty partitions.
+    // Declared down while running: rejoin as the same run, renewed. (Two sides of a healed network partition that
+    // declared each other down both renew; neither has to restart.)
     fn renew(&self) -> Option<Self> {
-        None
+        Some(Node { renewal: self.renewal.wrapping_add(1), ..self.clone() })
     }
 
     fn addr(&self) -> SocketAddr {
@@ -68,7 +72,7 @@ impl foca::Identity for Node {
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
-        self.boot > adversary.boot
+        (self.boot, self.renewal) > (adversary.boot, adversary.renewal)
     }
 }
 
@@ -191,7 +195,7 @@ async fn run(
                 // until some member answers, keep announcing to the seeds
                 if foca.num_members() == 0 {
                     for &seed in seeds.iter().filter(|&&s| s != me.addr) {
-                        let target = Node { name: String::new(), addr: seed, boot: 0 };
+                        let target = Node { name: String::new(), addr: seed, boot: 0, renewal: 0 };
                         let _ = foca.announce(target, &mut runtime);
                     }
                 }
@@ -255,6 +259,10 @@ async fn flush(
                 changed = true;
             }
             OwnedNotification::Rename(_, _) => changed = true,
+            OwnedNotification::Rejoin(node) => {
+                tracing::warn!(member = ?node, "the pool had declared this worker down; rejoined");
+                changed = true;
+            }
             OwnedNotification::Defunct => return false,
             _ => {}
         }

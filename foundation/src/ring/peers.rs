@@ -54,6 +54,10 @@ struct Conn {
     waiting: Waiting,
     next: AtomicU64,
     closed: AtomicBool,
+    /// Ends the connection: a request that timed out closes it, so the next one connects afresh rather than queue
+    /// behind segments that TCP is still retransmitting (after a network cut heals, its backoff can take many
+    /// seconds to try again).
+    stop: CancellationToken,
 }
 
 /// This worker's connections to the others.
@@ -107,6 +111,8 @@ impl Peers {
             Ok(Err(_)) => Err(PeerError::Lost),
             Err(_) => {
                 lock(&conn.waiting).remove(&id);
+                conn.closed.store(true, Ordering::Release);
+                conn.stop.cancel();
                 Err(PeerError::Timeout)
             }
         }
@@ -148,6 +154,7 @@ impl Peers {
             waiting: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            stop: CancellationToken::new(),
         });
         lock(&self.conns).insert(key.to_string(), conn.clone());
         let max_message = self.max_message;
@@ -158,6 +165,7 @@ impl Peers {
             tokio::select! {
                 _ = write_batches(writer, rx) => {}
                 _ = read_responses(reader, &running, max_message) => {}
+                _ = running.stop.cancelled() => {}
             }
             running.closed.store(true, Ordering::Release);
             // waiting requests fail now rather than at their timeout
