@@ -6,12 +6,17 @@
 # down, rejoins, and gets a share of the partitions again; A and B never stop; every write acknowledged anywhere is
 # readable on all three. Needs root (ip netns); everything it creates is removed.
 #
-#   sudo benches/partition.sh
+#   sudo benches/partition.sh                          # builds the release binary
+#   sudo THINGPORT_BIN=target/debug benches/partition.sh   # uses binaries already built (as .ci/run does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "needs root for network namespaces" >&2; exit 64; }
-cargo build --release -q -p thingport-foundation --bin thingport-foundation
-B=$PWD/target/release
+if [ -n "${THINGPORT_BIN:-}" ]; then
+  B=$(cd "$THINGPORT_BIN" && pwd)
+else
+  cargo build --release -q -p thingport-foundation --bin thingport-foundation
+  B=$PWD/target/release
+fi
 WORK=$(mktemp -d)
 NS=(tp-a tp-b tp-c)
 BR=tp-br
@@ -24,6 +29,8 @@ cleanup() {
 }
 trap cleanup EXIT
 fail() { echo "FAILED: $*" >&2; exit 1; }
+# namespaces left by an interrupted run
+for ns in "${NS[@]}" "$BR"; do ip netns del "$ns" 2>/dev/null || true; done
 
 ip netns add "$BR"
 ip -n "$BR" link add br0 type bridge
@@ -81,10 +88,10 @@ done
 echo "30 writes acknowledged through A"
 
 echo "cutting C off"
-CUT=$(date +%s.%N)
+CUT=$(date +%s%N)
 ip -n "$BR" link set v2-br down
 wait_members 0 w0,w1
-echo "A and B made a table without C $(echo "$(date +%s.%N) - $CUT" | bc) s after the cut"
+echo "A and B made a table without C $(( ($(date +%s%N) - CUT) / 1000000 )) ms after the cut"
 
 # the majority goes on; the minority acknowledges nothing
 acked_on_c=0
@@ -104,10 +111,10 @@ echo "C's /readyz: $ready"
 [ "$ready" = 503 ] || fail "C reports ready while cut off"
 
 echo "healing"
-HEAL=$(date +%s.%N)
+HEAL=$(date +%s%N)
 ip -n "$BR" link set v2-br up
 wait_members 0 w0,w1,w2
-echo "C rejoined and the table holds all three again $(echo "$(date +%s.%N) - $HEAL" | bc) s after the heal"
+echo "C rejoined and the table holds all three again $(( ($(date +%s%N) - HEAL) / 1000000 )) ms after the heal"
 for i in 0 1 2; do
   case "$(ps -o stat= -p "${PID[$i]}" 2>/dev/null)" in ""|Z*) fail "worker $i exited" ;; esac
 done
