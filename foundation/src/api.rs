@@ -262,6 +262,8 @@ async fn call_service(
         return error(StatusCode::CONFLICT, format!("thing {thing} is not connected"));
     };
     let (call_id, answer) = shared.cluster.calls.start();
+    // forgets the call however this handler ends: answered, timed out, refused, or the HTTP client gone
+    let _waiting = Waiting { calls: &shared.cluster.calls, id: call_id };
     let request = Frame::ServiceRequest(ServiceRequest {
         seq: 0,
         call_id,
@@ -270,11 +272,9 @@ async fn call_service(
         params,
     });
     if let Some(refused) = undeliverable(&request) {
-        shared.cluster.calls.abandon(call_id);
         return refused;
     }
     if !shared.links.downstream(&binding.gateway, binding.session_id, call_id, &request) {
-        shared.cluster.calls.abandon(call_id);
         return error(StatusCode::SERVICE_UNAVAILABLE, "no link to the thing's gateway");
     }
     match tokio::time::timeout(timeout, answer).await {
@@ -288,9 +288,20 @@ async fn call_service(
             error(StatusCode::SERVICE_UNAVAILABLE, format!("the gateway could not deliver the call: {code}"))
         }
         Ok(Err(_)) | Err(_) => {
-            shared.cluster.calls.abandon(call_id);
             error(StatusCode::GATEWAY_TIMEOUT, format!("no answer from {thing} within {} ms", timeout.as_millis()))
         }
+    }
+}
+
+/// A call the API waits for; dropping it forgets the call.
+struct Waiting<'a> {
+    calls: &'a crate::calls::Calls,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.calls.abandon(self.id);
     }
 }
 

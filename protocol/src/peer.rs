@@ -151,8 +151,8 @@ pub enum Request {
     Prepare { table: TableRecord },
     /// Copy these partitions of the prepared table from these members, then answer.
     Pull { version: u64, sources: Vec<(u16, String)> },
-    /// The prepared table `version` is now the table.
-    Commit { version: u64 },
+    /// This table (the one prepared) is now the table.
+    Commit { table: TableRecord },
     /// The committed table, sent to a member that just appeared.
     Table { table: TableRecord },
     /// A service call this worker started ended.

@@ -332,6 +332,12 @@ impl Cluster {
     pub fn handle(&self, request: Request) -> BoxFuture<'_, Response> {
         Box::pin(async move {
             match request {
+                Request::Write { partition, op, .. }
+                    if partition != partition_of(op.thing().as_bytes()) =>
+                {
+                    // also keeps a partition number out of range from indexing the stores
+                    self.refused(Refusal::Invalid)
+                }
                 Request::Write { partition, replica: false, op, .. } => {
                     self.lead(partition, op).await
                 }
@@ -381,7 +387,7 @@ impl Cluster {
                 }
                 Request::Prepare { table } => self.prepare(table),
                 Request::Pull { version, sources } => self.pull(version, sources).await,
-                Request::Commit { version } => self.commit(version),
+                Request::Commit { table } => self.commit(table),
                 Request::Table { table } => {
                     if let Some(table) = Table::from_record(table) {
                         self.adopt(Arc::new(table));
@@ -414,17 +420,15 @@ impl Cluster {
             Err(Refused::Invalid) => return self.refused(Refusal::Invalid),
         }
         // read after applying: a table prepared after this point is covered by the copy its owners pull
-        let targets: BTreeSet<String> = {
+        let (targets, version): (BTreeSet<String>, u64) = {
             let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-            tables
-                .committed
-                .iter()
-                .chain(tables.pending.iter())
+            let known = || tables.committed.iter().chain(tables.pending.iter());
+            let targets = known()
                 .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
                 .filter(|o| *o != self.me)
-                .collect()
+                .collect();
+            (targets, known().map(|t| t.version).max().unwrap_or(0))
         };
-        let version = table.version;
         let request = |op: Op| Request::Write { partition, replica: true, version, op };
         let answers = join_all(
             targets.iter().map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
@@ -439,11 +443,15 @@ impl Cluster {
     }
 
     /// As a backup: apply if this worker holds the partition in the committed or the prepared table, and the
-    /// primary's table is not older than the committed one.
+    /// primary knows a table (committed or prepared) at least as new as this worker's newest: a primary that was
+    /// left out of a change (it was paused or cut off while the others prepared it) cannot have a write
+    /// acknowledged that the change's new owners would miss.
     fn replicate(&self, partition: u16, version: u64, op: &Op) -> Response {
         let (stale, holds) = {
             let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-            let stale = tables.committed.as_ref().is_some_and(|t| t.version > version);
+            let newest =
+                tables.committed.iter().chain(tables.pending.iter()).map(|t| t.version).max();
+            let stale = newest.is_some_and(|v| v > version);
             let mut tables_held = tables.committed.iter().chain(tables.pending.iter());
             (stale, tables_held.any(|t| t.holds(partition, &self.me)))
         };
@@ -523,16 +531,14 @@ impl Cluster {
         Response::Done
     }
 
-    fn commit(&self, version: u64) -> Response {
-        let pending = self.tables.read().unwrap_or_else(|e| e.into_inner()).pending.clone();
-        match pending {
-            Some(table) if table.version == version => {
-                self.adopt(table);
-                Response::Done
-            }
-            _ if self.table().is_some_and(|t| t.version >= version) => Response::Done,
-            _ => self.refused(Refusal::Stale),
-        }
+    /// Adopts the coordinator's table itself, not this worker's prepared one: an abandoned attempt may have left a
+    /// different table of the same version prepared here.
+    fn commit(&self, record: thingport_protocol::peer::TableRecord) -> Response {
+        let Some(table) = Table::from_record(record) else {
+            return self.refused(Refusal::Invalid);
+        };
+        self.adopt(Arc::new(table));
+        Response::Done
     }
 
     /// Makes `table` the committed table if it is newer, and drops the partitions this worker no longer holds.
@@ -699,7 +705,7 @@ impl Cluster {
             active
                 .iter()
                 .filter(|m| **m != self.me)
-                .map(|m| self.call(m, Request::Commit { version: next.version }, timeout)),
+                .map(|m| self.call(m, Request::Commit { table: record.clone() }, timeout)),
         )
         .await;
         if committed.iter().any(|a| !matches!(a, Some(Response::Done))) {

@@ -133,6 +133,10 @@ impl Peers {
         if let Some(conn) = self.open_conn(key) {
             return Ok(conn);
         }
+        // another request may have failed to connect while this one waited
+        if lock(&self.failed).get(key).is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
+            return Err(PeerError::Connect);
+        }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
         let stream = match connected {
             Ok(Ok(stream)) => stream,

@@ -288,7 +288,9 @@ impl Table {
     pub fn from_record(record: TableRecord) -> Option<Table> {
         let n = record.members.len();
         let replicas = record.replicas as usize;
-        let well_formed = record.owners.len() == PARTITIONS
+        // versions only grow by one per change: one this large is not from a pool, and would overflow
+        let well_formed = record.version < u64::MAX / 2
+            && record.owners.len() == PARTITIONS
             && record.members.windows(2).all(|w| w[0] < w[1])
             && record.owners.iter().all(|o| {
                 !o.is_empty()
