@@ -75,7 +75,13 @@ fn put(thing: String, n: u64) -> Op {
             value: Value::Float(n as f64),
         }],
     });
-    Op::Device { thing, create: true, now_ms: n, incarnation: 1, frame: frame.to_bytes() }
+    Op::Device {
+        thing: thing.into(),
+        create: true,
+        now_ms: n,
+        incarnation: 1,
+        frame: frame.to_bytes(),
+    }
 }
 
 async fn client(shared: Arc<Shared>, index: usize) -> Tally {

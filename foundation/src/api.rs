@@ -167,7 +167,7 @@ async fn create_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<Strin
         Err(e) => return unavailable(e),
     };
     if let Err(e) =
-        shared.cluster.write(Op::Create { thing: thing.clone(), now_ms: now_ms() }).await
+        shared.cluster.write(Op::Create { thing: thing.clone().into(), now_ms: now_ms() }).await
     {
         return unavailable(e);
     }
@@ -220,8 +220,8 @@ async fn put_property(
     let mut encoded = bytes::BytesMut::new();
     value.encode(&mut encoded);
     let op = Op::Write {
-        thing: thing.clone(),
-        property: name.clone(),
+        thing: thing.clone().into(),
+        property: prop.clone(),
         value: encoded.freeze(),
         now_ms: now,
     };

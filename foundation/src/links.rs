@@ -21,7 +21,6 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::ring::Cluster;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -179,29 +178,24 @@ async fn handle(
 ) -> bool {
     let now = now_ms();
     let cluster = &shared.cluster;
+    let open = matches!(frame, LinkFrame::Open { .. });
     match frame {
         LinkFrame::Ping { nonce } => reply(tx, LinkFrame::Pong { nonce }),
-        LinkFrame::Open { session_id, thing, .. } => {
-            let op = Op::Bind {
-                thing: thing.to_string(),
-                create: shared.config.auto_provision,
-                gateway: gateway.to_string(),
-                session_id,
-                now_ms: now,
+        LinkFrame::Open { session_id, thing, .. } | LinkFrame::Close { session_id, thing, .. } => {
+            let gateway = gateway.clone();
+            let create = shared.config.auto_provision;
+            let op = if open {
+                Op::Bind { thing, create, gateway, session_id, now_ms: now }
+            } else {
+                Op::Unbind { thing, create, gateway, session_id, now_ms: now }
             };
-            spawn_write(cluster, op, in_flight).await;
-            true
-        }
-        LinkFrame::Close { session_id, thing, .. } => {
-            let op = Op::Unbind {
-                thing: thing.to_string(),
-                create: shared.config.auto_provision,
-                gateway: gateway.to_string(),
-                session_id,
-                now_ms: now,
-            };
-            spawn_write(cluster, op, in_flight).await;
-            true
+            let cluster = cluster.clone();
+            spawn_bounded(in_flight, async move {
+                if let Err(e) = cluster.write(op).await {
+                    tracing::warn!(error = %e, "a session binding was not stored");
+                }
+            })
+            .await
         }
         LinkFrame::Upstream { session_id, incarnation, thing, frame } => {
             let header = match DataHeader::peek(&frame) {
@@ -211,9 +205,8 @@ async fn handle(
             let seq = header.seq;
             if matches!(header.frame_type, FrameType::Properties | FrameType::Event) {
                 // stored through the partition's primary; answered when every copy has it
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { return false };
                 let op = Op::Device {
-                    thing: thing.to_string(),
+                    thing,
                     create: shared.config.auto_provision,
                     now_ms: now,
                     incarnation,
@@ -221,7 +214,7 @@ async fn handle(
                 };
                 let cluster = cluster.clone();
                 let tx = tx.clone();
-                tokio::spawn(async move {
+                return spawn_bounded(in_flight, async move {
                     let answer = match cluster.write(op).await {
                         Ok(()) => {
                             ::metrics::counter!("thingport_foundation_frames_stored_total")
@@ -235,9 +228,8 @@ async fn handle(
                         }
                     };
                     let _ = tx.send(answer.to_framed_bytes()).await;
-                    drop(permit);
-                });
-                return true;
+                })
+                .await;
             }
             let decoded = match Frame::decode(frame.clone(), &shared.config.limits()) {
                 Ok(decoded) => decoded,
@@ -249,10 +241,12 @@ async fn handle(
             match decoded {
                 Frame::ServiceResponse(response) => {
                     let cluster = cluster.clone();
-                    tokio::spawn(async move {
-                        let outcome = CallOutcome::Answered { frame };
-                        cluster.complete_call(response.call_id, outcome).await;
-                    });
+                    let outcome = CallOutcome::Answered { frame };
+                    let pass_on =
+                        async move { cluster.complete_call(response.call_id, outcome).await };
+                    if !spawn_bounded(in_flight, pass_on).await {
+                        return false;
+                    }
                 }
                 Frame::ServiceRequest(request) => {
                     // devices may call server services; none are defined yet
@@ -272,23 +266,24 @@ async fn handle(
         }
         LinkFrame::Undeliverable { reference, code, .. } => {
             let cluster = cluster.clone();
-            tokio::spawn(async move {
-                cluster.complete_call(reference, CallOutcome::Undeliverable { code: code.0 }).await;
-            });
-            true
+            let outcome = CallOutcome::Undeliverable { code: code.0 };
+            spawn_bounded(in_flight, async move { cluster.complete_call(reference, outcome).await })
+                .await
         }
         _ => true,
     }
 }
 
-/// Stores a binding change in the background, within the link's in-flight bound.
-async fn spawn_write(cluster: &Arc<Cluster>, op: Op, in_flight: &Arc<Semaphore>) {
-    let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-    let cluster = cluster.clone();
+/// Runs `work` in the background within the link's in-flight bound (waiting, and so not reading the link, while the
+/// bound is reached); false if the link is closing.
+async fn spawn_bounded(
+    in_flight: &Arc<Semaphore>,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> bool {
+    let Ok(permit) = in_flight.clone().acquire_owned().await else { return false };
     tokio::spawn(async move {
-        if let Err(e) = cluster.write(op).await {
-            tracing::warn!(error = %e, "a session binding was not stored");
-        }
+        work.await;
         drop(permit);
     });
+    true
 }

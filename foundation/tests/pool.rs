@@ -131,8 +131,32 @@ fn slots(view: &Json) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// What one device had acknowledged: property `m<n>` holds `n`.
-type Acked = Arc<Mutex<BTreeMap<String, Vec<i64>>>>;
+/// What each device had acknowledged (property `m<n>` holds `n`), and the running total for waiters.
+#[derive(Clone)]
+struct Acked {
+    by_device: Arc<Mutex<BTreeMap<String, Vec<i64>>>>,
+    total: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Acked {
+    fn new() -> Acked {
+        Acked { by_device: Arc::default(), total: Arc::new(tokio::sync::watch::channel(0).0) }
+    }
+
+    fn record(&self, device: &str, values: Vec<i64>) {
+        let n = values.len();
+        self.by_device.lock().unwrap().entry(device.to_string()).or_default().extend(values);
+        self.total.send_modify(|t| *t += n);
+    }
+
+    /// Waits until `more` acknowledgements have come in since the call.
+    async fn grow_by(&self, more: usize, what: &str) {
+        let target = *self.total.borrow() + more;
+        let mut total = self.total.subscribe();
+        let grown = tokio::time::timeout(Duration::from_secs(30), total.wait_for(|t| *t >= target));
+        assert!(grown.await.is_ok(), "acknowledgements stalled {what}");
+    }
+}
 
 /// A device writing a new property every 10 ms until `stop`, then waiting for its last acknowledgement. Fails if
 /// the device is ever disconnected.
@@ -171,7 +195,7 @@ async fn run_device(
                 {
                     let rest = unacked.split_off(&(seq + 1));
                     let done: Vec<i64> = std::mem::replace(&mut unacked, rest).into_values().collect();
-                    acked.lock().unwrap().entry(name.clone()).or_default().extend(done);
+                    acked.record(&name, done);
                 }
                 dev.flush().await.map_err(|e| format!("{name}: flush: {e}"))?;
             }
@@ -180,19 +204,6 @@ async fn run_device(
             dev.disconnect().await;
             return Ok(());
         }
-    }
-}
-
-fn total(acked: &Acked) -> usize {
-    acked.lock().unwrap().values().map(Vec::len).sum()
-}
-
-async fn acked_grows_by(acked: &Acked, more: usize, what: &str) {
-    let target = total(acked) + more;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while total(acked) < target {
-        assert!(Instant::now() < deadline, "acknowledgements stalled {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -219,7 +230,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let links = workers.iter().map(|w| w.link).collect();
     let gateway = support::gateway(dir.path(), links).await;
     let stop = CancellationToken::new();
-    let acked: Acked = Arc::default();
+    let acked = Acked::new();
     let devices: Vec<_> = (0..12)
         .map(|i| {
             let run = run_device(
@@ -231,11 +242,11 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
             tokio::spawn(run)
         })
         .collect();
-    acked_grows_by(&acked, 300, "before any change").await;
+    acked.grow_by(300, "before any change").await;
 
     // any worker's API reads what a device wrote, whichever worker stored it
     let (name, n) = {
-        let acked = acked.lock().unwrap();
+        let acked = acked.by_device.lock().unwrap();
         let (name, values) = acked.iter().next().unwrap();
         (name.clone(), values[0])
     };
@@ -259,7 +270,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let moved: u64 = before.iter().map(|(id, n)| n - after[id]).sum();
     assert_eq!(moved, after["w4"], "every moved slot went to the new worker");
     eprintln!("join: {moved} of 2048 replica slots moved to w4");
-    acked_grows_by(&acked, 300, "after the join").await;
+    acked.grow_by(300, "after the join").await;
 
     // a thing whose partition the worker about to be killed leads
     let mut probe = 0;
@@ -291,7 +302,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     for (id, n) in &after_kill {
         assert!(*n >= after[id], "{id} lost slots though it survived");
     }
-    acked_grows_by(&acked, 300, "after the kill").await;
+    acked.grow_by(300, "after the kill").await;
     eprintln!(
         "kill -9: first write to a partition the killed worker led after {} ms; table rebalanced after {} ms",
         failover.as_millis(),
@@ -304,7 +315,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let view = cluster_until(workers[0].api, "the pause", |v| settled_on(v, &["w1", "w4"])).await;
     assert_eq!(slots(&view).values().sum::<u64>(), 2048);
     eprintln!("SIGSTOP: table rebalanced {} ms after the pause", paused.elapsed().as_millis());
-    acked_grows_by(&acked, 300, "with a worker paused").await;
+    acked.grow_by(300, "with a worker paused").await;
     // resumed, it learns that the pool declared it down, rejoins as a renewal of the same run, and gets a share of
     // the partitions back (copied to it afresh)
     signal(&workers[2].child, "-CONT");
@@ -314,7 +325,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     .await;
     assert_eq!(slots(&view).values().sum::<u64>(), 2048);
     assert!(workers[2].child.try_wait().unwrap().is_none(), "the resumed worker runs on");
-    acked_grows_by(&acked, 300, "after the paused worker came back").await;
+    acked.grow_by(300, "after the paused worker came back").await;
 
     stop.cancel();
     for device in devices {
@@ -323,7 +334,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
 
     // every acknowledged write is readable through every surviving worker
     let survivors: Vec<&WorkerProcess> = workers.iter().filter(|w| w.id != "w2").collect();
-    let acked = acked.lock().unwrap().clone();
+    let acked = acked.by_device.lock().unwrap().clone();
     let written: usize = acked.values().map(Vec::len).sum();
     for (i, (name, values)) in acked.iter().enumerate() {
         let api = survivors[i % survivors.len()].api;

@@ -8,6 +8,7 @@
 //! what a device sent.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DecodeError;
@@ -34,26 +35,26 @@ pub enum PeerMessage {
     },
 }
 
-/// A change to one thing, applied by the partition's primary and then by each backup, in any order: every
+/// A change to one thing (names are shared, not copied, as the operation is cloned for each copy), applied by the partition's primary and then by each backup, in any order: every
 /// operation is idempotent and commutes with the others of its thing (last writer wins by version).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Creates the thing if it does not exist.
-    Create { thing: String, now_ms: u64 },
+    Create { thing: ByteString, now_ms: u64 },
     /// A device data frame (`PROPERTIES` or `EVENT`), byte for byte as the device sent it.
-    Device { thing: String, create: bool, now_ms: u64, incarnation: u64, frame: Bytes },
+    Device { thing: ByteString, create: bool, now_ms: u64, incarnation: u64, frame: Bytes },
     /// A property value written by an application; `value` in the device encoding.
-    Write { thing: String, property: String, value: Bytes, now_ms: u64 },
+    Write { thing: ByteString, property: ByteString, value: Bytes, now_ms: u64 },
     /// The thing is now reached through this gateway session.
-    Bind { thing: String, create: bool, gateway: String, session_id: u64, now_ms: u64 },
+    Bind { thing: ByteString, create: bool, gateway: ByteString, session_id: u64, now_ms: u64 },
     /// The session ended; the binding goes if it is still this session's. `create` as for `Bind`: a `CLOSE` may be
     /// applied before its `OPEN`, and must still be remembered.
-    Unbind { thing: String, create: bool, gateway: String, session_id: u64, now_ms: u64 },
+    Unbind { thing: ByteString, create: bool, gateway: ByteString, session_id: u64, now_ms: u64 },
 }
 
 impl Op {
     /// The thing the operation changes.
-    pub fn thing(&self) -> &str {
+    pub fn thing(&self) -> &ByteString {
         match self {
             Op::Create { thing, .. }
             | Op::Device { thing, .. }

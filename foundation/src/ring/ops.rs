@@ -29,7 +29,7 @@ pub fn apply(
     limits: &Limits,
     replica: bool,
 ) -> Result<(), Refused> {
-    let name = ByteString::from(op.thing());
+    let name = op.thing().clone();
     let (create, now_ms) = match op {
         Op::Create { now_ms, .. } => (true, *now_ms),
         Op::Device { create, now_ms, .. }
@@ -91,11 +91,11 @@ pub fn apply(
             let version = Version { timestamp_ms: now_ms, incarnation: u64::MAX, seq: 0 };
             let state =
                 PropertyState { value, quality: Quality::Good, version, received_ms: now_ms };
-            thing.apply_property(&ByteString::from(property.as_str()), state);
+            thing.apply_property(property, state);
         }
         Op::Bind { gateway, session_id, .. } => {
             thing.bind(Binding {
-                gateway: ByteString::from(gateway.as_str()),
+                gateway: gateway.clone(),
                 session_id: *session_id,
                 since_ms: now_ms,
             });
@@ -340,7 +340,7 @@ mod tests {
         let mut ops = Vec::new();
         for (i, &(kind, t, prop, ts, value)) in steps.iter().enumerate() {
             let now_ms = i as u64 + 1;
-            let thing = names[t].to_string();
+            let thing = ByteString::from_static(names[t]);
             let seq = i as u64 + 1;
             let frame = match kind {
                 0 | 1 => Frame::Properties(Properties {
@@ -447,17 +447,16 @@ mod tests {
             let mut late: Vec<&Op> = ops[prepare..].iter().collect();
             rng.shuffle(&mut late);
             let merge_at = merge_at * late.len() / 100;
-            for (i, op) in late.iter().enumerate() {
+            // the copy travels as records, as a pull fetches it
+            let copy: Vec<ThingRecord> = snapshot.iter().map(|(name, t)| to_record(name, t)).collect();
+            for i in 0..=late.len() {
                 if i == merge_at {
-                    for (name, thing) in &snapshot {
-                        merge(&mut new_owner, from_record(&to_record(name, thing), &limits).unwrap(), name);
+                    for record in &copy {
+                        merge(&mut new_owner, from_record(record, &limits).unwrap(), &record.name);
                     }
                 }
-                apply(&mut new_owner, op, &limits, true).unwrap();
-            }
-            if merge_at >= late.len() {
-                for (name, thing) in &snapshot {
-                    merge(&mut new_owner, from_record(&to_record(name, thing), &limits).unwrap(), name);
+                if let Some(op) = late.get(i) {
+                    apply(&mut new_owner, op, &limits, true).unwrap();
                 }
             }
             proptest::prop_assert_eq!(observed(&new_owner), observed(&primary));
