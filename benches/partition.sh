@@ -59,6 +59,8 @@ bootstrap_members = 3
 write_timeout = "3s"
 request_timeout = "1s"
 api_keys_file = "$WORK/api-keys"
+[storage]
+data_dir = "$WORK/store-$i"
 TOML
   ip netns exec "${NS[$i]}" "$B/thingport-foundation" --config "$WORK/w$i.toml" > "$WORK/w$i.out" 2> "$WORK/w$i.log" &
   PID[$i]=$!

@@ -36,6 +36,8 @@ peer_address = "127.0.0.1:$((7260 + i))"
 seeds = ["127.0.0.1:7261"]
 bootstrap_members = $WORKERS
 api_keys_file = "$WORK/api-keys"
+[storage]
+data_dir = "$WORK/store-$i"
 TOML
   taskset -c 1 "$B/thingport-foundation" --config "$WORK/w$i.toml" > "$WORK/w$i.out" 2> "$WORK/w$i.log" &
   PID[$i]=$!

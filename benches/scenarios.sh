@@ -41,6 +41,8 @@ peer_address = "127.0.0.1:$((7290 + i))"
 seeds = ["127.0.0.1:7291"]
 bootstrap_members = $WORKERS
 api_keys_file = "$WORK/api-keys"
+[storage]
+data_dir = "$WORK/store-$i"
 TOML
   FOUNDATIONS="$FOUNDATIONS\"127.0.0.1:$((7190 + i))\", "
 done

@@ -80,6 +80,7 @@ fn put(thing: String, n: u64) -> Op {
         create: true,
         now_ms: n,
         incarnation: 1,
+        epoch_ms: 0,
         frame: frame.to_bytes(),
     }
 }

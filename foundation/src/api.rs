@@ -1,10 +1,11 @@
 //! The REST API for people and applications (documented in `docs/API.md`). Every request carries an application
-//! key in `x-api-key`.
+//! key in `x-api-key`; every error is a JSON object `{"error": ...}`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -13,11 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
+use thingport_protocol::peer::{HistoryQuery, Op, PropertyDefinition, StreamPosition};
 use thingport_protocol::{
-    ByteString, Frame, Properties, PropertyUpdate, Quality, ServiceRequest, ServiceResult,
+    ByteString, Frame, Limits, Properties, PropertyUpdate, Quality, ServiceRequest, ServiceResult,
+    Value,
 };
-
-use thingport_protocol::peer::Op;
 
 use crate::Shared;
 use crate::calls::CallOutcome;
@@ -25,6 +26,13 @@ use crate::json::{from_json, to_json};
 use crate::links::now_ms;
 use crate::model::{PropertyState, ThingState};
 use crate::ring::{RingError, membership};
+
+/// Most values or events in one page of history.
+pub const MAX_PAGE: u32 = 10_000;
+/// Values or events in a page of history when the request does not say.
+pub const DEFAULT_PAGE: u32 = 1_000;
+/// Recent events shown with a thing.
+pub const RECENT_EVENTS: u32 = 100;
 
 /// Application keys read from the keys file: one per line, `#` comments.
 pub fn parse_keys(text: &str) -> HashSet<String> {
@@ -38,12 +46,58 @@ pub fn parse_keys(text: &str) -> HashSet<String> {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/things", get(list_things))
-        .route("/v1/things/{thing}", get(get_thing).put(create_thing))
-        .route("/v1/things/{thing}/properties/{name}", get(get_property).put(put_property))
+        .route("/v1/things/{thing}", get(get_thing).put(put_thing).delete(delete_thing))
+        .route(
+            "/v1/things/{thing}/properties/{name}",
+            get(get_property).put(put_property).delete(delete_property),
+        )
+        .route(
+            "/v1/things/{thing}/properties/{name}/definition",
+            get(get_definition).put(put_definition),
+        )
+        .route("/v1/things/{thing}/properties/{name}/history", get(property_history))
+        .route("/v1/things/{thing}/events", get(event_history))
         .route("/v1/things/{thing}/services/{service}", post(call_service))
         .route("/v1/cluster", get(cluster))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this resource")
+        })
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate))
         .with_state(shared)
+}
+
+/// A request's path, query and body, or the JSON error to answer instead.
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, Refusal> {
+    p.map(|Path(p)| p).map_err(|e| refusal(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Refusal> {
+    q.map(|Query(q)| q).map_err(|e| refusal(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, Refusal> {
+    b.map(|Json(b)| b).map_err(|e| refusal(e.status(), e.body_text()))
+}
+
+/// A JSON body that may be absent (empty): `None` then.
+fn optional_body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<Option<T>, Refusal> {
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(raw)
+        .map(Some)
+        .map_err(|e| refusal(StatusCode::BAD_REQUEST, format!("the body is not valid: {e}")))
+}
+
+/// Unwraps a request part or returns its error response.
+macro_rules! part {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(refused) => return refused.into_response(),
+        }
+    };
 }
 
 /// Refuses a frame for a device that the device could not decode (an over-long name or string, too deep a value,
@@ -62,6 +116,20 @@ fn undeliverable(frame: &Frame) -> Option<Response> {
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// A request refused before anything was done: the status and what is wrong.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+fn refusal(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal(status, message.into())
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
 }
 
 async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
@@ -94,7 +162,88 @@ fn thing_summary(name: &str, t: &ThingState) -> JsonValue {
         "gateway": t.binding.as_ref().map(|b| b.gateway.to_string()),
         "properties": t.properties.len(),
         "created_ms": t.created_ms,
+        "description": t.description,
+        "tags": t.tags,
     })
+}
+
+/// Value types a definition may name, as `Value`s are.
+const KINDS: [&str; 7] = ["bool", "int", "float", "string", "bytes", "list", "map"];
+
+fn definition_json(d: &PropertyDefinition) -> JsonValue {
+    json!({
+        "type": d.kind,
+        "unit": d.unit,
+        "persisted": d.persisted,
+        "logged": d.logged,
+        "max_age_ms": d.max_age_ms,
+        "max_values": d.max_count,
+    })
+}
+
+/// A property definition in a request body; omitted fields take their defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefinitionBody {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    unit: Option<String>,
+    #[serde(default = "yes")]
+    persisted: bool,
+    #[serde(default = "yes")]
+    logged: bool,
+    max_age_ms: Option<u64>,
+    max_values: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl DefinitionBody {
+    fn into_definition(self) -> Result<PropertyDefinition, Refusal> {
+        if let Some(kind) = &self.kind
+            && !KINDS.contains(&kind.as_str())
+        {
+            return Err(refusal(
+                StatusCode::BAD_REQUEST,
+                format!("type: one of {} (or null for any)", KINDS.join(", ")),
+            ));
+        }
+        if self.unit.as_ref().is_some_and(|u| u.len() > Limits::DEFAULT.max_name) {
+            return Err(refusal(StatusCode::BAD_REQUEST, "unit: at most 256 bytes"));
+        }
+        Ok(PropertyDefinition {
+            kind: self.kind,
+            unit: self.unit,
+            persisted: self.persisted,
+            logged: self.logged,
+            max_age_ms: self.max_age_ms,
+            max_count: self.max_values,
+        })
+    }
+}
+
+/// A value written by an application, converted to the property's declared type (an integer to a float), or the
+/// reason it does not fit.
+fn typed(value: Value, definition: &PropertyDefinition) -> Result<Value, String> {
+    let Some(kind) = definition.kind.as_deref() else { return Ok(value) };
+    let fits = match (&value, kind) {
+        (Value::Null, _) => true,
+        (Value::Int(i), "float") => return Ok(Value::Float(*i as f64)),
+        (Value::Bool(_), "bool") | (Value::Int(_), "int") | (Value::Float(_), "float") => true,
+        (Value::String(_), "string") | (Value::Bytes(_), "bytes") => true,
+        (Value::List(_), "list") | (Value::Map(_), "map") => true,
+        _ => false,
+    };
+    if fits { Ok(value) } else { Err(format!("the property holds values of type {kind}")) }
+}
+
+fn valid_name(what: &str, name: &str) -> Result<(), Refusal> {
+    if name.is_empty() || name.len() > Limits::DEFAULT.max_name {
+        return Err(refusal(StatusCode::BAD_REQUEST, format!("a {what} name is 1 to 256 bytes")));
+    }
+    Ok(())
 }
 
 fn unavailable(e: RingError) -> Response {
@@ -126,27 +275,43 @@ async fn list_things(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
                 "gateway": t.gateway,
                 "properties": t.properties,
                 "created_ms": t.created_ms,
+                "tags": t.tags,
             })
         })
         .collect();
     Json(json!({ "things": things, "complete": complete }))
 }
 
-async fn get_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>) -> Response {
+async fn get_thing(
+    State(shared): State<Arc<Shared>>,
+    thing: Result<Path<String>, PathRejection>,
+) -> Response {
+    let thing = part!(path(thing));
     let t = match read_thing(&shared, &thing).await {
         Ok(t) => t,
         Err(response) => return response,
     };
     let properties: BTreeMap<String, JsonValue> =
         t.properties.iter().map(|(k, v)| (k.to_string(), property_json(v))).collect();
-    let events: Vec<JsonValue> = t
-        .events
+    let definitions: BTreeMap<String, JsonValue> = t
+        .definitions
         .iter()
-        .rev()
-        .map(|e| json!({"name": e.name.to_string(), "payload": to_json(&e.payload), "timestamp_ms": e.version.timestamp_ms}))
+        .map(|(k, d)| (k.to_string(), definition_json(&d.definition)))
         .collect();
+    let recent = HistoryQuery {
+        thing: thing.clone(),
+        property: None,
+        from_ms: 0,
+        to_ms: u64::MAX,
+        limit: RECENT_EVENTS,
+        newest_first: true,
+        after: None,
+    };
+    let (events, _) = shared.cluster.events(recent).await;
+    let events: Vec<JsonValue> = events.iter().map(event_json).collect();
     let mut summary = thing_summary(&thing, &t);
     summary["properties"] = json!(properties);
+    summary["definitions"] = json!(definitions);
     summary["events"] = json!(events);
     summary["session_id"] = json!(t.binding.as_ref().map(|b| b.session_id));
     // where the thing lives in the ring: its partition and the partition's holders, primary first
@@ -158,27 +323,280 @@ async fn get_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>)
     Json(summary).into_response()
 }
 
-async fn create_thing(State(shared): State<Arc<Shared>>, Path(thing): Path<String>) -> Response {
-    if thing.is_empty() || thing.len() > thingport_protocol::Limits::DEFAULT.max_name {
-        return error(StatusCode::BAD_REQUEST, "a thing name is 1 to 256 bytes");
+fn event_json(e: &thingport_protocol::peer::EventRecord) -> JsonValue {
+    let payload = Value::decode(e.payload.clone(), &Limits::DEFAULT).unwrap_or_default();
+    json!({
+        "name": e.name,
+        "payload": to_json(&payload),
+        "timestamp_ms": e.timestamp_ms,
+        "received_ms": e.received_ms,
+        "seq": e.seq,
+    })
+}
+
+/// A thing's description, tags and property definitions, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThingBody {
+    description: Option<String>,
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    properties: BTreeMap<String, DefinitionBody>,
+}
+
+/// Creates a thing (201) or updates the description, tags and definitions it names (200).
+async fn put_thing(
+    State(shared): State<Arc<Shared>>,
+    thing: Result<Path<String>, PathRejection>,
+    raw: axum::body::Bytes,
+) -> Response {
+    let thing = part!(path(thing));
+    part!(valid_name("thing", &thing));
+    let body: ThingBody = part!(optional_body(&raw)).unwrap_or_default();
+    let limits = Limits::DEFAULT;
+    if body.description.as_ref().is_some_and(|d| d.len() > limits.max_string) {
+        return error(StatusCode::BAD_REQUEST, "description: at most 16384 bytes");
     }
-    let existed = match shared.cluster.read(&thing).await {
-        Ok(t) => t.is_some(),
+    if let Some(tags) = &body.tags
+        && (tags.len() > 64 || tags.iter().any(|t| t.is_empty() || t.len() > limits.max_name))
+    {
+        return error(StatusCode::BAD_REQUEST, "tags: at most 64, each 1 to 256 bytes");
+    }
+    let mut definitions = Vec::new();
+    for (name, d) in body.properties {
+        part!(valid_name("property", &name));
+        definitions.push((name, part!(d.into_definition())));
+    }
+    let existing = match shared.cluster.read(&thing).await {
+        Ok(t) => t,
         Err(e) => return unavailable(e),
     };
-    if let Err(e) =
-        shared.cluster.write(Op::Create { thing: thing.clone().into(), now_ms: now_ms() }).await
-    {
+    let now = now_ms();
+    let name = ByteString::from(thing.clone());
+    let op = match (&existing, body.description, body.tags) {
+        (_, None, None) => Op::Create { thing: name.clone(), now_ms: now },
+        (existing, description, tags) => Op::Describe {
+            thing: name.clone(),
+            create: true,
+            now_ms: now,
+            description: description
+                .or_else(|| existing.as_ref().map(|t| t.description.clone()))
+                .unwrap_or_default(),
+            tags: tags.or_else(|| existing.as_ref().map(|t| t.tags.clone())).unwrap_or_default(),
+        },
+    };
+    if let Err(e) = shared.cluster.write(op).await {
         return unavailable(e);
     }
-    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    for (property, definition) in definitions {
+        let op =
+            Op::Define { thing: name.clone(), property: property.into(), now_ms: now, definition };
+        if let Err(e) = shared.cluster.write(op).await {
+            return unavailable(e);
+        }
+    }
+    let status = if existing.is_some() { StatusCode::OK } else { StatusCode::CREATED };
     (status, Json(json!({ "thing": thing }))).into_response()
+}
+
+/// Removes a thing with its history from the ring and from every worker's store.
+async fn delete_thing(
+    State(shared): State<Arc<Shared>>,
+    thing: Result<Path<String>, PathRejection>,
+) -> Response {
+    let thing = part!(path(thing));
+    let op = Op::Remove { thing: thing.clone().into(), property: None, now_ms: now_ms() };
+    if let Err(e) = shared.cluster.write(op).await {
+        return match e {
+            RingError::UnknownThing => error(StatusCode::NOT_FOUND, format!("no thing {thing}")),
+            e => unavailable(e),
+        };
+    }
+    shared.cluster.purge(&thing, None).await;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Removes a property: its value, its definition and its value stream.
+async fn delete_property(
+    State(shared): State<Arc<Shared>>,
+    names: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    let (thing, name) = part!(path(names));
+    let t = part!(read_thing(&shared, &thing).await);
+    if !t.properties.contains_key(name.as_str()) && !t.definitions.contains_key(name.as_str()) {
+        return error(StatusCode::NOT_FOUND, format!("thing {thing} has no property {name}"));
+    }
+    let op = Op::Remove {
+        thing: thing.clone().into(),
+        property: Some(name.clone().into()),
+        now_ms: now_ms(),
+    };
+    if let Err(e) = shared.cluster.write(op).await {
+        return unavailable(e);
+    }
+    shared.cluster.purge(&thing, Some(&name)).await;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_definition(
+    State(shared): State<Arc<Shared>>,
+    names: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    let (thing, name) = part!(path(names));
+    let t = part!(read_thing(&shared, &thing).await);
+    Json(definition_json(&t.definition(&name))).into_response()
+}
+
+async fn put_definition(
+    State(shared): State<Arc<Shared>>,
+    names: Result<Path<(String, String)>, PathRejection>,
+    definition: Result<Json<DefinitionBody>, JsonRejection>,
+) -> Response {
+    let (thing, name) = part!(path(names));
+    part!(valid_name("property", &name));
+    let definition = part!(part!(body(definition)).into_definition());
+    let op = Op::Define {
+        thing: thing.clone().into(),
+        property: name.into(),
+        now_ms: now_ms(),
+        definition: definition.clone(),
+    };
+    match shared.cluster.write(op).await {
+        Ok(()) => Json(definition_json(&definition)).into_response(),
+        Err(RingError::UnknownThing) => error(StatusCode::NOT_FOUND, format!("no thing {thing}")),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// A page of history as the query string asks for it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryParams {
+    /// Oldest device timestamp: ms since the Unix epoch, or RFC 3339.
+    from: Option<String>,
+    /// Newest device timestamp, inclusive.
+    to: Option<String>,
+    limit: Option<u32>,
+    /// `newest` (the default) or `oldest` first.
+    order: Option<String>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+}
+
+fn timestamp(what: &str, text: Option<&str>, default: u64) -> Result<u64, Refusal> {
+    let Some(text) = text else { return Ok(default) };
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .ok_or_else(|| {
+            refusal(
+                StatusCode::BAD_REQUEST,
+                format!("{what}: ms since the Unix epoch or an RFC 3339 time"),
+            )
+        })
+}
+
+fn history_query(
+    thing: String,
+    property: Option<String>,
+    params: HistoryParams,
+) -> Result<HistoryQuery, Refusal> {
+    let from_ms = timestamp("from", params.from.as_deref(), 0)?;
+    let to_ms = timestamp("to", params.to.as_deref(), i64::MAX as u64)?;
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(refusal(StatusCode::BAD_REQUEST, format!("limit: 1 to {MAX_PAGE}")));
+    }
+    let newest_first = match params.order.as_deref() {
+        None | Some("newest") => true,
+        Some("oldest") => false,
+        Some(_) => return Err(refusal(StatusCode::BAD_REQUEST, "order: newest or oldest")),
+    };
+    let after = match params.after.as_deref() {
+        None => None,
+        Some(cursor) => {
+            let parts: Vec<u64> = cursor.split('-').filter_map(|p| p.parse().ok()).collect();
+            match parts[..] {
+                [a, b, c] => Some(StreamPosition(a, b, c)),
+                _ => return Err(refusal(StatusCode::BAD_REQUEST, "after: the next of a page")),
+            }
+        }
+    };
+    Ok(HistoryQuery { thing, property, from_ms, to_ms, limit, newest_first, after })
+}
+
+fn cursor(p: StreamPosition) -> String {
+    format!("{}-{}-{}", p.0, p.1, p.2)
+}
+
+fn quality_name(quality: u8) -> &'static str {
+    match Quality::from_u8(quality) {
+        Some(Quality::Good) => "good",
+        Some(Quality::Uncertain) => "uncertain",
+        _ => "bad",
+    }
+}
+
+/// A page of a property's value stream.
+async fn property_history(
+    State(shared): State<Arc<Shared>>,
+    names: Result<Path<(String, String)>, PathRejection>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
+) -> Response {
+    let (thing, name) = part!(path(names));
+    let params = part!(query(params));
+    let q = part!(history_query(thing.clone(), Some(name), params));
+    part!(read_thing(&shared, &thing).await);
+    let limit = q.limit as usize;
+    let (values, complete) = shared.cluster.values(q).await;
+    let next = (values.len() == limit)
+        .then(|| {
+            values.last().map(|v| cursor(StreamPosition(v.timestamp_ms, v.incarnation, v.seq)))
+        })
+        .flatten();
+    let values: Vec<JsonValue> = values
+        .iter()
+        .map(|v| {
+            let value = Value::decode(v.value.clone(), &Limits::DEFAULT).unwrap_or_default();
+            json!({
+                "value": to_json(&value),
+                "quality": quality_name(v.quality),
+                "timestamp_ms": v.timestamp_ms,
+                "received_ms": v.received_ms,
+            })
+        })
+        .collect();
+    Json(json!({ "values": values, "next": next, "complete": complete })).into_response()
+}
+
+/// A page of a thing's event stream, in device order.
+async fn event_history(
+    State(shared): State<Arc<Shared>>,
+    thing: Result<Path<String>, PathRejection>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
+) -> Response {
+    let thing = part!(path(thing));
+    let params = part!(query(params));
+    let q = part!(history_query(thing.clone(), None, params));
+    part!(read_thing(&shared, &thing).await);
+    let limit = q.limit as usize;
+    let (events, complete) = shared.cluster.events(q).await;
+    let next = (events.len() == limit)
+        .then(|| events.last().map(|e| cursor(StreamPosition(e.epoch_ms, e.incarnation, e.seq))))
+        .flatten();
+    let events: Vec<JsonValue> = events.iter().map(event_json).collect();
+    Json(json!({ "events": events, "next": next, "complete": complete })).into_response()
 }
 
 async fn get_property(
     State(shared): State<Arc<Shared>>,
-    Path((thing, name)): Path<(String, String)>,
+    names: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
+    let (thing, name) = part!(path(names));
     match read_thing(&shared, &thing).await {
         Err(response) => response,
         Ok(t) => match t.properties.get(name.as_str()) {
@@ -189,6 +607,7 @@ async fn get_property(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PropertyWrite {
     value: JsonValue,
 }
@@ -196,27 +615,37 @@ struct PropertyWrite {
 /// Stores a value written by an application and delivers it to the device if it is connected.
 async fn put_property(
     State(shared): State<Arc<Shared>>,
-    Path((thing, name)): Path<(String, String)>,
-    Json(body): Json<PropertyWrite>,
+    names: Result<Path<(String, String)>, PathRejection>,
+    write: Result<Json<PropertyWrite>, JsonRejection>,
 ) -> Response {
-    let value = match from_json(&body.value) {
+    let (thing, name) = part!(path(names));
+    let write = part!(body(write));
+    let value = match from_json(&write.value) {
         Ok(value) => value,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let now = now_ms();
     let prop = ByteString::from(name.clone());
-    let write = Frame::Properties(Properties {
-        seq: 0,
-        updates: vec![PropertyUpdate {
-            name: prop.clone(),
-            timestamp_ms: now,
-            quality: Quality::Good,
-            value: value.clone(),
-        }],
-    });
-    if let Some(refused) = undeliverable(&write) {
+    let frame = |value: Value| {
+        Frame::Properties(Properties {
+            seq: 0,
+            updates: vec![PropertyUpdate {
+                name: prop.clone(),
+                timestamp_ms: now,
+                quality: Quality::Good,
+                value,
+            }],
+        })
+    };
+    if let Some(refused) = undeliverable(&frame(value.clone())) {
         return refused;
     }
+    let t = part!(read_thing(&shared, &thing).await);
+    let value = match typed(value, &t.definition(&name)) {
+        Ok(value) => value,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let write = frame(value.clone());
     let mut encoded = bytes::BytesMut::new();
     value.encode(&mut encoded);
     let op = Op::Write {
@@ -238,6 +667,7 @@ async fn put_property(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CallQuery {
     timeout_ms: Option<u64>,
 }
@@ -245,11 +675,14 @@ struct CallQuery {
 /// Calls a service the device implements and waits for its answer.
 async fn call_service(
     State(shared): State<Arc<Shared>>,
-    Path((thing, service)): Path<(String, String)>,
-    Query(query): Query<CallQuery>,
-    body: Option<Json<JsonValue>>,
+    names: Result<Path<(String, String)>, PathRejection>,
+    call: Result<Query<CallQuery>, QueryRejection>,
+    raw: axum::body::Bytes,
 ) -> Response {
-    let params = match body.map(|Json(b)| from_json(&b)).transpose() {
+    let (thing, service) = part!(path(names));
+    let query = part!(self::query(call));
+    let params: Option<JsonValue> = part!(optional_body(&raw));
+    let params = match params.map(|b| from_json(&b)).transpose() {
         Ok(params) => params.unwrap_or_default(),
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };

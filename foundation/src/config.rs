@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::storage::Durability;
+
 /// The default configuration, with a comment on every key.
 pub const DEFAULT_CONFIG: &str = include_str!("../foundation.toml");
 
@@ -52,6 +54,54 @@ pub struct Config {
     pub suspect_timeout: Duration,
     /// Largest message between workers (a copy of a partition travels in one).
     pub max_peer_message: usize,
+    /// When device data and API writes are acknowledged.
+    pub durability: Durability,
+    /// Where things, values and history are kept.
+    pub storage: StorageConfig,
+}
+
+/// Which store keeps the worker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// One SQLite file in `data_dir`, this worker's own.
+    Sqlite,
+    /// One PostgreSQL database that every worker of the pool shares.
+    Postgres,
+}
+
+/// The `[storage]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub provider: ProviderKind,
+    /// The worker's data directory (the SQLite file lives here); created if missing.
+    pub data_dir: PathBuf,
+    /// PostgreSQL connection string (`key=value` pairs or a `postgresql://` URL).
+    pub postgres_url: String,
+    /// Operations waiting for the store at most; beyond it writes wait (the device or API request behind them).
+    pub queue: usize,
+    /// Default retention of value streams and event streams by age (device timestamp); 0 keeps everything.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Default number of values kept per property; 0: no limit.
+    pub max_values: u64,
+    /// Number of events kept per thing; 0: no limit.
+    pub max_events: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            provider: ProviderKind::Sqlite,
+            data_dir: "/var/lib/thingport/foundation-1".into(),
+            postgres_url: String::new(),
+            queue: 65_536,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_values: 0,
+            max_events: 100_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -75,6 +125,8 @@ impl Default for Config {
             probe_period: Duration::from_millis(500),
             suspect_timeout: Duration::from_millis(1500),
             max_peer_message: 64 << 20,
+            durability: Durability::Disk,
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -126,6 +178,22 @@ impl Config {
         if self.max_peer_message < 1 << 20 {
             problems.push("max_peer_message: must be at least 1 MiB".to_string());
         }
+        let storage = &self.storage;
+        if storage.provider == ProviderKind::Sqlite && storage.data_dir.as_os_str().is_empty() {
+            problems.push("storage.data_dir: must name a directory".to_string());
+        }
+        if storage.provider == ProviderKind::Postgres {
+            if storage.postgres_url.is_empty() {
+                problems.push(
+                    "storage.postgres_url: required with provider = \"postgres\"".to_string(),
+                );
+            } else if let Err(e) = storage.postgres_url.parse::<tokio_postgres::Config>() {
+                problems.push(format!("storage.postgres_url: {e}"));
+            }
+        }
+        if !(16..=1 << 24).contains(&storage.queue) {
+            problems.push("storage.queue: must be 16 to 16777216".to_string());
+        }
         problems
     }
 
@@ -145,6 +213,8 @@ mod tests {
     fn shipped_configurations_parse() {
         let defaults = Config::parse(DEFAULT_CONFIG).unwrap();
         assert_eq!(defaults.link_address, Config::default().link_address);
+        assert_eq!(defaults.storage, Config::default().storage);
+        assert_eq!(defaults.durability, Config::default().durability);
         let packaged = Config::parse(include_str!("../../packaging/foundation-1.toml")).unwrap();
         assert_eq!(packaged.id, "foundation-1");
         assert!(Config::parse("unknown_key = 1").is_err());

@@ -2,9 +2,10 @@
 //! of a pool shares, a link server for gateways, and a REST API.
 //!
 //! Data flow: a gateway's `UPSTREAM` frame becomes an operation on the thing's partition ([`links`]), which the
-//! partition's primary applies and replicates to its backups before the worker answers `STORED` ([`ring`]);
-//! applications read and write through [`api`]; service calls wait in [`calls`] for the device's answer, which
-//! may reach any worker and is passed on to the caller's.
+//! partition's primary applies and replicates to its backups, and each keeps in its store ([`storage`]), before the
+//! worker answers `STORED` ([`ring`]; when depends on `durability`); applications read and write through [`api`];
+//! service calls wait in [`calls`] for the device's answer, which may reach any worker and is passed on to the
+//! caller's. A worker that starts loads what its store holds before it joins the pool.
 
 pub mod api;
 pub mod calls;
@@ -13,18 +14,21 @@ pub mod json;
 pub mod links;
 pub mod model;
 pub mod ring;
+pub mod storage;
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+use storage::{Provider, Storage};
 
 /// State every task of a worker shares.
 #[derive(Debug)]
@@ -48,15 +52,16 @@ pub struct Addrs {
 /// A worker with its sockets bound.
 #[derive(Debug)]
 pub struct Worker {
-    shared: Arc<Shared>,
+    config: Config,
+    api_keys: HashSet<String>,
     link: TcpListener,
     api: TcpListener,
     admin: Option<TcpListener>,
     peer: TcpListener,
+    udp: UdpSocket,
     addrs: Addrs,
-    stop: CancellationToken,
-    /// Ends once membership has announced this worker's departure.
-    leaving: tokio::task::JoinHandle<()>,
+    storage: Arc<Storage>,
+    version: watch::Sender<u64>,
 }
 
 /// Binds UDP and TCP on the same port: the configured one, or with port 0 one that is free for both.
@@ -102,51 +107,66 @@ impl Worker {
             admin: admin.as_ref().map(TcpListener::local_addr).transpose()?,
             peer: peer.local_addr()?,
         };
-        let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let me =
-            ring::membership::Node { name: config.id.clone(), addr: addrs.peer, boot, renewal: 0 };
-        let stop = CancellationToken::new();
-        let timing = ring::membership::Timing {
-            probe_period: config.probe_period,
-            suspect_timeout: config.suspect_timeout,
-        };
-        let (membership, leaving) =
-            ring::membership::start(me, udp, config.seeds.clone(), timing, stop.child_token());
-        let ring_config = ring::RingConfig {
-            replicas: config.replicas,
-            bootstrap_members: config.bootstrap_members,
-            write_timeout: config.write_timeout,
-            request_timeout: config.request_timeout,
-            check_period: config.probe_period,
-            // a worker without seeds is the pool's first: nobody can send it a table
-            settle: if config.seeds.is_empty() {
-                std::time::Duration::ZERO
-            } else {
-                config.probe_period * 4
-            },
-            limits: config.limits(),
-            max_message: config.max_peer_message,
-        };
-        let cluster = Arc::new(ring::Cluster::new(&membership, ring_config));
-        let shared = Arc::new(Shared { config, cluster, links: links::Links::default(), api_keys });
-        Ok(Worker { shared, link, api, admin, peer, addrs, stop, leaving })
+        let storage = Storage::new(storage::QueueConfig {
+            max_queued: config.storage.queue,
+            retry: Duration::from_millis(100),
+        });
+        Ok(Worker {
+            config,
+            api_keys,
+            link,
+            api,
+            admin,
+            peer,
+            udp,
+            addrs,
+            storage,
+            version: watch::channel(0).0,
+        })
     }
 
-    /// The ring as this worker sees it.
-    pub fn cluster(&self) -> Arc<ring::Cluster> {
-        self.shared.cluster.clone()
+    /// The committed partition table's version (0 before the first), as it changes.
+    pub fn table_version(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     pub fn addrs(&self) -> Addrs {
         self.addrs
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes. The admin endpoints answer at once (`/readyz` says what the worker waits
+    /// for); the store is opened — retrying until it opens — and what it holds is loaded before the worker joins
+    /// the pool and serves links and the API.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Worker { shared, link, api, admin, peer, stop, leaving, .. } = self;
-        let cluster = shared.cluster.clone();
+        let Worker { config, api_keys, link, api, admin, peer, udp, addrs, storage, version } =
+            self;
+        let stop = CancellationToken::new();
+        let storage_stop = CancellationToken::new();
+        let cluster_cell: Arc<OnceLock<Arc<ring::Cluster>>> = Arc::new(OnceLock::new());
+        if let Some(admin) = admin {
+            tokio::spawn(serve_admin(admin, storage.clone(), cluster_cell.clone(), stop.clone()));
+        }
+        tokio::spawn(storage.clone().run(opener(&config), storage_stop.clone()));
+        tokio::pin!(shutdown);
+        let started = Instant::now();
+        let cluster = tokio::select! {
+            _ = &mut shutdown => {
+                storage_stop.cancel();
+                stop.cancel();
+                return Ok(());
+            }
+            cluster = start_ring(&config, addrs, udp, storage.clone(), version, stop.clone()) => cluster,
+        };
+        let (cluster, leaving) = cluster?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store loaded; joining the pool"
+        );
+        let _ = cluster_cell.set(cluster.clone());
+        let shared = Arc::new(Shared { config, cluster, links: links::Links::default(), api_keys });
+        let peer_cluster = shared.cluster.clone();
         let handler = move |request| {
-            let cluster = cluster.clone();
+            let cluster = peer_cluster.clone();
             async move { cluster.handle(request).await }
         };
         tokio::spawn(ring::peers::serve(
@@ -163,49 +183,148 @@ impl Worker {
             let _ =
                 axum::serve(api, router).with_graceful_shutdown(api_stop.cancelled_owned()).await;
         });
-        if let Some(admin) = admin {
-            let handle = metrics_handle();
-            let cluster = shared.cluster.clone();
-            let ready = move || {
-                // ready once this worker has a partition table and sees a majority of its members: before that
-                // it can store nothing
-                let ready = cluster.table().is_some_and(|t| cluster.has_quorum(&t));
-                let status = if ready {
-                    axum::http::StatusCode::OK
-                } else {
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE
-                };
-                std::future::ready((
-                    status,
-                    if ready { "ready\n" } else { "no partition table yet\n" },
-                ))
-            };
-            let admin_router = axum::Router::new()
-                .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
-                .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-                .route("/readyz", axum::routing::get(ready));
-            let admin_stop = stop.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(admin, admin_router)
-                    .with_graceful_shutdown(admin_stop.cancelled_owned())
-                    .await;
-            });
-        }
         tracing::info!(id = %shared.config.id, "foundation worker running");
         let mut leaving = leaving;
-        tokio::select! {
-            _ = shutdown => {}
+        let result = tokio::select! {
+            _ = &mut shutdown => Ok(()),
             _ = &mut leaving => {
                 // membership ended by itself: this worker can no longer take part in the pool
-                stop.cancel();
-                anyhow::bail!("membership ended; exiting so that the worker restarts as a new member");
+                Err(anyhow::anyhow!("membership ended; exiting so that the worker restarts as a new member"))
+            }
+        };
+        stop.cancel();
+        // what was acknowledged before it was stored (durability memory or replicated) is written before exit
+        if let Err(e) = storage.flush(Instant::now() + Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, queued = storage.queued(), "the store did not take everything queued before exit");
+        }
+        storage_stop.cancel();
+        // the others then change the table at once instead of waiting to detect a failure
+        let _ = tokio::time::timeout(Duration::from_secs(1), leaving).await;
+        result
+    }
+}
+
+/// Opening a store.
+type OpenFuture = std::pin::Pin<Box<dyn Future<Output = Result<Arc<dyn Provider>>> + Send>>;
+
+/// How the configured store is opened (on a blocking thread for SQLite).
+fn opener(config: &Config) -> impl Fn() -> OpenFuture + use<> {
+    let storage = config.storage.clone();
+    let fsync = config.durability == storage::Durability::Disk;
+    let limits = config.limits();
+    move || {
+        let storage = storage.clone();
+        Box::pin(async move {
+            let retention = storage::Retention {
+                max_age: storage.max_age,
+                max_values: storage.max_values,
+                max_events: storage.max_events,
+            };
+            let provider: Arc<dyn Provider> = match storage.provider {
+                config::ProviderKind::Sqlite => {
+                    let options = storage::sqlite::Options {
+                        dir: storage.data_dir.clone(),
+                        fsync,
+                        retention,
+                        limits,
+                        readers: 2,
+                    };
+                    let opened =
+                        tokio::task::spawn_blocking(move || storage::sqlite::Sqlite::open(options))
+                            .await
+                            .context("opening the store")??;
+                    Arc::new(opened)
+                }
+                config::ProviderKind::Postgres => Arc::new(
+                    storage::postgres::Postgres::open(&storage.postgres_url, retention, limits)
+                        .await?,
+                ),
+            };
+            Ok(provider)
+        })
+    }
+}
+
+/// Waits for the store, loads what it holds, and joins the pool: membership, then the ring.
+async fn start_ring(
+    config: &Config,
+    addrs: Addrs,
+    udp: UdpSocket,
+    storage: Arc<Storage>,
+    version: watch::Sender<u64>,
+    stop: CancellationToken,
+) -> Result<(Arc<ring::Cluster>, tokio::task::JoinHandle<()>)> {
+    storage.opened().await;
+    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let me = ring::membership::Node { name: config.id.clone(), addr: addrs.peer, boot, renewal: 0 };
+    let ring_config = ring::RingConfig {
+        replicas: config.replicas,
+        bootstrap_members: config.bootstrap_members,
+        write_timeout: config.write_timeout,
+        request_timeout: config.request_timeout,
+        check_period: config.probe_period,
+        // a worker without seeds is the pool's first: nobody can send it a table
+        settle: if config.seeds.is_empty() { Duration::ZERO } else { config.probe_period * 4 },
+        limits: config.limits(),
+        max_message: config.max_peer_message,
+        durability: config.durability,
+    };
+    let timing = ring::membership::Timing {
+        probe_period: config.probe_period,
+        suspect_timeout: config.suspect_timeout,
+    };
+    // the ring's handle on membership exists before membership runs, so that nothing is announced before the
+    // state is loaded
+    let (membership, start) =
+        ring::membership::prepare(me, udp, config.seeds.clone(), timing, stop.child_token());
+    let cluster = ring::Cluster::new(&membership, ring_config, storage.clone(), version);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match cluster.recover().await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the store; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
-        stop.cancel();
-        // the others then change the table at once instead of waiting to detect a failure
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), leaving).await;
-        Ok(())
     }
+    let leaving = start();
+    Ok((cluster, leaving))
+}
+
+/// `/metrics`, `/healthz` and `/readyz` until `stop`.
+async fn serve_admin(
+    admin: TcpListener,
+    storage: Arc<Storage>,
+    cluster: Arc<OnceLock<Arc<ring::Cluster>>>,
+    stop: CancellationToken,
+) {
+    let handle = metrics_handle();
+    let ready = move || {
+        // ready once the store is writable and this worker has a current partition table (one whose members are
+        // the running workers) and sees a majority of its members: before that it can store nothing
+        let (ready, why) = match (storage.health(), cluster.get()) {
+            (storage::Health::Opening(m), _) => (false, format!("opening the store: {m}")),
+            (storage::Health::Failing(m), _) => (false, format!("the store is failing: {m}")),
+            (storage::Health::Ok, None) => (false, "loading the store".to_string()),
+            (storage::Health::Ok, Some(c)) if !c.is_current() => {
+                (false, "no current partition table yet".to_string())
+            }
+            (storage::Health::Ok, Some(_)) => (true, String::new()),
+        };
+        let status = if ready {
+            axum::http::StatusCode::OK
+        } else {
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        };
+        std::future::ready((status, if ready { "ready\n".to_string() } else { format!("{why}\n") }))
+    };
+    let router = axum::Router::new()
+        .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(ready));
+    let _ = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await;
 }
 
 /// The process's Prometheus recorder (installed on first use).

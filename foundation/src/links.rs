@@ -1,7 +1,8 @@
 //! Gateway links: each gateway connects a few links to every worker. Device data frames arrive as `UPSTREAM`, are
-//! written to the ring, and are answered with `STORED` once every copy of the thing's partition has them (or with
-//! `REJECTED`); `OPEN` and `CLOSE` maintain the thing's binding; frames for devices leave as `DOWNSTREAM` on any link
-//! of the device's gateway. Frames of one link are stored concurrently, at most `link_in_flight` at a time.
+//! written to the ring, and are answered with `STORED` once they are stored as `durability` asks (or with
+//! `REJECTED`); `OPEN` and `CLOSE` maintain the thing's binding and are answered with `BOUND` once handled (a
+//! gateway sends them again until then); frames for devices leave as `DOWNSTREAM` on any link of the device's
+//! gateway. Frames of one link are stored concurrently, at most `link_in_flight` at a time.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::ring::RingError;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -190,10 +192,20 @@ async fn handle(
                 Op::Unbind { thing, create, gateway, session_id, now_ms: now }
             };
             let cluster = cluster.clone();
+            let tx = tx.clone();
             spawn_bounded(in_flight, async move {
-                if let Err(e) = cluster.write(op).await {
-                    tracing::warn!(error = %e, "a session binding was not stored");
+                match cluster.write(op).await {
+                    Ok(()) => {}
+                    Err(RingError::Unavailable) => {
+                        // not confirmed: the gateway sends it again
+                        tracing::warn!(
+                            "a session binding could not be stored; the gateway will retry"
+                        );
+                        return;
+                    }
+                    Err(e) => tracing::info!(error = %e, "a session binding was refused"),
                 }
+                let _ = tx.send(LinkFrame::Bound { session_id, open }.to_framed_bytes()).await;
             })
             .await
         }
@@ -210,6 +222,7 @@ async fn handle(
                     create: shared.config.auto_provision,
                     now_ms: now,
                     incarnation,
+                    epoch_ms: 0,
                     frame,
                 };
                 let cluster = cluster.clone();

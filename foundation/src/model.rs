@@ -1,19 +1,21 @@
-//! The thing model as the ring stores it: things, their properties (latest value, device timestamp, quality,
-//! receive time), their binding to a gateway session, and recent events.
+//! The thing model as the ring holds it in memory: things (description, tags, property definitions), their
+//! properties (latest value, device timestamp, quality, receive time) and their binding to a gateway session.
+//! Value streams and event streams live in the worker's store ([`crate::storage`]), not here.
 //!
 //! All state of a thing lives in one partition (keyed by the thing's name), so one primary orders every write to
 //! it. Writes are idempotent: a property update applies only if it is newer by (device timestamp, incarnation,
-//! sequence number) — last writer wins — and an event is keyed by (incarnation, sequence number), so a frame applied
-//! twice (a retransmission, a retry on another link) changes nothing the second time.
+//! sequence number) — last writer wins — so a frame applied twice (a retransmission, a retry on another link)
+//! changes nothing the second time.
 
 use std::collections::{BTreeMap, VecDeque};
 
+use thingport_protocol::peer::PropertyDefinition;
 use thingport_protocol::{ByteString, Quality, Value};
 
-/// Events kept per thing (oldest dropped first).
-pub const EVENTS_KEPT: usize = 100;
 /// Ended sessions remembered per thing (oldest forgotten first).
 pub const CLOSED_KEPT: usize = 16;
+/// Incarnations remembered per thing with the time the primary first saw each (oldest forgotten first).
+pub const INCARNATIONS_KEPT: usize = 16;
 
 /// Where a device write came from, for last-writer-wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -41,25 +43,32 @@ pub struct Binding {
     pub since_ms: u64,
 }
 
-/// An event a thing reported.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventRecord {
-    pub name: ByteString,
-    pub payload: Value,
-    pub version: Version,
-    pub received_ms: u64,
+/// A property definition with the time it was set (the latest wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Definition {
+    pub definition: PropertyDefinition,
+    pub defined_ms: u64,
 }
 
-/// Everything stored about one thing.
+/// Everything the ring holds about one thing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ThingState {
     pub created_ms: u64,
+    pub description: String,
+    pub tags: Vec<String>,
+    /// When the description and tags were set (the latest wins).
+    pub described_ms: u64,
+    /// Properties without a definition are persisted and logged with the worker's default retention.
+    pub definitions: BTreeMap<ByteString, Definition>,
     pub properties: BTreeMap<ByteString, PropertyState>,
     pub binding: Option<Binding>,
     /// The most recent sessions that ended (at most [`CLOSED_KEPT`]), so that a session's `OPEN` arriving after its
     /// `CLOSE` — they may travel on different links and workers — does not bind a session that is gone.
     pub closed: VecDeque<(ByteString, u64)>,
-    pub events: VecDeque<EventRecord>,
+    /// Recent incarnations and the epoch of each: when the primary first saw it. Events are ordered by (epoch,
+    /// incarnation, seq), which is the device's order: incarnations follow one another in time, and within one the
+    /// sequence number counts up.
+    pub incarnations: VecDeque<(u64, u64)>,
 }
 
 impl ThingState {
@@ -74,17 +83,42 @@ impl ThingState {
         }
     }
 
-    /// Records an event once, keeping the newest [`EVENTS_KEPT`]; false if it was already recorded.
-    pub fn record_event(&mut self, event: EventRecord) -> bool {
-        let key = (event.version.incarnation, event.version.seq);
-        if self.events.iter().any(|e| (e.version.incarnation, e.version.seq) == key) {
+    /// The definition of a property: its own, or the default one.
+    pub fn definition(&self, property: &str) -> PropertyDefinition {
+        self.definitions.get(property).map(|d| d.definition.clone()).unwrap_or_default()
+    }
+
+    /// Sets a property's definition unless a later one is already there.
+    pub fn define(&mut self, property: &ByteString, definition: Definition) -> bool {
+        if self.definitions.get(property).is_some_and(|d| d.defined_ms > definition.defined_ms) {
             return false;
         }
-        self.events.push_back(event);
-        while self.events.len() > EVENTS_KEPT {
-            self.events.pop_front();
-        }
+        self.definitions.insert(property.clone(), definition);
         true
+    }
+
+    /// Sets the description and tags unless later ones are already there.
+    pub fn describe(&mut self, description: String, tags: Vec<String>, now_ms: u64) -> bool {
+        if self.described_ms > now_ms {
+            return false;
+        }
+        self.description = description;
+        self.tags = tags;
+        self.described_ms = now_ms;
+        true
+    }
+
+    /// The epoch of an incarnation: as recorded, else `proposed` (recorded from now on). A primary proposes the
+    /// operation's receive time; a backup the epoch its primary chose.
+    pub fn epoch(&mut self, incarnation: u64, proposed: u64) -> u64 {
+        if let Some(&(_, epoch)) = self.incarnations.iter().find(|(i, _)| *i == incarnation) {
+            return epoch;
+        }
+        self.incarnations.push_back((incarnation, proposed));
+        while self.incarnations.len() > INCARNATIONS_KEPT {
+            self.incarnations.pop_front();
+        }
+        proposed
     }
 
     /// Binds the thing to a session unless that session already ended or a later one is bound: a thing's
@@ -156,19 +190,15 @@ mod tests {
     }
 
     #[test]
-    fn events_are_recorded_once_and_bounded() {
+    fn an_incarnation_keeps_its_first_epoch() {
         let mut thing = ThingState::default();
-        for seq in 0..(EVENTS_KEPT as u64 + 10) {
-            let event = EventRecord {
-                name: "tick".into(),
-                payload: Value::Null,
-                version: Version { timestamp_ms: seq, incarnation: 1, seq },
-                received_ms: 0,
-            };
-            assert!(thing.record_event(event.clone()));
-            assert!(!thing.record_event(event));
+        assert_eq!(thing.epoch(7, 100), 100);
+        assert_eq!(thing.epoch(7, 200), 100, "a later frame of the same incarnation");
+        assert_eq!(thing.epoch(8, 300), 300);
+        for i in 0..INCARNATIONS_KEPT as u64 {
+            thing.epoch(1_000 + i, 400);
         }
-        assert_eq!(thing.events.len(), EVENTS_KEPT);
+        assert_eq!(thing.incarnations.len(), INCARNATIONS_KEPT);
     }
 
     #[test]

@@ -56,8 +56,11 @@ probe_period = "150ms"
 suspect_timeout = "750ms"
 request_timeout = "1s"
 write_timeout = "20s"
+[storage]
+data_dir = "{store}"
 "#,
         keys = dir.join("api-keys").display(),
+        store = dir.join(format!("store-{id}")).display(),
         seeds = seeds.join(", "),
     );
     let path = dir.join(format!("{id}.toml"));

@@ -35,11 +35,15 @@ async fn start() -> System {
         peer_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: None,
         api_keys_file: support::api_keys(dir.path()),
+        storage: thingport_foundation::config::StorageConfig {
+            data_dir: dir.path().join("store"),
+            ..Default::default()
+        },
         ..WorkerConfig::default()
     };
     let worker = Worker::bind(worker_config).await.unwrap();
     let addrs = worker.addrs();
-    let mut ring_version = worker.cluster().table_version();
+    let mut ring_version = worker.table_version();
     let (worker_stop, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(worker.run(async move {
         let _ = rx.await;

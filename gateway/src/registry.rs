@@ -206,6 +206,8 @@ pub struct SessionEntry {
     pub thing: ByteString,
     pub inbox: Arc<Inbox>,
     pub opened: Instant,
+    /// The session's link `OPEN`, sent again when a link (re)connects: a worker that restarted has no bindings.
+    pub open: thingport_protocol::LinkFrame,
 }
 
 /// All sessions on this gateway, by id and by thing.
@@ -241,6 +243,11 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The link `OPEN` of every session.
+    pub fn opens(&self) -> Vec<(u64, thingport_protocol::LinkFrame)> {
+        self.sessions.iter().map(|e| (*e.key(), e.value().open.clone())).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -299,6 +306,7 @@ mod tests {
             thing: ByteString::from_static(thing),
             inbox: Arc::new(Inbox::new(4, 1024)),
             opened: Instant::now(),
+            open: thingport_protocol::LinkFrame::Goaway,
         };
         let first = entry("pump");
         let first_inbox = first.inbox.clone();

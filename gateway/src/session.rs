@@ -187,7 +187,7 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
         CloseCode::Normal => ErrorCode(0),
         CloseCode::Error(code) | CloseCode::WebSocket(_, code) => code,
     };
-    shared.pool.send_control(LinkFrame::Close { session_id, thing, code });
+    shared.pool.send_binding(LinkFrame::Close { session_id, thing, code });
     ::metrics::gauge!(metrics::SESSIONS_ACTIVE, "transport" => label).decrement(1.0);
     drop(accepted.permit);
 }
@@ -261,17 +261,23 @@ async fn open<Io: DeviceIo>(
         shared.config.session.send_queue_frames,
         shared.config.session.send_queue_bytes,
     ));
-    shared.registry.insert(
-        session.session_id(),
-        SessionEntry { thing: hello.thing.clone(), inbox: inbox.clone(), opened: Instant::now() },
-    );
-    shared.pool.send_control(LinkFrame::Open {
+    let open = LinkFrame::Open {
         session_id: session.session_id(),
         thing: hello.thing.clone(),
         transport: accepted.transport,
         incarnation: hello.incarnation,
         resume_seq: hello.resume_seq,
-    });
+    };
+    shared.registry.insert(
+        session.session_id(),
+        SessionEntry {
+            thing: hello.thing.clone(),
+            inbox: inbox.clone(),
+            opened: Instant::now(),
+            open: open.clone(),
+        },
+    );
+    shared.pool.send_binding(open);
     session.accept();
     if flush_control(io, session).await.is_err() {
         shared.registry.remove(session.session_id());

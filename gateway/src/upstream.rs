@@ -10,6 +10,10 @@
 //!   frames are sent again on other links (or held until a link is up); workers apply data idempotently, so a
 //!   frame stored twice is applied once.
 //! - **Heartbeats**: a link silent for three heartbeat intervals is closed and its frames retried.
+//! - **Bindings**: a session's `OPEN` and `CLOSE` are kept until a worker answers `BOUND`, and sent again (on any
+//!   link) every four heartbeat intervals until then; a link that comes up first carries an `OPEN` for every live
+//!   session, since the worker behind it may have restarted and lost its bindings. At most two per allowed
+//!   session wait: beyond it the oldest `CLOSE` is forgotten (the thing's next session binds it anyway).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -100,6 +104,9 @@ pub struct Pool {
     registry: Arc<Registry>,
     limits: thingport_protocol::Limits,
     config: config::Upstream,
+    /// `OPEN` and `CLOSE` frames not yet confirmed with `BOUND`, by (session, open), with when they were last sent.
+    bindings: Mutex<HashMap<(u64, bool), (LinkFrame, Instant)>>,
+    max_bindings: usize,
 }
 
 impl Pool {
@@ -130,6 +137,8 @@ impl Pool {
             registry,
             limits: config.protocol_limits(),
             config: upstream.clone(),
+            bindings: Mutex::default(),
+            max_bindings: config.limits.max_sessions.saturating_mul(2),
         })
     }
 
@@ -138,6 +147,72 @@ impl Pool {
         for link in &self.links {
             tokio::spawn(run_link(self.clone(), link.clone(), cancel.clone()));
         }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let period = pool.config.heartbeat * 4;
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => pool.resend_bindings(period),
+                }
+            }
+        });
+    }
+
+    /// Sends a session's `OPEN` or `CLOSE` and keeps it until a worker confirms it.
+    pub fn send_binding(&self, frame: LinkFrame) {
+        let key = match &frame {
+            LinkFrame::Open { session_id, .. } => (*session_id, true),
+            LinkFrame::Close { session_id, .. } => (*session_id, false),
+            _ => return,
+        };
+        {
+            let mut bindings = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
+            if !key.1 {
+                // a closed session's OPEN need not be confirmed any more
+                bindings.remove(&(key.0, true));
+            }
+            if bindings.len() >= self.max_bindings {
+                let oldest = bindings
+                    .iter()
+                    .filter(|((_, open), _)| !open)
+                    .min_by_key(|(_, (_, sent))| *sent)
+                    .map(|(k, _)| *k);
+                if let Some(oldest) = oldest {
+                    bindings.remove(&oldest);
+                    ::metrics::counter!(metrics::LINK_EVENTS, "event" => "binding_forgotten")
+                        .increment(1);
+                }
+            }
+            bindings.insert(key, (frame.clone(), Instant::now()));
+        }
+        self.send_control(frame);
+    }
+
+    /// Sends again every binding unconfirmed for `after`.
+    fn resend_bindings(&self, after: Duration) {
+        let due: Vec<LinkFrame> = {
+            let mut bindings = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            bindings
+                .values_mut()
+                .filter(|(_, sent)| now.duration_since(*sent) >= after)
+                .map(|(frame, sent)| {
+                    *sent = now;
+                    frame.clone()
+                })
+                .collect()
+        };
+        for frame in due {
+            ::metrics::counter!(metrics::LINK_EVENTS, "event" => "binding_resent").increment(1);
+            self.send_control(frame);
+        }
+    }
+
+    /// Bindings sent and not yet confirmed.
+    pub fn unconfirmed_bindings(&self) -> usize {
+        self.bindings.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Links that are up (saturated or not).
@@ -292,6 +367,9 @@ impl Pool {
                 }
             }
             LinkFrame::Goaway => link.state.store(DRAINING, Ordering::Release),
+            LinkFrame::Bound { session_id, open } => {
+                self.bindings.lock().unwrap_or_else(|e| e.into_inner()).remove(&(session_id, open));
+            }
             LinkFrame::Pong { .. } | LinkFrame::Welcome { .. } => {}
             other => {
                 tracing::debug!(link = link.index, frame = ?other, "unexpected link frame from worker")
@@ -334,6 +412,16 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
         ::metrics::gauge!(metrics::LINKS_UP).increment(1.0);
         ::metrics::counter!(metrics::LINK_EVENTS, "event" => "connected").increment(1);
         tracing::info!(link = link.index, addr = %link.addr, "link up");
+        // the worker may have restarted without its bindings: every live session is opened again on this link
+        // before any of its data
+        for (session_id, open) in pool.registry.opens() {
+            pool.bindings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((session_id, true))
+                .or_insert_with(|| (open.clone(), Instant::now()));
+            link.send_control(open);
+        }
         pool.ready.notify_waiters();
         pool.flush_orphans();
 

@@ -177,11 +177,11 @@ fn handle(
         LinkFrame::Ping { nonce } => Some(LinkFrame::Pong { nonce }),
         LinkFrame::Open { session_id, thing, .. } => {
             let _ = events.send(WorkerEvent::Open { session_id, thing });
-            None
+            Some(LinkFrame::Bound { session_id, open: true })
         }
         LinkFrame::Close { session_id, thing, code } => {
             let _ = events.send(WorkerEvent::Close { session_id, thing, code });
-            None
+            Some(LinkFrame::Bound { session_id, open: false })
         }
         LinkFrame::Undeliverable { session_id, reference, code } => {
             let _ = events.send(WorkerEvent::Undeliverable { session_id, reference, code });

@@ -15,7 +15,7 @@ use crate::varint;
 use crate::wire::{Reader, len_prefixed_len, put_len_prefixed};
 
 /// Version of the link format.
-pub const LINK_VERSION: u8 = 2;
+pub const LINK_VERSION: u8 = 3;
 
 /// Bytes a routing header adds at most to a device frame: type, session id, incarnation, thing name at its length
 /// limit.
@@ -41,6 +41,7 @@ pub enum LinkType {
     Load = 0x0b,
     Goaway = 0x0c,
     Rejected = 0x0d,
+    Bound = 0x0e,
 }
 
 impl LinkType {
@@ -59,6 +60,7 @@ impl LinkType {
             0x0b => LinkType::Load,
             0x0c => LinkType::Goaway,
             0x0d => LinkType::Rejected,
+            0x0e => LinkType::Bound,
             other => return Err(DecodeError::UnknownFrameType(other)),
         })
     }
@@ -146,6 +148,12 @@ pub enum LinkFrame {
         seq: u64,
         code: ErrorCode,
     },
+    /// Worker → gateway: the `OPEN` (`open`) or `CLOSE` of a session is handled (stored in the ring, or refused
+    /// for good); the gateway stops retrying it.
+    Bound {
+        session_id: u64,
+        open: bool,
+    },
 }
 
 impl LinkFrame {
@@ -164,6 +172,7 @@ impl LinkFrame {
             LinkFrame::Load { .. } => LinkType::Load,
             LinkFrame::Goaway => LinkType::Goaway,
             LinkFrame::Rejected { .. } => LinkType::Rejected,
+            LinkFrame::Bound { .. } => LinkType::Bound,
         }
     }
 
@@ -201,6 +210,7 @@ impl LinkFrame {
             LinkFrame::Rejected { session_id, seq, code } => {
                 v(*session_id) + v(*seq) + v(code.0.into())
             }
+            LinkFrame::Bound { session_id, .. } => v(*session_id) + 1,
         }
     }
 
@@ -256,6 +266,10 @@ impl LinkFrame {
                 varint::put(dst, *session_id);
                 varint::put(dst, *seq);
                 varint::put(dst, code.0.into());
+            }
+            LinkFrame::Bound { session_id, open } => {
+                varint::put(dst, *session_id);
+                dst.put_u8(u8::from(*open));
             }
         }
     }
@@ -356,6 +370,19 @@ impl LinkFrame {
                 session_id: r.varint()?,
                 seq: r.varint()?,
                 code: ErrorCode(r.varint_as("error code")?),
+            },
+            LinkType::Bound => LinkFrame::Bound {
+                session_id: r.varint()?,
+                open: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(DecodeError::InvalidField {
+                            what: "open",
+                            value: other.into(),
+                        });
+                    }
+                },
             },
         };
         r.finish()?;

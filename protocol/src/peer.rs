@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 1;
+pub const PEER_VERSION: u8 = 2;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,14 +35,24 @@ pub enum PeerMessage {
     },
 }
 
-/// A change to one thing (names are shared, not copied, as the operation is cloned for each copy), applied by the partition's primary and then by each backup, in any order: every
-/// operation is idempotent and commutes with the others of its thing (last writer wins by version).
+/// A change to one thing (names are shared, not copied, as the operation is cloned for each copy), applied by the
+/// partition's primary and then by each backup, in any order: every operation is idempotent and commutes with the
+/// others of its thing (last writer wins by version).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Creates the thing if it does not exist.
     Create { thing: ByteString, now_ms: u64 },
-    /// A device data frame (`PROPERTIES` or `EVENT`), byte for byte as the device sent it.
-    Device { thing: ByteString, create: bool, now_ms: u64, incarnation: u64, frame: Bytes },
+    /// A device data frame (`PROPERTIES` or `EVENT`), byte for byte as the device sent it. `epoch_ms` is when the
+    /// primary first saw the session's incarnation (0 until the primary sets it): events are kept in device order,
+    /// by (epoch, incarnation, sequence number).
+    Device {
+        thing: ByteString,
+        create: bool,
+        now_ms: u64,
+        incarnation: u64,
+        epoch_ms: u64,
+        frame: Bytes,
+    },
     /// A property value written by an application; `value` in the device encoding.
     Write { thing: ByteString, property: ByteString, value: Bytes, now_ms: u64 },
     /// The thing is now reached through this gateway session.
@@ -50,6 +60,18 @@ pub enum Op {
     /// The session ended; the binding goes if it is still this session's. `create` as for `Bind`: a `CLOSE` may be
     /// applied before its `OPEN`, and must still be remembered.
     Unbind { thing: ByteString, create: bool, gateway: ByteString, session_id: u64, now_ms: u64 },
+    /// Sets the thing's description and tags (creating the thing if `create`); the latest `now_ms` wins.
+    Describe {
+        thing: ByteString,
+        create: bool,
+        now_ms: u64,
+        description: String,
+        tags: Vec<String>,
+    },
+    /// Sets how a property is kept; the latest `now_ms` wins.
+    Define { thing: ByteString, property: ByteString, now_ms: u64, definition: PropertyDefinition },
+    /// Removes a property (its value, definition and history) or, without `property`, the whole thing.
+    Remove { thing: ByteString, property: Option<ByteString>, now_ms: u64 },
 }
 
 impl Op {
@@ -60,7 +82,40 @@ impl Op {
             | Op::Device { thing, .. }
             | Op::Write { thing, .. }
             | Op::Bind { thing, .. }
-            | Op::Unbind { thing, .. } => thing,
+            | Op::Unbind { thing, .. }
+            | Op::Describe { thing, .. }
+            | Op::Define { thing, .. }
+            | Op::Remove { thing, .. } => thing,
+        }
+    }
+}
+
+/// How a property of a thing is kept (`docs/STORAGE.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PropertyDefinition {
+    /// The value type applications may write (`bool`, `int`, `float`, `string`, `bytes`, `list`, `map`), or any.
+    pub kind: Option<String>,
+    /// Unit of measure, for people.
+    pub unit: Option<String>,
+    /// The latest value survives a restart.
+    pub persisted: bool,
+    /// Every value is kept in the property's value stream.
+    pub logged: bool,
+    /// Values older than this (by device timestamp) leave the value stream; none: the worker's default.
+    pub max_age_ms: Option<u64>,
+    /// At most this many values stay in the value stream; none: the worker's default.
+    pub max_count: Option<u64>,
+}
+
+impl Default for PropertyDefinition {
+    fn default() -> Self {
+        PropertyDefinition {
+            kind: None,
+            unit: None,
+            persisted: true,
+            logged: true,
+            max_age_ms: None,
+            max_count: None,
         }
     }
 }
@@ -74,16 +129,22 @@ pub struct TableRecord {
     pub owners: Vec<Vec<u16>>,
 }
 
-/// Everything stored about one thing.
+/// Everything the ring holds about one thing (its history is in the workers' stores, not here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ThingRecord {
     pub name: String,
     pub created_ms: u64,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub described_ms: u64,
+    /// Property definitions with the time each was set.
+    pub definitions: Vec<(String, PropertyDefinition, u64)>,
     pub properties: Vec<PropertyRecord>,
     pub binding: Option<BindingRecord>,
     /// Recently ended sessions: (gateway, session id).
     pub closed: Vec<(String, u64)>,
-    pub events: Vec<EventRecord>,
+    /// Recent incarnations and when the primary first saw each: (incarnation, epoch ms).
+    pub incarnations: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +168,8 @@ pub struct BindingRecord {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
+    /// The event's place in device order: (epoch, incarnation, seq); see [`Op::Device`].
+    pub epoch_ms: u64,
     pub name: String,
     /// The payload in the device encoding (§4).
     pub payload: Bytes,
@@ -123,6 +186,7 @@ pub struct ThingSummary {
     pub gateway: Option<String>,
     pub properties: u32,
     pub created_ms: u64,
+    pub tags: Vec<String>,
 }
 
 /// How a service call ended, sent to the worker that started it.
@@ -158,6 +222,44 @@ pub enum Request {
     Table { table: TableRecord },
     /// A service call this worker started ended.
     Complete { call_id: u64, outcome: CallOutcome },
+    /// Values of a property's value stream from this worker's store.
+    History { query: HistoryQuery },
+    /// Events of a thing's event stream from this worker's store.
+    Events { query: HistoryQuery },
+    /// Removes a thing's history (or one property's) from this worker's store: sent to every member after the
+    /// thing or property was removed, since a worker keeps the history of partitions it held before.
+    Purge { thing: String, property: Option<String> },
+}
+
+/// A page of a value or event stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryQuery {
+    pub thing: String,
+    /// The property, for a value stream.
+    pub property: Option<String>,
+    /// Device timestamps, inclusive.
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub limit: u32,
+    pub newest_first: bool,
+    /// Continue after (for newest first: before) this position.
+    pub after: Option<StreamPosition>,
+}
+
+/// A position in a stream: for values (timestamp, incarnation, seq); for events (epoch, incarnation, seq).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StreamPosition(pub u64, pub u64, pub u64);
+
+/// One value of a value stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValueRecord {
+    pub timestamp_ms: u64,
+    pub incarnation: u64,
+    pub seq: u64,
+    pub quality: u8,
+    /// The value in the device encoding (§4).
+    pub value: Bytes,
+    pub received_ms: u64,
 }
 
 /// Why a request was not carried out.
@@ -196,6 +298,8 @@ pub enum Response {
         partitions_held: u32,
         primaries: u32,
     },
+    Values(Vec<ValueRecord>),
+    Events(Vec<EventRecord>),
     /// The table was prepared; or, if this worker already has a table at least as new as the one proposed, that
     /// table.
     Prepared {
@@ -250,6 +354,7 @@ mod tests {
                     create: true,
                     now_ms: 1_700_000_000_000,
                     incarnation: 3,
+                    epoch_ms: 0,
                     frame: Bytes::from_static(&[3, 1, 1]),
                 },
             },

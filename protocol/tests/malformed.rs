@@ -165,8 +165,12 @@ fn link_frames_carry_only_bounded_nonempty_device_frames() {
         Err(DecodeError::InvalidField { what: "saturated", value: 2 })
     );
     assert_eq!(
-        LinkFrame::decode(Bytes::from_static(&[0x0e]), &limits),
-        Err(DecodeError::UnknownFrameType(0x0e))
+        LinkFrame::decode(Bytes::from_static(&[0x0f]), &limits),
+        Err(DecodeError::UnknownFrameType(0x0f))
+    );
+    assert_eq!(
+        LinkFrame::decode(Bytes::from_static(&[0x0e, 1, 2]), &limits),
+        Err(DecodeError::InvalidField { what: "open", value: 2 })
     );
     assert_eq!(
         LinkFrame::decode(Bytes::from_static(&[0x0c, 0]), &limits),

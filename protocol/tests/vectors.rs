@@ -202,6 +202,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
                 resume_seq: 1,
             }),
         ),
+        (
+            "link-bound",
+            "Link BOUND (with its length prefix): the OPEN of session 5 is handled.",
+            Link(LinkFrame::Bound { session_id: 5, open: true }),
+        ),
     ]
 }
 

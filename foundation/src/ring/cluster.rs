@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use thingport_protocol::peer::{
-    CallOutcome as CallWire, Op, Refusal, Request, Response, ThingRecord, ThingSummary,
+    CallOutcome as CallWire, EventRecord, HistoryQuery, Op, Refusal, Request, Response,
+    StreamPosition, ThingRecord, ThingSummary, ValueRecord,
 };
-use thingport_protocol::{ErrorCode, Frame, Limits};
-use tokio::sync::watch;
+use thingport_protocol::{ByteString, ErrorCode, Frame, Limits};
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::calls::{CallOutcome, Calls, tag_of, tag_of_call};
@@ -41,6 +42,7 @@ use crate::ring::ops::{self, Refused};
 use crate::ring::peers::{PeerError, Peers};
 use crate::ring::placement::{PARTITIONS, Table, partition_of};
 use crate::ring::store::Store;
+use crate::storage::{self, Change, Durability, Storage, StorageError};
 
 /// Settings of the ring.
 #[derive(Debug, Clone)]
@@ -62,6 +64,8 @@ pub struct RingConfig {
     pub limits: Limits,
     /// Largest peer message.
     pub max_message: usize,
+    /// When a write is acknowledged.
+    pub durability: Durability,
 }
 
 /// Why a write or a read failed.
@@ -71,7 +75,7 @@ pub enum RingError {
     UnknownThing,
     #[error("the operation is not valid")]
     Invalid,
-    #[error("the partition's owners did not answer in time")]
+    #[error("the partition's owners did not answer in time, or could not store it")]
     Unavailable,
 }
 
@@ -105,24 +109,120 @@ pub struct Cluster {
     members: watch::Receiver<Members>,
     membership: Membership,
     peers: Peers,
+    storage: Arc<Storage>,
+    this: std::sync::Weak<Cluster>,
+    /// This worker's key in the table it recovered from its store: the run before this one, whose slots it may
+    /// inherit (its store holds their state).
+    previous_run: RwLock<Option<String>>,
+    /// Replications still running after a `memory` acknowledgement.
+    background: Arc<Semaphore>,
 }
+
+/// Replications a primary runs behind `memory` acknowledgements at most; beyond it writes wait.
+const BACKGROUND_REPLICATIONS: usize = 16_384;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl Cluster {
-    pub fn new(membership: &Membership, config: RingConfig) -> Cluster {
+    /// A worker's part of the ring. `version` publishes the committed table's version.
+    pub fn new(
+        membership: &Membership,
+        config: RingConfig,
+        storage: Arc<Storage>,
+        version: watch::Sender<u64>,
+    ) -> Arc<Cluster> {
         let me = membership.me.key();
-        Cluster {
+        Arc::new_cyclic(|this| Cluster {
+            this: this.clone(),
             calls: Calls::new(&me),
             peers: Peers::new(me.clone(), config.max_message),
             me,
             config,
             store: Store::default(),
             tables: RwLock::default(),
-            version: watch::channel(0).0,
+            version,
             members: membership.members.clone(),
             membership: membership.clone(),
+            storage,
+            previous_run: RwLock::new(None),
+            background: Arc::new(Semaphore::new(BACKGROUND_REPLICATIONS)),
+        })
+    }
+
+    /// Loads what the store holds: the table this worker's previous run last committed, and the state of the
+    /// partitions that run held (with a shared store) or of every thing stored (with its own). Call before the
+    /// worker takes part in the ring.
+    pub async fn recover(&self) -> Result<usize, StorageError> {
+        let provider = self.storage.opened().await;
+        let table = provider.table().await?.and_then(Table::from_record);
+        let name = membership::name_of(&self.me).to_string();
+        let previous = table
+            .as_ref()
+            .and_then(|t| t.members.iter().find(|m| membership::name_of(m) == name).cloned());
+        let partitions = match (&table, &previous, provider.shared()) {
+            (_, _, false) => None,
+            (Some(t), Some(prev), true) => {
+                Some((0..PARTITIONS as u16).filter(|&p| t.holds(p, prev)).collect())
+            }
+            (_, _, true) => Some(Vec::new()),
+        };
+        let things = provider.load(partitions).await?;
+        let count = things.len();
+        for (name, state) in things {
+            let p = partition_of(name.as_bytes());
+            self.store.with(p, |part| part.insert(name, state));
         }
+        *self.previous_run.write().unwrap_or_else(|e| e.into_inner()) = previous.clone();
+        if let Some(table) = table {
+            tracing::info!(version = table.version, previous = ?previous, things = count, "recovered from the store");
+            self.version.send_replace(table.version);
+            self.tables.write().unwrap_or_else(|e| e.into_inner()).committed =
+                Some(Arc::new(table));
+        }
+        Ok(count)
+    }
+
+    /// The store behind this worker.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    /// Whether this worker writes a change of a partition to its store: with its own store always, with a shared
+    /// store only as the partition's primary.
+    fn writes_store(&self, primary: bool) -> bool {
+        primary || self.storage.provider().is_none_or(|p| !p.shared())
+    }
+
+    /// Queues changes that follow from the ring's own work (tables, partitions dropped or copied in). They are not
+    /// counted against the queue's bound: their number follows the partitions held, not what peers send.
+    fn keep(&self, changes: Vec<Change>) {
+        if !changes.is_empty() {
+            self.storage.push_unreserved(changes);
+        }
+    }
+
+    /// Members of `table` that are gone while a later run of the same worker is active: each is renamed to that run,
+    /// which inherits its slots.
+    fn renewals(&self, table: &Table) -> BTreeMap<String, String> {
+        let members = self.members.borrow();
+        table
+            .members
+            .iter()
+            .filter(|m| !members.contains_key(*m))
+            .filter_map(|old| {
+                let boot = membership::boot_of(old)?;
+                members
+                    .values()
+                    .find(|n| n.name == membership::name_of(old) && n.boot > boot)
+                    .map(|n| (old.clone(), n.key()))
+            })
+            .collect()
+    }
+
+    /// Whether the committed table is current: it exists, a majority of its members is active, and none of them
+    /// is a run that has since been restarted (the table that replaces it is on its way).
+    pub fn is_current(&self) -> bool {
+        self.table().is_some_and(|t| self.has_quorum(&t) && self.renewals(&t).is_empty())
     }
 
     /// The committed table, if there is one yet.
@@ -295,6 +395,75 @@ impl Cluster {
             .collect()
     }
 
+    /// Members whose stores hold history: this worker alone with a shared store, else every active member (a
+    /// worker keeps the history of partitions it held before).
+    fn history_holders(&self) -> Vec<String> {
+        if self.storage.provider().is_some_and(|p| p.shared()) {
+            vec![self.me.clone()]
+        } else {
+            self.members().keys().cloned().collect()
+        }
+    }
+
+    /// A page of a property's value stream, merged from every store that holds part of it; `false` if one did not
+    /// answer (the page may then lack its values).
+    pub async fn values(&self, query: HistoryQuery) -> (Vec<ValueRecord>, bool) {
+        let holders = self.history_holders();
+        let answers = join_all(holders.iter().map(|m| {
+            self.call(m, Request::History { query: query.clone() }, self.config.request_timeout)
+        }))
+        .await;
+        let mut complete = true;
+        let mut all = Vec::new();
+        for answer in answers {
+            match answer {
+                Some(Response::Values(values)) => all.extend(values),
+                _ => complete = false,
+            }
+        }
+        (storage::sqlite::page(all, &query), complete)
+    }
+
+    /// A page of a thing's event stream, merged as [`Cluster::values`] merges.
+    pub async fn events(&self, query: HistoryQuery) -> (Vec<EventRecord>, bool) {
+        let holders = self.history_holders();
+        let answers = join_all(holders.iter().map(|m| {
+            self.call(m, Request::Events { query: query.clone() }, self.config.request_timeout)
+        }))
+        .await;
+        let mut complete = true;
+        let mut all: Vec<EventRecord> = Vec::new();
+        for answer in answers {
+            match answer {
+                Some(Response::Events(events)) => all.extend(events),
+                _ => complete = false,
+            }
+        }
+        let position = |e: &EventRecord| StreamPosition(e.epoch_ms, e.incarnation, e.seq);
+        all.sort_by_key(position);
+        if query.newest_first {
+            all.reverse();
+        }
+        let mut seen = BTreeSet::new();
+        all.retain(|e| seen.insert((e.incarnation, e.seq)));
+        all.truncate(query.limit as usize);
+        (all, complete)
+    }
+
+    /// Removes a thing's (or a property's) history from every member's store.
+    pub async fn purge(&self, thing: &str, property: Option<&str>) {
+        if self.storage.provider().is_some_and(|p| p.shared()) {
+            return; // the primary's store removed it with the operation
+        }
+        let members: Vec<String> = self.members().keys().cloned().collect();
+        join_all(members.iter().map(|m| {
+            let request =
+                Request::Purge { thing: thing.to_string(), property: property.map(String::from) };
+            self.call(m, request, self.config.request_timeout)
+        }))
+        .await;
+    }
+
     /// Ends a service call: here if this worker started it, else at the worker that did.
     pub async fn complete_call(&self, call_id: u64, outcome: CallWire) {
         if self.calls.is_mine(call_id) {
@@ -342,7 +511,7 @@ impl Cluster {
                     self.lead(partition, op).await
                 }
                 Request::Write { partition, replica: true, version, op } => {
-                    self.replicate(partition, version, &op)
+                    self.replicate(partition, version, op).await
                 }
                 Request::Read { thing } => {
                     let partition = partition_of(thing.as_bytes());
@@ -400,12 +569,34 @@ impl Cluster {
                     }
                     Response::Done
                 }
+                Request::History { query } => match self.storage.provider() {
+                    Some(p) => match p.values(query).await {
+                        Ok(values) => Response::Values(values),
+                        Err(_) => self.refused(Refusal::Unavailable),
+                    },
+                    None => self.refused(Refusal::Unavailable),
+                },
+                Request::Events { query } => match self.storage.provider() {
+                    Some(p) => match p.events(query).await {
+                        Ok(events) => Response::Events(events),
+                        Err(_) => self.refused(Refusal::Unavailable),
+                    },
+                    None => self.refused(Refusal::Unavailable),
+                },
+                Request::Purge { thing, property } => {
+                    self.keep(vec![Change::Remove {
+                        thing: thing.into(),
+                        property: property.map(ByteString::from),
+                    }]);
+                    Response::Done
+                }
             }
         })
     }
 
-    /// As the primary: apply, then have every other holder apply, then answer.
-    async fn lead(&self, partition: u16, op: Op) -> Response {
+    /// As the primary: apply, then have every other holder apply, then answer — after the store committed it too
+    /// with `durability = disk`, or at once after applying it with `memory`.
+    async fn lead(&self, partition: u16, mut op: Op) -> Response {
         let Some(table) = self.table() else { return self.refused(Refusal::NoTable) };
         if table.primary(partition) != Some(self.me.as_str()) {
             return self.refused(Refusal::NotPrimary);
@@ -413,12 +604,11 @@ impl Cluster {
         if !self.has_quorum(&table) {
             return self.refused(Refusal::Unavailable);
         }
-        let limits = self.config.limits;
-        match self.store.with(partition, |p| ops::apply(p, &op, &limits, false)) {
-            Ok(()) => {}
-            Err(Refused::UnknownThing) => return self.refused(Refusal::UnknownThing),
-            Err(Refused::Invalid) => return self.refused(Refusal::Invalid),
-        }
+        let deadline = Instant::now() + self.config.request_timeout;
+        let ticket = match self.apply_and_keep(partition, &mut op, false, deadline).await {
+            Ok(ticket) => ticket,
+            Err(refusal) => return self.refused(refusal),
+        };
         // read after applying: a table prepared after this point is covered by the copy its owners pull
         let (targets, version): (BTreeSet<String>, u64) = {
             let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
@@ -429,24 +619,130 @@ impl Cluster {
                 .collect();
             (targets, known().map(|t| t.version).max().unwrap_or(0))
         };
-        let request = |op: Op| Request::Write { partition, replica: true, version, op };
-        let answers = join_all(
-            targets.iter().map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
-        )
-        .await;
-        ::metrics::counter!("thingport_ring_replications_total").increment(targets.len() as u64);
-        if answers.iter().all(|a| matches!(a, Some(Response::Done))) {
-            Response::Done
+        let replicate = |op: Op| async move {
+            let request = |op: Op| Request::Write { partition, replica: true, version, op };
+            let answers = join_all(
+                targets
+                    .iter()
+                    .map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
+            )
+            .await;
+            ::metrics::counter!("thingport_ring_replications_total")
+                .increment(targets.len() as u64);
+            answers.iter().all(|a| matches!(a, Some(Response::Done)))
+        };
+        match self.config.durability {
+            Durability::Memory => {
+                // acknowledged now; the copies follow in the background, within a bound
+                let Ok(permit) = self.background.clone().acquire_owned().await else {
+                    return self.refused(Refusal::Unavailable);
+                };
+                let this = self.clone_for_background();
+                tokio::spawn(async move {
+                    if let Some(this) = this {
+                        this.replicate_in_background(partition, op).await;
+                    }
+                    drop(permit);
+                });
+                Response::Done
+            }
+            Durability::Replicated => {
+                if replicate(op).await {
+                    Response::Done
+                } else {
+                    self.refused(Refusal::Unavailable)
+                }
+            }
+            Durability::Disk => {
+                let (replicated, stored) = tokio::join!(replicate(op), async {
+                    match ticket {
+                        Some(ticket) => self.storage.committed(ticket, deadline).await,
+                        None => Ok(()),
+                    }
+                });
+                if replicated && stored.is_ok() {
+                    Response::Done
+                } else {
+                    self.refused(Refusal::Unavailable)
+                }
+            }
+        }
+    }
+
+    /// Applies an operation to this worker's copy of its partition and queues what the store keeps of it, in the
+    /// order of the partition's lock; returns the ticket to wait for, if this worker writes the store.
+    async fn apply_and_keep(
+        &self,
+        partition: u16,
+        op: &mut Op,
+        replica: bool,
+        deadline: Instant,
+    ) -> Result<Option<storage::Ticket>, Refusal> {
+        let keeps = self.writes_store(!replica);
+        let reservation = if keeps {
+            Some(self.storage.reserve(deadline).await.map_err(|_| Refusal::Unavailable)?)
         } else {
-            self.refused(Refusal::Unavailable)
+            None
+        };
+        let limits = self.config.limits;
+        self.store.with(partition, |p| {
+            let mut changes = Vec::new();
+            match ops::apply(p, partition, op, &limits, replica, &mut changes) {
+                Ok(()) => Ok(reservation.map(|r| self.storage.push(r, changes))),
+                Err(Refused::UnknownThing) => Err(Refusal::UnknownThing),
+                Err(Refused::Invalid) => Err(Refusal::Invalid),
+            }
+        })
+    }
+
+    fn clone_for_background(&self) -> Option<Arc<Cluster>> {
+        self.this.upgrade()
+    }
+
+    /// Replicates a write acknowledged under `durability = memory`, retrying against newer tables until the write
+    /// timeout; a copy that cannot be made is logged and counted.
+    async fn replicate_in_background(&self, partition: u16, op: Op) {
+        let deadline = Instant::now() + self.config.write_timeout;
+        loop {
+            let (targets, version): (BTreeSet<String>, u64) = {
+                let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+                let known = || tables.committed.iter().chain(tables.pending.iter());
+                let targets = known()
+                    .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
+                    .filter(|o| *o != self.me)
+                    .collect();
+                (targets, known().map(|t| t.version).max().unwrap_or(0))
+            };
+            let request = |op: Op| Request::Write { partition, replica: true, version, op };
+            let answers = join_all(
+                targets
+                    .iter()
+                    .map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
+            )
+            .await;
+            ::metrics::counter!("thingport_ring_replications_total")
+                .increment(targets.len() as u64);
+            if answers.iter().all(|a| matches!(a, Some(Response::Done))) {
+                return;
+            }
+            if !self.backoff(deadline).await {
+                ::metrics::counter!("thingport_ring_background_replication_failures_total")
+                    .increment(1);
+                tracing::warn!(
+                    partition,
+                    "a write acknowledged in memory could not be copied to every backup"
+                );
+                return;
+            }
         }
     }
 
     /// As a backup: apply if this worker holds the partition in the committed or the prepared table, and the
     /// primary knows a table (committed or prepared) at least as new as this worker's newest: a primary that was
     /// left out of a change (it was paused or cut off while the others prepared it) cannot have a write
-    /// acknowledged that the change's new owners would miss.
-    fn replicate(&self, partition: u16, version: u64, op: &Op) -> Response {
+    /// acknowledged that the change's new owners would miss. With `durability = disk` and a store of its own, it
+    /// answers once its store committed the write.
+    async fn replicate(&self, partition: u16, version: u64, mut op: Op) -> Response {
         let (stale, holds) = {
             let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
             let newest =
@@ -461,10 +757,19 @@ impl Cluster {
         if !holds {
             return self.refused(Refusal::NotOwner);
         }
-        let limits = self.config.limits;
-        match self.store.with(partition, |p| ops::apply(p, op, &limits, true)) {
-            Ok(()) => Response::Done,
-            Err(_) => self.refused(Refusal::Invalid),
+        let deadline = Instant::now() + self.config.request_timeout;
+        let ticket = match self.apply_and_keep(partition, &mut op, true, deadline).await {
+            Ok(ticket) => ticket,
+            Err(_) => return self.refused(Refusal::Invalid),
+        };
+        match (self.config.durability, ticket) {
+            (Durability::Disk, Some(ticket)) => {
+                match self.storage.committed(ticket, deadline).await {
+                    Ok(()) => Response::Done,
+                    Err(_) => self.refused(Refusal::Unavailable),
+                }
+            }
+            _ => Response::Done,
         }
     }
 
@@ -479,15 +784,23 @@ impl Cluster {
         // a partition this worker gains starts empty: a copy it kept from an earlier table (it was cut off, or
         // paused, and is coming back) would be stale. No write for it can have arrived yet: a backup accepts copies
         // only for partitions of its committed or prepared table. A table older than the one `next` follows does
-        // not count as held: this worker missed changes since.
+        // not count as held: this worker missed changes since. The slots of this worker's previous run, which it
+        // recovered from its store, count as held: the coordinator gives them to it (`Table::renamed`).
         let recent = |t: &&Arc<Table>| t.version + 1 >= next.version;
+        let previous = self.previous_run.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut dropped = Vec::new();
         for p in 0..PARTITIONS as u16 {
             let mut tables_held =
                 tables.committed.iter().chain(tables.pending.iter()).filter(recent);
-            let held = tables_held.any(|t| t.holds(p, &self.me));
-            if next.holds(p, &self.me) && !held {
-                self.store.clear(p);
+            let held = tables_held.any(|t| {
+                t.holds(p, &self.me) || previous.as_ref().is_some_and(|prev| t.holds(p, prev))
+            });
+            if next.holds(p, &self.me) && !held && self.store.clear(p) > 0 {
+                dropped.push(Change::DropPartition(p));
             }
+        }
+        if self.writes_store(false) {
+            self.keep(dropped);
         }
         tables.pending = Some(Arc::new(next));
         Response::Prepared { newer: None }
@@ -517,13 +830,21 @@ impl Cluster {
                         continue;
                     }
                     copied += records.len();
-                    self.store.with(p, |part| {
+                    let keeps = self.writes_store(false);
+                    let changes = self.store.with(p, |part| {
+                        let mut changes = Vec::new();
                         for record in &records {
                             if let Some(state) = ops::from_record(record, &limits) {
                                 ops::merge(part, state, &record.name);
+                                let name = ByteString::from(record.name.as_str());
+                                if let (true, Some(merged)) = (keeps, part.get(&name)) {
+                                    changes.extend(storage::snapshot(&name, p, merged));
+                                }
                             }
                         }
+                        changes
                     });
+                    self.keep(changes);
                 }
             }
         }
@@ -552,12 +873,25 @@ impl Cluster {
                 tables.pending = None;
             }
             tables.committed = Some(table.clone());
-            let still_held = |p: u16| tables.pending.as_ref().is_some_and(|t| t.holds(p, &self.me));
+            // the previous run's slots stay this worker's to inherit while a table names that run
+            let mut previous = self.previous_run.write().unwrap_or_else(|e| e.into_inner());
+            if previous.as_ref().is_some_and(|prev| !table.members.contains(prev)) {
+                *previous = None;
+            }
+            let still_held = |p: u16| {
+                tables.pending.as_ref().is_some_and(|t| t.holds(p, &self.me))
+                    || previous.as_ref().is_some_and(|prev| table.holds(p, prev))
+            };
+            let mut changes = vec![Change::Table(table.to_record())];
             for p in 0..PARTITIONS as u16 {
-                if !table.holds(p, &self.me) && !still_held(p) {
-                    self.store.clear(p);
+                if !table.holds(p, &self.me) && !still_held(p) && self.store.clear(p) > 0 {
+                    changes.push(Change::DropPartition(p));
                 }
             }
+            if !self.writes_store(false) {
+                changes.truncate(1);
+            }
+            self.keep(changes);
         }
         tracing::info!(version = table.version, members = ?table.members, "partition table committed");
         ::metrics::gauge!("thingport_ring_table_version").set(table.version as f64);
@@ -610,8 +944,12 @@ impl Cluster {
                 }
                 continue;
             };
+            // a restarted worker (with its store) stands in for its previous run
+            let renames = self.renewals(&table);
+            let effective =
+                if renames.is_empty() { (*table).clone() } else { table.renamed(&renames) };
             let in_table: Vec<&String> =
-                active.iter().filter(|m| table.members.contains(m)).collect();
+                active.iter().filter(|m| effective.members.contains(m)).collect();
             if in_table.first().is_none_or(|m| **m != self.me) {
                 continue;
             }
@@ -633,7 +971,8 @@ impl Cluster {
                 continue;
             }
             let started = Instant::now();
-            match self.change(&table, &active).await {
+            let inherited: BTreeSet<String> = renames.into_values().collect();
+            match self.change(&effective, &inherited, &active).await {
                 Ok((version, moved)) => tracing::info!(
                     version,
                     moved,
@@ -655,9 +994,12 @@ impl Cluster {
     }
 
     /// Prepares, copies and commits the table for `active`; returns its version and the replica slots copied.
+    /// `current` is the committed table with restarted workers standing in for their previous runs (`inherited`):
+    /// each keeps the slots it recovered from its store, and merges the newer copies of any surviving holder.
     async fn change(
         &self,
         current: &Table,
+        inherited: &BTreeSet<String>,
         active: &[String],
     ) -> Result<(u64, usize), &'static str> {
         let next = current.next_with(active, self.config.replicas);
@@ -684,8 +1026,17 @@ impl Cluster {
         let mut pulls: BTreeMap<&str, Vec<(u16, String)>> = BTreeMap::new();
         let mut moved = 0;
         for p in 0..PARTITIONS as u16 {
-            let source = current.owners(p).find(|o| active.iter().any(|a| a == o));
-            for owner in next.owners(p).filter(|o| !current.holds(p, o)) {
+            let alive = |o: &&str| active.iter().any(|a| a == o);
+            // a holder that kept running has the newest copy; else one that recovered it from its store
+            let survivor = current.owners(p).filter(alive).find(|o| !inherited.contains(*o));
+            let source = survivor.or_else(|| current.owners(p).find(alive));
+            for owner in next.owners(p) {
+                if current.holds(p, owner) {
+                    if let Some(survivor) = survivor.filter(|_| inherited.contains(owner)) {
+                        pulls.entry(owner).or_default().push((p, survivor.to_string()));
+                    }
+                    continue;
+                }
                 moved += 1;
                 match source {
                     Some(source) => pulls.entry(owner).or_default().push((p, source.to_string())),

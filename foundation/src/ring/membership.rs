@@ -151,15 +151,29 @@ pub fn start(
     timing: Timing,
     stop: CancellationToken,
 ) -> (Membership, tokio::task::JoinHandle<()>) {
+    let (membership, start) = prepare(me, socket, seeds, timing, stop);
+    (membership, start())
+}
+
+/// Membership's handle now, and the function that starts it (as [`start`] does) later: the worker loads its
+/// store in between, so that it is not announced to the pool before it can serve.
+pub fn prepare(
+    me: Node,
+    socket: UdpSocket,
+    seeds: Vec<SocketAddr>,
+    timing: Timing,
+    stop: CancellationToken,
+) -> (Membership, impl FnOnce() -> tokio::task::JoinHandle<()>) {
     let mut initial = BTreeMap::new();
     initial.insert(me.key(), me.clone());
     let (members_tx, members) = watch::channel(Arc::new(initial));
     // bounded: datagrams beyond it are dropped, as the network could drop them
     let (tx, rx) = mpsc::channel::<Input>(1024);
     let inputs = (tx.clone(), rx);
-    let task =
-        tokio::spawn(run(me.clone(), Arc::new(socket), seeds, timing, members_tx, stop, inputs));
-    (Membership { me, members, gone: tx }, task)
+    let node = me.clone();
+    let start =
+        move || tokio::spawn(run(node, Arc::new(socket), seeds, timing, members_tx, stop, inputs));
+    (Membership { me, members, gone: tx }, start)
 }
 
 async fn run(

@@ -9,8 +9,9 @@ use thingport_protocol::peer::{
 };
 use thingport_protocol::{ByteString, Frame, Limits, Quality, Value};
 
-use crate::model::{Binding, EventRecord, PropertyState, ThingState, Version};
+use crate::model::{Binding, Definition, PropertyState, ThingState, Version};
 use crate::ring::store::Partition;
+use crate::storage::{self, Change, StoredValue};
 
 /// Why an operation was not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,22 +22,44 @@ pub enum Refused {
     Invalid,
 }
 
-/// Applies an operation to the thing's partition. A backup passes `replica`: the primary already decided whether the
-/// thing may be created, and a backup that has not yet received its copy of the partition creates the thing.
+/// Applies an operation to the thing's partition (number `partition_no`) and appends what the store must keep to
+/// `changes`. A backup passes `replica`: the primary already decided whether the thing may be created, and a backup
+/// that has not yet received its copy of the partition creates the thing. A primary sets the operation's event
+/// epoch (`Op::Device::epoch_ms`) before it is sent to the backups.
 pub fn apply(
     partition: &mut Partition,
-    op: &Op,
+    partition_no: u16,
+    op: &mut Op,
     limits: &Limits,
     replica: bool,
+    changes: &mut Vec<Change>,
 ) -> Result<(), Refused> {
     let name = op.thing().clone();
     let (create, now_ms) = match op {
         Op::Create { now_ms, .. } => (true, *now_ms),
         Op::Device { create, now_ms, .. }
         | Op::Bind { create, now_ms, .. }
-        | Op::Unbind { create, now_ms, .. } => (*create, *now_ms),
-        Op::Write { now_ms, .. } => (false, *now_ms),
+        | Op::Unbind { create, now_ms, .. }
+        | Op::Describe { create, now_ms, .. } => (*create, *now_ms),
+        Op::Write { now_ms, .. } | Op::Define { now_ms, .. } | Op::Remove { now_ms, .. } => {
+            (false, *now_ms)
+        }
     };
+    if let Op::Remove { property, .. } = op {
+        let removed = match property {
+            None => partition.remove(&name).is_some(),
+            Some(property) => partition.get_mut(&name).is_some_and(|thing| {
+                thing.definitions.remove(property);
+                thing.properties.remove(property);
+                true
+            }),
+        };
+        if !removed && !replica {
+            return Err(Refused::UnknownThing);
+        }
+        changes.push(Change::Remove { thing: name, property: property.clone() });
+        return Ok(());
+    }
     // decode before creating, so that a refused operation leaves nothing behind
     let frame = match op {
         Op::Device { frame, .. } => {
@@ -44,17 +67,29 @@ pub fn apply(
         }
         _ => None,
     };
+    let written = match op {
+        Op::Write { value, .. } => {
+            Some(Value::decode(value.clone(), limits).map_err(|_| Refused::Invalid)?)
+        }
+        _ => None,
+    };
+    let mut created = false;
     let thing = match partition.get_mut(&name) {
         Some(thing) => thing,
-        None if create || replica => partition
-            .entry(name.clone())
-            .or_insert(ThingState { created_ms: now_ms, ..ThingState::default() }),
+        None if create || replica => {
+            created = true;
+            partition
+                .entry(name.clone())
+                .or_insert(ThingState { created_ms: now_ms, ..ThingState::default() })
+        }
         None => return Err(Refused::UnknownThing),
     };
+    let mut row_changed = created;
     match op {
-        Op::Create { .. } => {}
-        Op::Device { incarnation, .. } => match frame {
+        Op::Create { .. } | Op::Remove { .. } => {}
+        Op::Device { incarnation, epoch_ms, .. } => match frame {
             Some(Frame::Properties(batch)) => {
+                let mut values = Vec::with_capacity(batch.updates.len());
                 for u in batch.updates {
                     let version = Version {
                         timestamp_ms: u.timestamp_ms,
@@ -67,31 +102,43 @@ pub fn apply(
                         version,
                         received_ms: now_ms,
                     };
-                    thing.apply_property(&u.name, state);
+                    values.push(stored(thing, u.name, state));
                 }
+                changes.push(Change::Values { thing: name.clone(), values });
             }
             Some(Frame::Event(event)) => {
-                let version = Version {
-                    timestamp_ms: event.timestamp_ms,
-                    incarnation: *incarnation,
-                    seq: event.seq,
-                };
-                thing.record_event(EventRecord {
-                    name: event.name,
-                    payload: event.payload,
-                    version,
-                    received_ms: now_ms,
+                let known = thing.incarnations.len();
+                let proposed = if *epoch_ms == 0 { now_ms } else { *epoch_ms };
+                let epoch = thing.epoch(*incarnation, proposed);
+                *epoch_ms = epoch;
+                row_changed |= thing.incarnations.len() != known;
+                let payload = event.payload;
+                let mut encoded = BytesMut::with_capacity(payload.encoded_len());
+                payload.encode(&mut encoded);
+                changes.push(Change::Event {
+                    thing: name.clone(),
+                    event: EventWire {
+                        epoch_ms: epoch,
+                        name: event.name.to_string(),
+                        payload: encoded.freeze(),
+                        timestamp_ms: event.timestamp_ms,
+                        incarnation: *incarnation,
+                        seq: event.seq,
+                        received_ms: now_ms,
+                    },
+                    payload,
                 });
             }
             _ => return Err(Refused::Invalid),
         },
-        Op::Write { property, value, .. } => {
-            let value = Value::decode(value.clone(), limits).map_err(|_| Refused::Invalid)?;
+        Op::Write { property, .. } => {
             // an application's write is newer than any device report of the same millisecond
             let version = Version { timestamp_ms: now_ms, incarnation: u64::MAX, seq: 0 };
+            let value = written.unwrap_or_default();
             let state =
                 PropertyState { value, quality: Quality::Good, version, received_ms: now_ms };
-            thing.apply_property(property, state);
+            let value = stored(thing, property.clone(), state);
+            changes.push(Change::Values { thing: name.clone(), values: vec![value] });
         }
         Op::Bind { gateway, session_id, .. } => {
             thing.bind(Binding {
@@ -103,8 +150,36 @@ pub fn apply(
         Op::Unbind { gateway, session_id, .. } => {
             thing.unbind(gateway, *session_id);
         }
+        Op::Describe { description, tags, .. } => {
+            row_changed |= thing.describe(description.clone(), tags.clone(), now_ms);
+        }
+        Op::Define { property, definition, .. } => {
+            let definition = Definition { definition: definition.clone(), defined_ms: now_ms };
+            row_changed |= thing.define(property, definition);
+        }
+    }
+    if row_changed {
+        changes.push(Change::Thing(storage::thing_row(&name, partition_no, thing)));
     }
     Ok(())
+}
+
+/// Applies a property update and says what the store keeps of it.
+fn stored(thing: &mut ThingState, property: ByteString, state: PropertyState) -> StoredValue {
+    let definition = thing.definition(&property);
+    let value = StoredValue {
+        property: property.clone(),
+        timestamp_ms: state.version.timestamp_ms,
+        incarnation: state.version.incarnation,
+        seq: state.version.seq,
+        quality: state.quality,
+        value: state.value.clone(),
+        received_ms: state.received_ms,
+        current: false,
+        logged: definition.logged,
+    };
+    let won = thing.apply_property(&property, state);
+    StoredValue { current: won && definition.persisted, ..value }
 }
 
 fn encode_value(value: &Value) -> bytes::Bytes {
@@ -118,6 +193,14 @@ pub fn to_record(name: &str, thing: &ThingState) -> ThingRecord {
     ThingRecord {
         name: name.to_string(),
         created_ms: thing.created_ms,
+        description: thing.description.clone(),
+        tags: thing.tags.clone(),
+        described_ms: thing.described_ms,
+        definitions: thing
+            .definitions
+            .iter()
+            .map(|(p, d)| (p.to_string(), d.definition.clone(), d.defined_ms))
+            .collect(),
         properties: thing
             .properties
             .iter()
@@ -137,18 +220,7 @@ pub fn to_record(name: &str, thing: &ThingState) -> ThingRecord {
             since_ms: b.since_ms,
         }),
         closed: thing.closed.iter().map(|(g, s)| (g.to_string(), *s)).collect(),
-        events: thing
-            .events
-            .iter()
-            .map(|e| EventWire {
-                name: e.name.to_string(),
-                payload: encode_value(&e.payload),
-                timestamp_ms: e.version.timestamp_ms,
-                incarnation: e.version.incarnation,
-                seq: e.version.seq,
-                received_ms: e.received_ms,
-            })
-            .collect(),
+        incarnations: thing.incarnations.iter().copied().collect(),
     }
 }
 
@@ -156,12 +228,26 @@ pub fn to_record(name: &str, thing: &ThingState) -> ThingRecord {
 pub fn from_record(record: &ThingRecord, limits: &Limits) -> Option<ThingState> {
     let mut thing = ThingState {
         created_ms: record.created_ms,
+        description: record.description.clone(),
+        tags: record.tags.clone(),
+        described_ms: record.described_ms,
+        definitions: record
+            .definitions
+            .iter()
+            .map(|(p, d, ms)| {
+                (
+                    ByteString::from(p.as_str()),
+                    Definition { definition: d.clone(), defined_ms: *ms },
+                )
+            })
+            .collect(),
         closed: record.closed.iter().map(|(g, s)| (ByteString::from(g.as_str()), *s)).collect(),
         binding: record.binding.as_ref().map(|b| Binding {
             gateway: ByteString::from(b.gateway.as_str()),
             session_id: b.session_id,
             since_ms: b.since_ms,
         }),
+        incarnations: record.incarnations.iter().copied().collect(),
         ..ThingState::default()
     };
     for p in &record.properties {
@@ -177,22 +263,11 @@ pub fn from_record(record: &ThingRecord, limits: &Limits) -> Option<ThingState> 
         };
         thing.properties.insert(ByteString::from(p.name.as_str()), state);
     }
-    for e in &record.events {
-        thing.events.push_back(EventRecord {
-            name: ByteString::from(e.name.as_str()),
-            payload: Value::decode(e.payload.clone(), limits).ok()?,
-            version: Version {
-                timestamp_ms: e.timestamp_ms,
-                incarnation: e.incarnation,
-                seq: e.seq,
-            },
-            received_ms: e.received_ms,
-        });
-    }
     Some(thing)
 }
 
-/// Merges a copy of a thing into the partition: properties by last writer, events once each, the later binding.
+/// Merges a copy of a thing into the partition: properties by last writer, definitions and description by the
+/// latest, the later binding, incarnation epochs already known kept.
 pub fn merge(partition: &mut Partition, copy: ThingState, name: &str) {
     let name = ByteString::from(name);
     let Some(thing) = partition.get_mut(&name) else {
@@ -200,11 +275,15 @@ pub fn merge(partition: &mut Partition, copy: ThingState, name: &str) {
         return;
     };
     thing.created_ms = thing.created_ms.min(copy.created_ms);
+    thing.describe(copy.description, copy.tags, copy.described_ms);
+    for (property, definition) in copy.definitions {
+        thing.define(&property, definition);
+    }
     for (property, state) in copy.properties {
         thing.apply_property(&property, state);
     }
-    for event in copy.events {
-        thing.record_event(event);
+    for (incarnation, epoch) in copy.incarnations {
+        thing.epoch(incarnation, epoch);
     }
     for (gateway, session_id) in copy.closed {
         thing.unbind(&gateway, session_id);
@@ -221,6 +300,7 @@ pub fn summary(name: &str, thing: &ThingState) -> ThingSummary {
         gateway: thing.binding.as_ref().map(|b| b.gateway.to_string()),
         properties: thing.properties.len() as u32,
         created_ms: thing.created_ms,
+        tags: thing.tags.clone(),
     }
 }
 
@@ -229,6 +309,19 @@ mod tests {
     use thingport_protocol::{Event, Properties, PropertyUpdate};
 
     use super::*;
+
+    /// Applies a copy of `op` as partition 0; returns the changes for the store.
+    fn run(
+        partition: &mut Partition,
+        op: &Op,
+        limits: &Limits,
+        replica: bool,
+    ) -> Result<Vec<Change>, Refused> {
+        let mut op = op.clone();
+        let mut changes = Vec::new();
+        apply(partition, 0, &mut op, limits, replica, &mut changes)?;
+        Ok(changes)
+    }
 
     fn device(thing: &str, seq: u64, timestamp_ms: u64, value: i64) -> Op {
         let frame = Frame::Properties(Properties {
@@ -245,6 +338,7 @@ mod tests {
             create: true,
             now_ms: 1,
             incarnation: 1,
+            epoch_ms: 0,
             frame: frame.to_bytes(),
         }
     }
@@ -261,6 +355,7 @@ mod tests {
             create: true,
             now_ms: 1,
             incarnation: 1,
+            epoch_ms: 0,
             frame: frame.to_bytes(),
         }
     }
@@ -290,7 +385,7 @@ mod tests {
         let limits = Limits::DEFAULT;
         let mut reference = Partition::new();
         for op in &ops {
-            apply(&mut reference, op, &limits, false).unwrap();
+            run(&mut reference, op, &limits, false).unwrap();
         }
         // every rotation, reversed, and each op applied twice
         for shift in 0..ops.len() {
@@ -300,12 +395,11 @@ mod tests {
             }
             let mut partition = Partition::new();
             for op in order.iter().chain(order.iter()) {
-                apply(&mut partition, op, &limits, false).unwrap();
+                run(&mut partition, op, &limits, false).unwrap();
             }
             let (a, b) = (&partition["t"], &reference["t"]);
             assert_eq!(a.properties, b.properties, "order from {shift}");
             assert_eq!(a.binding, b.binding, "order from {shift}");
-            assert_eq!(a.events.len(), b.events.len());
         }
         assert_eq!(reference["t"].properties["level"].value, Value::Int(3));
     }
@@ -315,17 +409,16 @@ mod tests {
         let limits = Limits::DEFAULT;
         let mut primary = Partition::new();
         for op in [device("t", 1, 100, 1), event("t", 2), device("t", 3, 300, 3)] {
-            apply(&mut primary, &op, &limits, false).unwrap();
+            run(&mut primary, &op, &limits, false).unwrap();
         }
         let record = to_record("t", &primary["t"]);
         let copy = from_record(&record, &limits).unwrap();
         assert_eq!(copy, primary["t"]);
         // a new owner that already got a later write through double replication keeps it
         let mut new_owner = Partition::new();
-        apply(&mut new_owner, &device("t", 5, 500, 5), &limits, true).unwrap();
+        run(&mut new_owner, &device("t", 5, 500, 5), &limits, true).unwrap();
         merge(&mut new_owner, copy, "t");
         assert_eq!(new_owner["t"].properties["level"].value, Value::Int(5));
-        assert_eq!(new_owner["t"].events.len(), 1);
     }
 
     /// One step of a generated history: (kind, thing, property, device timestamp, value).
@@ -388,20 +481,30 @@ mod tests {
                 create: true,
                 now_ms,
                 incarnation: 1,
+                epoch_ms: 0,
                 frame: frame.to_bytes(),
             });
         }
         ops
     }
 
-    /// What a reader can observe of a partition: properties, the set of events, bindings.
+    /// What a reader can observe of a partition in memory: properties and bindings.
     fn observed(partition: &Partition) -> Vec<(String, String)> {
         partition
             .iter()
-            .map(|(name, t)| {
-                let mut events: Vec<_> = t.events.iter().map(|e| e.version.seq).collect();
-                events.sort_unstable();
-                (name.to_string(), format!("{:?} {events:?} {:?}", t.properties, t.binding))
+            .map(|(name, t)| (name.to_string(), format!("{:?} {:?}", t.properties, t.binding)))
+            .collect()
+    }
+
+    /// The events a store is given: (thing, epoch, incarnation, seq), each once.
+    fn events(changes: &[Change]) -> std::collections::BTreeSet<(String, u64, u64, u64)> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Event { thing, event, .. } => {
+                    Some((thing.to_string(), event.epoch_ms, event.incarnation, event.seq))
+                }
+                _ => None,
             })
             .collect()
     }
@@ -426,11 +529,14 @@ mod tests {
             let copy_after = prepare + (copy_after * (n - prepare)) / 100;
             let mut primary = Partition::new();
             let mut snapshot = None;
-            for (i, op) in ops.iter().enumerate() {
+            // the primary stamps each event's epoch into the operation it replicates
+            let mut ops = ops;
+            let mut stored = Vec::new();
+            for (i, op) in ops.iter_mut().enumerate() {
                 if i == copy_after {
                     snapshot = Some(primary.clone());
                 }
-                apply(&mut primary, op, &limits, false).unwrap();
+                apply(&mut primary, 0, op, &limits, false, &mut stored).unwrap();
             }
             let snapshot = snapshot.unwrap_or_else(|| primary.clone());
             let mut rng = fastrand::Rng::with_seed(seed);
@@ -438,10 +544,12 @@ mod tests {
             let mut backup = Partition::new();
             let mut shuffled: Vec<&Op> = ops.iter().collect();
             rng.shuffle(&mut shuffled);
+            let mut backup_stored = Vec::new();
             for op in shuffled {
-                apply(&mut backup, op, &limits, true).unwrap();
+                backup_stored.extend(run(&mut backup, op, &limits, true).unwrap());
             }
             proptest::prop_assert_eq!(observed(&backup), observed(&primary));
+            proptest::prop_assert_eq!(events(&backup_stored), events(&stored), "the same events in the same order");
 
             let mut new_owner = Partition::new();
             let mut late: Vec<&Op> = ops[prepare..].iter().collect();
@@ -456,7 +564,7 @@ mod tests {
                     }
                 }
                 if let Some(op) = late.get(i) {
-                    apply(&mut new_owner, op, &limits, true).unwrap();
+                    run(&mut new_owner, op, &limits, true).unwrap();
                 }
             }
             proptest::prop_assert_eq!(observed(&new_owner), observed(&primary));
@@ -472,16 +580,49 @@ mod tests {
             create: true,
             now_ms: 1,
             incarnation: 1,
+            epoch_ms: 0,
             frame: bytes::Bytes::from_static(&[0x03, 0xff]),
         };
-        assert_eq!(apply(&mut partition, &bad, &limits, false), Err(Refused::Invalid));
+        assert_eq!(run(&mut partition, &bad, &limits, false), Err(Refused::Invalid));
         let write = Op::Write {
             thing: "t".into(),
             property: "p".into(),
             value: encode_value(&Value::Int(1)),
             now_ms: 1,
         };
-        assert_eq!(apply(&mut partition, &write, &limits, false), Err(Refused::UnknownThing));
+        assert_eq!(run(&mut partition, &write, &limits, false), Err(Refused::UnknownThing));
+        let remove = Op::Remove { thing: "t".into(), property: None, now_ms: 1 };
+        assert_eq!(run(&mut partition, &remove, &limits, false), Err(Refused::UnknownThing));
         assert!(partition.is_empty());
+    }
+
+    #[test]
+    fn the_store_is_told_what_to_keep() {
+        let limits = Limits::DEFAULT;
+        let mut partition = Partition::new();
+        let changes = run(&mut partition, &device("t", 1, 100, 1), &limits, false).unwrap();
+        // a new thing's row, then the value: current and logged by default
+        assert!(matches!(&changes[..], [Change::Values { values, .. }, Change::Thing(row)]
+            if values[0].current && values[0].logged && row.name == "t"));
+        let older = run(&mut partition, &device("t", 2, 50, 9), &limits, false).unwrap();
+        assert!(
+            matches!(&older[..], [Change::Values { values, .. }]
+            if !values[0].current && values[0].logged),
+            "an older report joins the stream only"
+        );
+        let definition =
+            thingport_protocol::peer::PropertyDefinition { logged: false, ..Default::default() };
+        let define =
+            Op::Define { thing: "t".into(), property: "level".into(), now_ms: 5, definition };
+        assert!(matches!(
+            &run(&mut partition, &define, &limits, false).unwrap()[..],
+            [Change::Thing(_)]
+        ));
+        let changes = run(&mut partition, &device("t", 3, 300, 3), &limits, false).unwrap();
+        assert!(matches!(&changes[..], [Change::Values { values, .. }]
+            if values[0].current && !values[0].logged));
+        let remove = Op::Remove { thing: "t".into(), property: Some("level".into()), now_ms: 6 };
+        run(&mut partition, &remove, &limits, false).unwrap();
+        assert!(partition["t"].properties.is_empty());
     }
 }

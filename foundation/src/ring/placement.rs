@@ -268,6 +268,39 @@ impl Table {
         load
     }
 
+    /// The same table with some members renamed (`renames`: old name → new name), each keeping its slots and
+    /// roles: a worker restarted with its store inherits the slots of its previous run. Renames to a name already in
+    /// the table, or of names not in it, are ignored.
+    pub fn renamed(&self, renames: &BTreeMap<String, String>) -> Table {
+        let names: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| match renames.get(m) {
+                Some(new) if !self.members.contains(new) => new.clone(),
+                _ => m.clone(),
+            })
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != names.len() {
+            return self.clone();
+        }
+        let index: BTreeMap<&str, u16> =
+            sorted.iter().enumerate().map(|(i, m)| (m.as_str(), i as u16)).collect();
+        let remap: Vec<u16> = names.iter().map(|n| index[n.as_str()]).collect();
+        Table {
+            version: self.version,
+            members: sorted.clone(),
+            replicas: self.replicas,
+            owners: self
+                .owners
+                .iter()
+                .map(|o| o.iter().map(|&i| remap[i as usize]).collect())
+                .collect(),
+        }
+    }
+
     /// Whether `member` holds a copy of the partition.
     pub fn holds(&self, partition: u16, member: &str) -> bool {
         self.owners(partition).any(|o| o == member)
@@ -452,6 +485,27 @@ mod tests {
                     prop_assert!(after.owners(p).any(|o| o == was[1]));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_renamed_member_keeps_its_slots_and_roles() {
+        let members: Vec<String> = ["a#1", "b#1", "c#1"].iter().map(|s| s.to_string()).collect();
+        let table = Table::initial(&members, 2);
+        let renames: BTreeMap<String, String> =
+            [("a#1".to_string(), "z#2".to_string())].into_iter().collect();
+        let renamed = table.renamed(&renames);
+        assert_eq!(renamed.members, vec!["b#1", "c#1", "z#2"]);
+        for p in 0..PARTITIONS as u16 {
+            let before: Vec<&str> =
+                table.owners(p).map(|o| if o == "a#1" { "z#2" } else { o }).collect();
+            assert_eq!(renamed.owners(p).collect::<Vec<_>>(), before);
+        }
+        assert!(Table::from_record(renamed.to_record()).is_some());
+        // the next table over the renamed members moves nothing
+        let next = renamed.next(&renamed.members);
+        for p in 0..PARTITIONS as u16 {
+            assert_eq!(next.owners(p).collect::<Vec<_>>(), renamed.owners(p).collect::<Vec<_>>());
         }
     }
 }

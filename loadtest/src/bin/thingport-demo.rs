@@ -100,11 +100,16 @@ async fn main() -> Result<()> {
             seeds,
             bootstrap_members: 2,
             api_keys_file: keys.clone(),
+            // each worker's store; with --dir, what the demo stored is there at the next start
+            storage: thingport_foundation::config::StorageConfig {
+                data_dir: dir.join(format!("foundation-{}", i + 1)),
+                ..Default::default()
+            },
             ..thingport_foundation::Config::default()
         };
         let worker = thingport_foundation::Worker::bind(worker_config).await?;
         workers.push(worker.addrs());
-        let mut table = worker.cluster().table_version();
+        let mut table = worker.table_version();
         let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(worker.run(async move {
             let _ = worker_stopped.await;

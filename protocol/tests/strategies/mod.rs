@@ -190,5 +190,7 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
         any::<u64>().prop_map(|nonce| LinkFrame::Pong { nonce }),
         any::<bool>().prop_map(|saturated| LinkFrame::Load { saturated }),
         Just(LinkFrame::Goaway),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(session_id, open)| LinkFrame::Bound { session_id, open }),
     ]
 }

@@ -1,0 +1,1263 @@
+//! The embedded store: one SQLite file per worker (WAL mode), which an operator can open with `sqlite3`
+//! (`docs/STORAGE.md` has the schema).
+//!
+//! One thread owns the connection that writes; queries run on a few reading connections beside it (WAL lets them
+//! read while it writes). Writes are shaped for SQLite's page-level log:
+//! - **The write path appends.** A batch of property values becomes one `journal` row per frame (keyed by thing,
+//!   so one frame dirties one page), written in the batch's transaction: that row is what a `disk` acknowledgement
+//!   waits for. Writing each value into its property's value stream at once would dirty a page per value and
+//!   property — several times slower with thousands of streams (`docs/BENCHMARKS.md`).
+//! - **Compaction folds the journal** per thing, in small slices between batches: values join their property's
+//!   chunks in `value_chunks` (up to [`CHUNK_VALUES`] values of one property, spanning at most [`CHUNK_SPAN_MS`]),
+//!   the newest value of each persisted property goes to `current_values`, and the journal rows go.
+//! - **Retention** runs in the same slices: chunks and events older than their stream's age limit, and beyond its
+//!   count limit, are removed a stream at a time.
+//! - A separate thread checkpoints the WAL into the database file so that the writer never waits for it.
+//!
+//! Reading a value stream merges its chunks with the thing's journal rows not yet folded; recovering a worker
+//! loads `things`, `current_values` and replays the journal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use thingport_protocol::peer::{
+    EventRecord, HistoryQuery, PropertyDefinition, StreamPosition, TableRecord, ValueRecord,
+};
+use thingport_protocol::{ByteString, Limits, Quality, Value};
+use tokio::sync::oneshot;
+
+use super::codec::{self, JournalValue};
+use super::{
+    BoxFuture, Change, Provider, Retention, StorageError, StoredThing, ordered, unordered,
+};
+use crate::model::{Definition, PropertyState, ThingState, Version};
+
+/// The file name of the store in the data directory.
+pub const FILE_NAME: &str = "thingport.sqlite";
+/// Most values in one chunk of a value stream.
+pub const CHUNK_VALUES: usize = 512;
+/// Longest time one chunk spans, by device timestamp.
+pub const CHUNK_SPAN_MS: u64 = 3_600_000;
+/// A thing's journal rows are folded once there are this many...
+const COMPACT_ROWS: u32 = 64;
+/// ...or once the oldest is this old.
+const COMPACT_AGE: Duration = Duration::from_secs(10);
+/// A maintenance slice stops after this long, so a batch waiting behind it is not held up for more.
+const SLICE: Duration = Duration::from_millis(3);
+/// A retention pass over every stream starts at most this often.
+const RETENTION_PERIOD: Duration = Duration::from_secs(60);
+
+/// The schema, by version (`PRAGMA user_version`). A store is migrated forward at open; a store of a newer
+/// version than this release knows is refused.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE things (
+    name TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]',
+    described_ms INTEGER NOT NULL DEFAULT 0,
+    incarnations TEXT NOT NULL DEFAULT '[]'
+) WITHOUT ROWID;
+CREATE INDEX things_by_partition ON things (partition);
+CREATE TABLE property_definitions (
+    thing TEXT NOT NULL,
+    property TEXT NOT NULL,
+    kind TEXT,
+    unit TEXT,
+    persisted INTEGER NOT NULL,
+    logged INTEGER NOT NULL,
+    max_age_ms INTEGER,
+    max_count INTEGER,
+    defined_ms INTEGER NOT NULL,
+    PRIMARY KEY (thing, property)
+) WITHOUT ROWID;
+CREATE TABLE current_values (
+    thing TEXT NOT NULL,
+    property TEXT NOT NULL,
+    value,
+    quality INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (thing, property)
+) WITHOUT ROWID;
+CREATE TABLE journal (
+    thing TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    frame_values BLOB NOT NULL,
+    PRIMARY KEY (thing, id)
+) WITHOUT ROWID;
+CREATE TABLE value_chunks (
+    thing TEXT NOT NULL,
+    property TEXT NOT NULL,
+    first_ms INTEGER NOT NULL,
+    first_incarnation INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (thing, property, first_ms, first_incarnation, first_seq)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    thing TEXT NOT NULL,
+    epoch_ms INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    payload,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (thing, epoch_ms, incarnation, seq)
+) WITHOUT ROWID;
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+"#];
+
+/// Settings of the embedded store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The data directory; created if missing.
+    pub dir: PathBuf,
+    /// fsync at every commit (`synchronous = FULL`); otherwise only at checkpoints (`NORMAL`: a commit survives a
+    /// crash of the process but maybe not of the machine).
+    pub fsync: bool,
+    pub retention: Retention,
+    pub limits: Limits,
+    /// Reading connections.
+    pub readers: usize,
+}
+
+/// The embedded store of one worker.
+#[derive(Debug)]
+pub struct Sqlite {
+    jobs: Mutex<std_mpsc::Sender<Job>>,
+    readers: Arc<Readers>,
+    limits: Limits,
+}
+
+#[derive(Debug)]
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+enum Job {
+    Write(Arc<Vec<Change>>, oneshot::Sender<Result<(), StorageError>>),
+}
+
+fn sql_error(e: rusqlite::Error) -> StorageError {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::DatabaseCorrupt | C::NotADatabase) => StorageError::Corrupt(e.to_string()),
+        _ => StorageError::Unavailable(e.to_string()),
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(e.to_string())
+}
+
+fn open_connection(path: &Path, create: bool, fsync: bool) -> rusqlite::Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
+    // the checkpointer thread does it, so the writer never waits for it
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "cache_size", -16_384)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StorageError> {
+    let version: i64 =
+        conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql_error)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StorageError::Unavailable(format!(
+            "the store is of schema version {version}; this release knows up to {known}"
+        )));
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(sql_error)?;
+        tx.execute_batch(migration).map_err(sql_error)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sql_error)?;
+        tx.commit().map_err(sql_error)?;
+        tracing::info!(version = i + 1, "store schema migrated");
+    }
+    Ok(())
+}
+
+impl Sqlite {
+    /// Opens (creating if needed) the store in `options.dir` and starts its writer and checkpointer threads.
+    pub fn open(options: Options) -> Result<Sqlite, StorageError> {
+        std::fs::create_dir_all(&options.dir).map_err(|e| {
+            StorageError::Unavailable(format!("data directory {}: {e}", options.dir.display()))
+        })?;
+        let path = options.dir.join(FILE_NAME);
+        let mut conn = open_connection(&path, true, options.fsync).map_err(|e| {
+            let e = sql_error(e);
+            StorageError::Unavailable(format!("{}: {e}", path.display()))
+        })?;
+        // reading the schema is the first thing that fails on a damaged or foreign file
+        migrate(&mut conn).map_err(|e| match e {
+            StorageError::Corrupt(m) => StorageError::Corrupt(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
+        let writer = Writer::new(conn, path.clone(), options.clone())?;
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StorageError::Unavailable(format!("starting the store writer: {e}")))?;
+        let idle = (0..options.readers.max(1))
+            .map(|_| open_connection(&path, false, options.fsync))
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_error)?;
+        let readers = Arc::new(Readers { path: path.clone(), idle: Mutex::new(idle) });
+        let open = Arc::downgrade(&readers);
+        let fsync = options.fsync;
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint(&path, fsync, open))
+            .map_err(|e| StorageError::Unavailable(format!("starting the checkpointer: {e}")))?;
+        Ok(Sqlite { jobs: Mutex::new(tx), readers, limits: options.limits })
+    }
+
+    /// Runs `f` on a reading connection, off the async runtime.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StorageError>> {
+        let readers = self.readers.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = readers.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let conn = match conn {
+                    Some(c) => c,
+                    None => open_connection(&readers.path, false, false).map_err(sql_error)?,
+                };
+                let result = f(&conn);
+                readers.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+                result
+            })
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("store reader: {e}")))?
+        })
+    }
+}
+
+/// Checkpoints the WAL into the database file in the background, while the store is open.
+fn checkpoint(path: &Path, fsync: bool, open: std::sync::Weak<Readers>) {
+    let Ok(conn) = open_connection(path, false, fsync) else { return };
+    while open.strong_count() > 0 {
+        std::thread::sleep(Duration::from_millis(250));
+        // (busy, frames in the log, frames copied)
+        let frames: rusqlite::Result<(i64, i64, i64)> =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        if let Ok((_, log, done)) = frames
+            && log > 16_384
+            && log == done
+        {
+            // a large log fully copied: start it again from the beginning
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
+    }
+}
+
+/// Journal rows of a thing not yet folded.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    rows: u32,
+    oldest: Instant,
+}
+
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    options: Options,
+    pending: HashMap<ByteString, Pending>,
+    next_id: i64,
+    /// Where the retention pass is: the last stream swept, and when the pass started.
+    sweep: Option<(String, String)>,
+    sweep_events: Option<String>,
+    pass_started: Option<Instant>,
+}
+
+impl Writer {
+    fn new(conn: Connection, path: PathBuf, options: Options) -> Result<Writer, StorageError> {
+        let next_id: i64 = conn
+            .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM journal", [], |r| r.get(0))
+            .map_err(sql_error)?;
+        let mut pending = HashMap::new();
+        {
+            let mut stmt = conn
+                .prepare("SELECT thing, COUNT(*) FROM journal GROUP BY thing")
+                .map_err(sql_error)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(sql_error)?;
+            for row in rows {
+                let (thing, rows) = row.map_err(sql_error)?;
+                // folded at the first slice
+                let oldest = Instant::now() - COMPACT_AGE;
+                pending.insert(ByteString::from(thing), Pending { rows: rows as u32, oldest });
+            }
+        }
+        Ok(Writer {
+            conn,
+            path,
+            options,
+            pending,
+            next_id,
+            sweep: None,
+            sweep_events: None,
+            pass_started: None,
+        })
+    }
+
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        loop {
+            match jobs.recv_timeout(Duration::from_millis(50)) {
+                Ok(Job::Write(batch, reply)) => {
+                    let result = self.write(&batch);
+                    if result.is_err() {
+                        // start the next attempt on a fresh connection
+                        if let Ok(conn) = open_connection(&self.path, false, self.options.fsync) {
+                            self.conn = conn;
+                        }
+                    }
+                    let _ = reply.send(result);
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if let Err(e) = self.maintain() {
+                tracing::warn!(error = %e, "store maintenance failed; retrying later");
+            }
+        }
+    }
+
+    /// Writes a batch in one transaction; the in-memory bookkeeping changes only once it committed.
+    fn write(&mut self, batch: &[Change]) -> Result<(), StorageError> {
+        let started = Instant::now();
+        let tx = self.conn.unchecked_transaction().map_err(sql_error)?;
+        let mut journaled: Vec<ByteString> = Vec::new();
+        let mut folded: Vec<ByteString> = Vec::new();
+        let mut next_id = self.next_id;
+        for change in batch {
+            match change {
+                Change::Thing(thing) => write_thing(&tx, thing)?,
+                Change::Values { thing, values } => {
+                    let kept: Vec<_> =
+                        values.iter().filter(|v| v.current || v.logged).cloned().collect();
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    tx.prepare_cached(
+                        "INSERT INTO journal (thing, id, received_ms, frame_values) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            &**thing,
+                            next_id,
+                            kept[0].received_ms as i64,
+                            codec::encode_values(&kept)
+                        ])
+                    })
+                    .map_err(sql_error)?;
+                    next_id += 1;
+                    journaled.push(thing.clone());
+                }
+                Change::Event { thing, event, payload } => {
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO events (thing, epoch_ms, incarnation, seq, timestamp_ms, name, payload, received_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            &**thing,
+                            event.epoch_ms as i64,
+                            ordered(event.incarnation),
+                            event.seq as i64,
+                            event.timestamp_ms as i64,
+                            event.name,
+                            SqlStored(payload),
+                            event.received_ms as i64
+                        ])
+                    })
+                    .map_err(sql_error)?;
+                }
+                Change::Remove { thing, property } => {
+                    fold(&tx, thing)?;
+                    folded.push(thing.clone());
+                    remove(&tx, thing, property.as_deref())?;
+                }
+                Change::DropPartition(partition) => {
+                    let things: Vec<String> = tx
+                        .prepare_cached("SELECT name FROM things WHERE partition = ?1")
+                        .and_then(|mut s| s.query_map([*partition as i64], |r| r.get(0))?.collect())
+                        .map_err(sql_error)?;
+                    for name in things {
+                        let name = ByteString::from(name);
+                        fold(&tx, &name)?;
+                        folded.push(name.clone());
+                        for sql in [
+                            "DELETE FROM things WHERE name = ?1",
+                            "DELETE FROM property_definitions WHERE thing = ?1",
+                            "DELETE FROM current_values WHERE thing = ?1",
+                        ] {
+                            tx.execute(sql, [&*name]).map_err(sql_error)?;
+                        }
+                    }
+                }
+                Change::Table(table) => {
+                    let bytes = postcard::to_stdvec(table).map_err(corrupt)?;
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('partition_table', ?1)",
+                        [bytes],
+                    )
+                    .map_err(sql_error)?;
+                }
+            }
+        }
+        tx.commit().map_err(sql_error)?;
+        self.next_id = next_id;
+        for thing in folded {
+            self.pending.remove(&thing);
+        }
+        let now = Instant::now();
+        for thing in journaled {
+            let p = self.pending.entry(thing).or_insert(Pending { rows: 0, oldest: now });
+            p.rows += 1;
+        }
+        ::metrics::histogram!("thingport_storage_write_seconds", "store" => "sqlite")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// One slice of background work: fold the journals that are due, then a step of retention.
+    fn maintain(&mut self) -> Result<(), StorageError> {
+        let started = Instant::now();
+        let now = Instant::now();
+        let mut due: Vec<(ByteString, Pending)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.rows >= COMPACT_ROWS || now - p.oldest >= COMPACT_AGE)
+            .map(|(t, p)| (t.clone(), *p))
+            .collect();
+        if !due.is_empty() {
+            due.sort_by_key(|(_, p)| p.oldest);
+            let tx = self.conn.unchecked_transaction().map_err(sql_error)?;
+            let mut done = Vec::new();
+            for (thing, _) in due {
+                fold(&tx, &thing)?;
+                done.push(thing);
+                if started.elapsed() >= SLICE {
+                    break;
+                }
+            }
+            tx.commit().map_err(sql_error)?;
+            ::metrics::counter!("thingport_storage_journal_folds_total")
+                .increment(done.len() as u64);
+            for thing in done {
+                self.pending.remove(&thing);
+            }
+        }
+        if started.elapsed() < SLICE {
+            self.retention_step(started)?;
+        }
+        Ok(())
+    }
+
+    /// Applies retention to a few streams, continuing where the last step stopped.
+    fn retention_step(&mut self, started: Instant) -> Result<(), StorageError> {
+        if self.sweep.is_none()
+            && self.sweep_events.is_none()
+            && self.pass_started.is_some_and(|t| t.elapsed() < RETENTION_PERIOD)
+        {
+            return Ok(());
+        }
+        if self.sweep.is_none() && self.sweep_events.is_none() {
+            self.pass_started = Some(Instant::now());
+            self.sweep = Some((String::new(), String::new()));
+        }
+        let now_ms = crate::links::now_ms();
+        let defaults = self.options.retention;
+        let tx = self.conn.unchecked_transaction().map_err(sql_error)?;
+        let mut removed = 0u64;
+        if let Some((thing, property)) = self.sweep.clone() {
+            let streams: Vec<(String, String)> = tx
+                .prepare_cached(
+                    "SELECT DISTINCT thing, property FROM value_chunks WHERE (thing, property) > (?1, ?2)
+                     ORDER BY thing, property LIMIT 16",
+                )
+                .and_then(|mut s| {
+                    s.query_map([thing, property], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+                })
+                .map_err(sql_error)?;
+            self.sweep = streams.last().cloned();
+            if self.sweep.is_none() {
+                self.sweep_events = Some(String::new());
+            }
+            for (thing, property) in streams {
+                let definition = definition_of(&tx, &thing, &property)?;
+                let max_age = definition
+                    .as_ref()
+                    .and_then(|d| d.max_age_ms)
+                    .unwrap_or(defaults.max_age.as_millis() as u64);
+                let max_count =
+                    definition.as_ref().and_then(|d| d.max_count).unwrap_or(defaults.max_values);
+                removed += trim_stream(&tx, &thing, &property, now_ms, max_age, max_count)?;
+                if started.elapsed() >= SLICE {
+                    break;
+                }
+            }
+        } else if let Some(after) = self.sweep_events.clone() {
+            let things: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT DISTINCT thing FROM events WHERE thing > ?1 ORDER BY thing LIMIT 16",
+                )
+                .and_then(|mut s| s.query_map([after], |r| r.get(0))?.collect())
+                .map_err(sql_error)?;
+            self.sweep_events = things.last().cloned();
+            let max_age = defaults.max_age.as_millis() as u64;
+            for thing in things {
+                if max_age > 0 {
+                    removed += tx
+                        .execute(
+                            "DELETE FROM events WHERE thing = ?1 AND timestamp_ms < ?2",
+                            params![thing, now_ms.saturating_sub(max_age) as i64],
+                        )
+                        .map_err(sql_error)? as u64;
+                }
+                if defaults.max_events > 0 {
+                    removed += tx
+                        .execute(
+                            "DELETE FROM events WHERE thing = ?1 AND (epoch_ms, incarnation, seq) <
+                             (SELECT epoch_ms, incarnation, seq FROM events WHERE thing = ?1
+                              ORDER BY epoch_ms DESC, incarnation DESC, seq DESC LIMIT 1 OFFSET ?2)",
+                            params![thing, defaults.max_events as i64 - 1],
+                        )
+                        .map_err(sql_error)? as u64;
+                }
+            }
+        }
+        tx.commit().map_err(sql_error)?;
+        if removed > 0 {
+            ::metrics::counter!("thingport_storage_retention_removed_total").increment(removed);
+        }
+        Ok(())
+    }
+}
+
+/// A value as SQLite stores it: integers, finite-or-infinite floats, strings and null as themselves (readable with
+/// `sqlite3`); everything else (booleans, bytes, lists, maps, NaN) as its device encoding in a BLOB.
+struct SqlStored<'a>(&'a Value);
+
+impl rusqlite::ToSql for SqlStored<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+            Value::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(*i)),
+            Value::Float(f) if !f.is_nan() => ToSqlOutput::Owned(SqlValue::Real(*f)),
+            Value::String(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            other => {
+                let mut encoded = Vec::with_capacity(other.encoded_len());
+                other.encode(&mut encoded);
+                ToSqlOutput::Owned(SqlValue::Blob(encoded))
+            }
+        })
+    }
+}
+
+fn stored_value(v: ValueRef<'_>, limits: &Limits) -> Result<Value, StorageError> {
+    Ok(match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Real(f) => Value::Float(f),
+        ValueRef::Text(t) => {
+            Value::String(ByteString::try_from(Bytes::copy_from_slice(t)).map_err(corrupt)?)
+        }
+        ValueRef::Blob(b) => Value::decode(Bytes::copy_from_slice(b), limits).map_err(corrupt)?,
+    })
+}
+
+fn encoded(value: &Value) -> Bytes {
+    let mut buf = Vec::with_capacity(value.encoded_len());
+    value.encode(&mut buf);
+    Bytes::from(buf)
+}
+
+fn write_thing(tx: &rusqlite::Transaction<'_>, thing: &StoredThing) -> Result<(), StorageError> {
+    let tags = serde_json::to_string(&thing.tags).map_err(corrupt)?;
+    let incarnations = serde_json::to_string(
+        &thing.incarnations.iter().map(|&(i, e)| (i.to_string(), e)).collect::<Vec<_>>(),
+    )
+    .map_err(corrupt)?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO things (name, partition, created_ms, description, tags, described_ms, incarnations)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            &*thing.name,
+            thing.partition as i64,
+            thing.created_ms as i64,
+            thing.description,
+            tags,
+            thing.described_ms as i64,
+            incarnations
+        ])
+    })
+    .map_err(sql_error)?;
+    tx.prepare_cached("DELETE FROM property_definitions WHERE thing = ?1")
+        .and_then(|mut s| s.execute([&*thing.name]))
+        .map_err(sql_error)?;
+    for (property, d) in &thing.definitions {
+        let def = &d.definition;
+        tx.prepare_cached(
+            "INSERT INTO property_definitions (thing, property, kind, unit, persisted, logged, max_age_ms, max_count, defined_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                &*thing.name,
+                &**property,
+                def.kind,
+                def.unit,
+                def.persisted,
+                def.logged,
+                def.max_age_ms.map(|v| v as i64),
+                def.max_count.map(|v| v as i64),
+                d.defined_ms as i64
+            ])
+        })
+        .map_err(sql_error)?;
+    }
+    Ok(())
+}
+
+fn remove(
+    tx: &rusqlite::Transaction<'_>,
+    thing: &str,
+    property: Option<&str>,
+) -> Result<(), StorageError> {
+    match property {
+        Some(property) => {
+            for sql in [
+                "DELETE FROM property_definitions WHERE thing = ?1 AND property = ?2",
+                "DELETE FROM current_values WHERE thing = ?1 AND property = ?2",
+                "DELETE FROM value_chunks WHERE thing = ?1 AND property = ?2",
+            ] {
+                tx.execute(sql, [thing, property]).map_err(sql_error)?;
+            }
+        }
+        None => {
+            for sql in [
+                "DELETE FROM things WHERE name = ?1",
+                "DELETE FROM property_definitions WHERE thing = ?1",
+                "DELETE FROM current_values WHERE thing = ?1",
+                "DELETE FROM value_chunks WHERE thing = ?1",
+                "DELETE FROM events WHERE thing = ?1",
+                "DELETE FROM journal WHERE thing = ?1",
+            ] {
+                tx.execute(sql, [thing]).map_err(sql_error)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn journal_of(conn: &Connection, thing: &str) -> Result<Vec<JournalValue>, StorageError> {
+    let blobs: Vec<Vec<u8>> = conn
+        .prepare_cached("SELECT frame_values FROM journal WHERE thing = ?1 ORDER BY id")
+        .and_then(|mut s| s.query_map([thing], |r| r.get(0))?.collect())
+        .map_err(sql_error)?;
+    let mut values = Vec::new();
+    for blob in blobs {
+        values.extend(codec::decode_values(Bytes::from(blob)).map_err(corrupt)?);
+    }
+    Ok(values)
+}
+
+/// Folds a thing's journal into its value streams and current values, and empties it.
+fn fold(tx: &rusqlite::Transaction<'_>, thing: &str) -> Result<(), StorageError> {
+    let values = journal_of(tx, thing)?;
+    if values.is_empty() {
+        return Ok(());
+    }
+    let mut streams: BTreeMap<ByteString, Vec<ValueRecord>> = BTreeMap::new();
+    let mut current: BTreeMap<ByteString, ValueRecord> = BTreeMap::new();
+    for v in values {
+        if v.current {
+            let newer =
+                current.get(&v.property).is_none_or(|c| codec::key(&v.point) > codec::key(c));
+            if newer {
+                current.insert(v.property.clone(), v.point.clone());
+            }
+        }
+        if v.logged {
+            streams.entry(v.property).or_default().push(v.point);
+        }
+    }
+    for (property, mut points) in streams {
+        points.sort_by_key(codec::key);
+        points.dedup_by_key(|p| codec::key(p));
+        append(tx, thing, &property, points)?;
+    }
+    let limits = Limits::DEFAULT;
+    for (property, p) in current {
+        let value = codec::value_of(&p, &limits).map_err(corrupt)?;
+        tx.prepare_cached(
+            "INSERT INTO current_values (thing, property, value, quality, timestamp_ms, incarnation, seq, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (thing, property) DO UPDATE SET value = excluded.value, quality = excluded.quality,
+               timestamp_ms = excluded.timestamp_ms, incarnation = excluded.incarnation, seq = excluded.seq,
+               received_ms = excluded.received_ms
+             WHERE (excluded.timestamp_ms, excluded.incarnation, excluded.seq) >=
+                   (current_values.timestamp_ms, current_values.incarnation, current_values.seq)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                thing,
+                &*property,
+                SqlStored(&value),
+                p.quality as i64,
+                p.timestamp_ms as i64,
+                ordered(p.incarnation),
+                p.seq as i64,
+                p.received_ms as i64
+            ])
+        })
+        .map_err(sql_error)?;
+    }
+    tx.prepare_cached("DELETE FROM journal WHERE thing = ?1")
+        .and_then(|mut s| s.execute([thing]))
+        .map_err(sql_error)?;
+    Ok(())
+}
+
+/// A chunk row's key and contents.
+struct Chunk {
+    first: (u64, u64, u64),
+    points: Vec<ValueRecord>,
+}
+
+fn insert_chunks(
+    tx: &rusqlite::Transaction<'_>,
+    thing: &str,
+    property: &str,
+    points: &[ValueRecord],
+) -> Result<(), StorageError> {
+    let mut start = 0;
+    while start < points.len() {
+        let first = &points[start];
+        let mut end = start + 1;
+        while end < points.len()
+            && end - start < CHUNK_VALUES
+            && points[end].timestamp_ms.saturating_sub(first.timestamp_ms) <= CHUNK_SPAN_MS
+        {
+            end += 1;
+        }
+        let chunk = &points[start..end];
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO value_chunks (thing, property, first_ms, first_incarnation, first_seq, last_ms, count, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                thing,
+                property,
+                first.timestamp_ms as i64,
+                ordered(first.incarnation),
+                first.seq as i64,
+                chunk[chunk.len() - 1].timestamp_ms as i64,
+                chunk.len() as i64,
+                codec::encode_chunk(chunk)
+            ])
+        })
+        .map_err(sql_error)?;
+        start = end;
+    }
+    Ok(())
+}
+
+fn delete_chunk(
+    tx: &rusqlite::Transaction<'_>,
+    thing: &str,
+    property: &str,
+    first: (u64, u64, u64),
+) -> Result<(), StorageError> {
+    tx.prepare_cached(
+        "DELETE FROM value_chunks WHERE thing = ?1 AND property = ?2 AND first_ms = ?3
+         AND first_incarnation = ?4 AND first_seq = ?5",
+    )
+    .and_then(|mut s| {
+        s.execute(params![thing, property, first.0 as i64, ordered(first.1), first.2 as i64])
+    })
+    .map_err(sql_error)?;
+    Ok(())
+}
+
+fn last_chunk(
+    tx: &rusqlite::Transaction<'_>,
+    thing: &str,
+    property: &str,
+) -> Result<Option<Chunk>, StorageError> {
+    let row: Option<(i64, i64, i64, Vec<u8>)> = tx
+        .prepare_cached(
+            "SELECT first_ms, first_incarnation, first_seq, data FROM value_chunks WHERE thing = ?1 AND property = ?2
+             ORDER BY first_ms DESC, first_incarnation DESC, first_seq DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row([thing, property], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()
+        })
+        .map_err(sql_error)?;
+    let Some((ms, inc, seq, data)) = row else { return Ok(None) };
+    let points = codec::decode_chunk(Bytes::from(data)).map_err(corrupt)?;
+    Ok(Some(Chunk { first: (ms as u64, unordered(inc), seq as u64), points }))
+}
+
+/// Adds sorted, distinct points to a value stream: those at or after its last chunk's start are merged into that
+/// chunk (split when it fills); earlier ones (late arrivals) form chunks of their own, which queries merge.
+fn append(
+    tx: &rusqlite::Transaction<'_>,
+    thing: &str,
+    property: &str,
+    points: Vec<ValueRecord>,
+) -> Result<(), StorageError> {
+    let Some(last) = last_chunk(tx, thing, property)? else {
+        return insert_chunks(tx, thing, property, &points);
+    };
+    let (late, tail): (Vec<ValueRecord>, Vec<ValueRecord>) =
+        points.into_iter().partition(|p| codec::key(p) < last.first);
+    if !late.is_empty() {
+        insert_chunks(tx, thing, property, &late)?;
+    }
+    if tail.is_empty() {
+        return Ok(());
+    }
+    let mut merged = last.points;
+    merged.extend(tail);
+    merged.sort_by_key(codec::key);
+    merged.dedup_by_key(|p| codec::key(p));
+    delete_chunk(tx, thing, property, last.first)?;
+    insert_chunks(tx, thing, property, &merged)
+}
+
+fn definition_of(
+    conn: &Connection,
+    thing: &str,
+    property: &str,
+) -> Result<Option<PropertyDefinition>, StorageError> {
+    conn.prepare_cached(
+        "SELECT kind, unit, persisted, logged, max_age_ms, max_count FROM property_definitions
+         WHERE thing = ?1 AND property = ?2",
+    )
+    .and_then(|mut s| {
+        s.query_row([thing, property], |r| {
+            Ok(PropertyDefinition {
+                kind: r.get(0)?,
+                unit: r.get(1)?,
+                persisted: r.get(2)?,
+                logged: r.get(3)?,
+                max_age_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                max_count: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+            })
+        })
+        .optional()
+    })
+    .map_err(sql_error)
+}
+
+/// Applies a stream's age and count limits; returns the values removed.
+fn trim_stream(
+    tx: &rusqlite::Transaction<'_>,
+    thing: &str,
+    property: &str,
+    now_ms: u64,
+    max_age_ms: u64,
+    max_count: u64,
+) -> Result<u64, StorageError> {
+    // newest first: (first key, last_ms, count)
+    let chunks: Vec<((u64, u64, u64), u64, u64)> = tx
+        .prepare_cached(
+            "SELECT first_ms, first_incarnation, first_seq, last_ms, count FROM value_chunks
+             WHERE thing = ?1 AND property = ?2 ORDER BY first_ms DESC, first_incarnation DESC, first_seq DESC",
+        )
+        .and_then(|mut s| {
+            s.query_map([thing, property], |r| {
+                Ok((
+                    (r.get::<_, i64>(0)? as u64, unordered(r.get::<_, i64>(1)?), r.get::<_, i64>(2)? as u64),
+                    r.get::<_, i64>(3)? as u64,
+                    r.get::<_, i64>(4)? as u64,
+                ))
+            })?
+            .collect()
+        })
+        .map_err(sql_error)?;
+    let cutoff = if max_age_ms > 0 { now_ms.saturating_sub(max_age_ms) } else { 0 };
+    let mut kept = 0u64;
+    let mut removed = 0u64;
+    for (first, last_ms, count) in chunks {
+        let over_count = max_count > 0 && kept + count > max_count;
+        let too_old = first.0 < cutoff;
+        if !over_count && !too_old {
+            kept += count;
+            continue;
+        }
+        if last_ms < cutoff || (max_count > 0 && kept >= max_count) {
+            delete_chunk(tx, thing, property, first)?;
+            removed += count;
+            continue;
+        }
+        // the boundary chunk: keep its newest values within both limits
+        let data: Vec<u8> = tx
+            .prepare_cached(
+                "SELECT data FROM value_chunks WHERE thing = ?1 AND property = ?2 AND first_ms = ?3
+                 AND first_incarnation = ?4 AND first_seq = ?5",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![thing, property, first.0 as i64, ordered(first.1), first.2 as i64],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(sql_error)?;
+        let mut points = codec::decode_chunk(Bytes::from(data)).map_err(corrupt)?;
+        points.retain(|p| p.timestamp_ms >= cutoff);
+        if max_count > 0 {
+            let room = (max_count - kept) as usize;
+            if points.len() > room {
+                points.drain(..points.len() - room);
+            }
+        }
+        removed += count - points.len() as u64;
+        kept += points.len() as u64;
+        delete_chunk(tx, thing, property, first)?;
+        insert_chunks(tx, thing, property, &points)?;
+    }
+    Ok(removed)
+}
+
+fn quality(q: i64) -> Quality {
+    Quality::from_u8(q as u8).unwrap_or(Quality::Bad)
+}
+
+/// Keeps the points of a page: within the time range, after the cursor, in order, at most `limit`.
+pub(crate) fn page(mut points: Vec<ValueRecord>, query: &HistoryQuery) -> Vec<ValueRecord> {
+    points.retain(|p| (query.from_ms..=query.to_ms).contains(&p.timestamp_ms));
+    points.sort_by_key(codec::key);
+    points.dedup_by_key(|p| codec::key(p));
+    if query.newest_first {
+        points.reverse();
+    }
+    if let Some(StreamPosition(a, b, c)) = query.after {
+        let after = (a, b, c);
+        points.retain(|p| {
+            if query.newest_first { codec::key(p) < after } else { codec::key(p) > after }
+        });
+    }
+    points.truncate(query.limit as usize);
+    points
+}
+
+fn read_values(conn: &Connection, query: &HistoryQuery) -> Result<Vec<ValueRecord>, StorageError> {
+    let Some(property) = query.property.as_deref() else { return Ok(Vec::new()) };
+    let mut points = Vec::new();
+    // chunks that may hold values in range: a chunk spans at most CHUNK_SPAN_MS from its first value
+    let lo = query.from_ms.saturating_sub(CHUNK_SPAN_MS);
+    let (lo, hi) = match query.after {
+        Some(StreamPosition(ts, ..)) if query.newest_first => (lo, query.to_ms.min(ts)),
+        Some(StreamPosition(ts, ..)) => (lo.max(ts.saturating_sub(CHUNK_SPAN_MS)), query.to_ms),
+        None => (lo, query.to_ms),
+    };
+    let order = if query.newest_first { "DESC" } else { "ASC" };
+    let sql = format!(
+        "SELECT first_ms, last_ms, data FROM value_chunks WHERE thing = ?1 AND property = ?2
+         AND first_ms >= ?3 AND first_ms <= ?4 ORDER BY first_ms {order}"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(sql_error)?;
+    let mut rows = stmt
+        .query(params![query.thing, property, lo as i64, hi.min(i64::MAX as u64) as i64])
+        .map_err(sql_error)?;
+    let limit = query.limit as usize;
+    // the limit-th timestamp in the page's order, once that many values are in range
+    let mut bound: Option<u64> = None;
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        let first_ms = row.get::<_, i64>(0).map_err(sql_error)? as u64;
+        let last_ms = row.get::<_, i64>(1).map_err(sql_error)? as u64;
+        // enough values, and no later chunk can hold one that sorts before the limit-th
+        let done = match bound {
+            Some(b) if query.newest_first => first_ms.saturating_add(CHUNK_SPAN_MS) < b,
+            Some(b) => first_ms > b,
+            None => false,
+        };
+        if done {
+            break;
+        }
+        if last_ms < query.from_ms || first_ms > query.to_ms {
+            continue;
+        }
+        let data: Vec<u8> = row.get(2).map_err(sql_error)?;
+        let decoded = codec::decode_chunk(Bytes::from(data)).map_err(corrupt)?;
+        points.extend(
+            decoded.into_iter().filter(|p| (query.from_ms..=query.to_ms).contains(&p.timestamp_ms)),
+        );
+        if points.len() >= limit && limit > 0 {
+            let mut keys: Vec<u64> = points.iter().map(|p| p.timestamp_ms).collect();
+            keys.sort_unstable();
+            bound = if query.newest_first {
+                Some(keys[keys.len() - limit])
+            } else {
+                Some(keys[limit - 1])
+            };
+        }
+    }
+    drop(rows);
+    for v in journal_of(conn, &query.thing)? {
+        if v.logged && v.property == property {
+            points.push(v.point);
+        }
+    }
+    Ok(page(points, query))
+}
+
+fn read_events(
+    conn: &Connection,
+    query: &HistoryQuery,
+    limits: &Limits,
+) -> Result<Vec<EventRecord>, StorageError> {
+    let (op, order) = if query.newest_first { ("<", "DESC") } else { (">", "ASC") };
+    let after = query.after.map_or(
+        if query.newest_first {
+            (i64::MAX, i64::MAX, i64::MAX)
+        } else {
+            (i64::MIN, i64::MIN, i64::MIN)
+        },
+        |StreamPosition(a, b, c)| (a as i64, ordered(b), c as i64),
+    );
+    let sql = format!(
+        "SELECT epoch_ms, incarnation, seq, timestamp_ms, name, payload, received_ms FROM events
+         WHERE thing = ?1 AND (epoch_ms, incarnation, seq) {op} (?2, ?3, ?4)
+         AND timestamp_ms >= ?5 AND timestamp_ms <= ?6
+         ORDER BY epoch_ms {order}, incarnation {order}, seq {order} LIMIT ?7"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(sql_error)?;
+    let mut rows = stmt
+        .query(params![
+            query.thing,
+            after.0,
+            after.1,
+            after.2,
+            query.from_ms as i64,
+            query.to_ms.min(i64::MAX as u64) as i64,
+            query.limit as i64
+        ])
+        .map_err(sql_error)?;
+    let mut events = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_error)? {
+        let payload = stored_value(row.get_ref(5).map_err(sql_error)?, limits)?;
+        events.push(EventRecord {
+            epoch_ms: row.get::<_, i64>(0).map_err(sql_error)? as u64,
+            incarnation: unordered(row.get::<_, i64>(1).map_err(sql_error)?),
+            seq: row.get::<_, i64>(2).map_err(sql_error)? as u64,
+            timestamp_ms: row.get::<_, i64>(3).map_err(sql_error)? as u64,
+            name: row.get(4).map_err(sql_error)?,
+            payload: encoded(&payload),
+            received_ms: row.get::<_, i64>(6).map_err(sql_error)? as u64,
+        });
+    }
+    Ok(events)
+}
+
+/// Everything stored: things with their definitions and current values, the journal replayed on top.
+fn load_all(
+    conn: &Connection,
+    limits: &Limits,
+) -> Result<Vec<(ByteString, ThingState)>, StorageError> {
+    let mut things: BTreeMap<ByteString, ThingState> = BTreeMap::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT name, created_ms, description, tags, described_ms, incarnations FROM things")
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(r) = rows.next().map_err(sql_error)? {
+            let name: String = r.get(0).map_err(sql_error)?;
+            let tags: String = r.get(3).map_err(sql_error)?;
+            let incarnations: String = r.get(5).map_err(sql_error)?;
+            let incarnations: Vec<(String, u64)> =
+                serde_json::from_str(&incarnations).map_err(corrupt)?;
+            let thing = ThingState {
+                created_ms: r.get::<_, i64>(1).map_err(sql_error)? as u64,
+                description: r.get(2).map_err(sql_error)?,
+                tags: serde_json::from_str(&tags).map_err(corrupt)?,
+                described_ms: r.get::<_, i64>(4).map_err(sql_error)? as u64,
+                incarnations: incarnations
+                    .into_iter()
+                    .filter_map(|(i, e)| i.parse().ok().map(|i| (i, e)))
+                    .collect(),
+                ..ThingState::default()
+            };
+            things.insert(ByteString::from(name), thing);
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare(
+                "SELECT thing, property, kind, unit, persisted, logged, max_age_ms, max_count, defined_ms
+                 FROM property_definitions",
+            )
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(r) = rows.next().map_err(sql_error)? {
+            let thing: String = r.get(0).map_err(sql_error)?;
+            let Some(state) = things.get_mut(thing.as_str()) else { continue };
+            let property: String = r.get(1).map_err(sql_error)?;
+            let definition = PropertyDefinition {
+                kind: r.get(2).map_err(sql_error)?,
+                unit: r.get(3).map_err(sql_error)?,
+                persisted: r.get(4).map_err(sql_error)?,
+                logged: r.get(5).map_err(sql_error)?,
+                max_age_ms: r.get::<_, Option<i64>>(6).map_err(sql_error)?.map(|v| v as u64),
+                max_count: r.get::<_, Option<i64>>(7).map_err(sql_error)?.map(|v| v as u64),
+            };
+            let defined_ms = r.get::<_, i64>(8).map_err(sql_error)? as u64;
+            state
+                .definitions
+                .insert(ByteString::from(property), Definition { definition, defined_ms });
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare(
+                "SELECT thing, property, value, quality, timestamp_ms, incarnation, seq, received_ms FROM current_values",
+            )
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(r) = rows.next().map_err(sql_error)? {
+            let thing: String = r.get(0).map_err(sql_error)?;
+            let Some(state) = things.get_mut(thing.as_str()) else { continue };
+            let property: String = r.get(1).map_err(sql_error)?;
+            let value = stored_value(r.get_ref(2).map_err(sql_error)?, limits)?;
+            let version = Version {
+                timestamp_ms: r.get::<_, i64>(4).map_err(sql_error)? as u64,
+                incarnation: unordered(r.get::<_, i64>(5).map_err(sql_error)?),
+                seq: r.get::<_, i64>(6).map_err(sql_error)? as u64,
+            };
+            state.apply_property(
+                &ByteString::from(property),
+                PropertyState {
+                    value,
+                    quality: quality(r.get(3).map_err(sql_error)?),
+                    version,
+                    received_ms: r.get::<_, i64>(7).map_err(sql_error)? as u64,
+                },
+            );
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare("SELECT thing, frame_values FROM journal ORDER BY thing, id")
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(r) = rows.next().map_err(sql_error)? {
+            let thing: String = r.get(0).map_err(sql_error)?;
+            let Some(state) = things.get_mut(thing.as_str()) else { continue };
+            let blob: Vec<u8> = r.get(1).map_err(sql_error)?;
+            for v in codec::decode_values(Bytes::from(blob)).map_err(corrupt)? {
+                if !v.current {
+                    continue;
+                }
+                let value = codec::value_of(&v.point, limits).map_err(corrupt)?;
+                state.apply_property(
+                    &v.property,
+                    PropertyState {
+                        value,
+                        quality: quality(v.point.quality.into()),
+                        version: Version {
+                            timestamp_ms: v.point.timestamp_ms,
+                            incarnation: v.point.incarnation,
+                            seq: v.point.seq,
+                        },
+                        received_ms: v.point.received_ms,
+                    },
+                );
+            }
+        }
+    }
+    Ok(things.into_iter().collect())
+}
+
+impl Provider for Sqlite {
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn write(&self, batch: Arc<Vec<Change>>) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.jobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Job::Write(batch, reply))
+                .map_err(|_| StorageError::Unavailable("the store writer stopped".into()))?;
+            answer
+                .await
+                .map_err(|_| StorageError::Unavailable("the store writer stopped".into()))?
+        })
+    }
+
+    fn table(&self) -> BoxFuture<'_, Result<Option<TableRecord>, StorageError>> {
+        self.read(|conn| {
+            let bytes: Option<Vec<u8>> = conn
+                .query_row("SELECT value FROM meta WHERE key = 'partition_table'", [], |r| r.get(0))
+                .optional()
+                .map_err(sql_error)?;
+            bytes.map(|b| postcard::from_bytes(&b).map_err(corrupt)).transpose()
+        })
+    }
+
+    fn load(
+        &self,
+        partitions: Option<Vec<u16>>,
+    ) -> BoxFuture<'_, Result<Vec<(ByteString, ThingState)>, StorageError>> {
+        let limits = self.limits;
+        self.read(move |conn| {
+            let mut all = load_all(conn, &limits)?;
+            if let Some(partitions) = partitions {
+                all.retain(|(name, _)| {
+                    partitions.contains(&crate::ring::partition_of(name.as_bytes()))
+                });
+            }
+            Ok(all)
+        })
+    }
+
+    fn values(&self, query: HistoryQuery) -> BoxFuture<'_, Result<Vec<ValueRecord>, StorageError>> {
+        self.read(move |conn| read_values(conn, &query))
+    }
+
+    fn events(&self, query: HistoryQuery) -> BoxFuture<'_, Result<Vec<EventRecord>, StorageError>> {
+        let limits = self.limits;
+        self.read(move |conn| read_events(conn, &query, &limits))
+    }
+}
