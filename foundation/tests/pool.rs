@@ -12,116 +12,24 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
+use support::process::{WorkerProcess, cluster_until, settled_on, signal};
 use support::{KEY, device, http, within};
 use thingport_loadtest::client::Endpoint;
 use thingport_protocol::{DeviceEvent, Frame, Properties, PropertyUpdate, Quality, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-struct WorkerProcess {
-    id: String,
-    child: Child,
-    link: SocketAddr,
-    api: SocketAddr,
-    peer: SocketAddr,
-}
-
-/// Starts `thingport-foundation` with every port 0 and reads the addresses it bound from its first stdout line.
+/// A worker of the pool tests: fast failure detection, three or two to start with.
 async fn spawn_worker(
-    dir: &Path,
+    dir: &std::path::Path,
     id: &str,
-    seeds: &[SocketAddr],
+    seeds: &[std::net::SocketAddr],
     bootstrap: usize,
 ) -> WorkerProcess {
-    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
-    let config = format!(
-        r#"id = "{id}"
-link_address = "127.0.0.1:0"
-api_address = "127.0.0.1:0"
-peer_address = "127.0.0.1:0"
-admin_address = "127.0.0.1:0"
-api_keys_file = "{keys}"
-seeds = [{seeds}]
-bootstrap_members = {bootstrap}
-replicas = 2
-probe_period = "150ms"
-suspect_timeout = "750ms"
-request_timeout = "1s"
-write_timeout = "20s"
-[storage]
-data_dir = "{store}"
-"#,
-        keys = dir.join("api-keys").display(),
-        store = dir.join(format!("store-{id}")).display(),
-        seeds = seeds.join(", "),
-    );
-    let path = dir.join(format!("{id}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{id}.log"))).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thingport-foundation"))
-        .arg("--config")
-        .arg(&path)
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    within("worker addresses", BufReader::new(stdout).read_line(&mut line)).await.unwrap();
-    let addrs: Json = serde_json::from_str(&line).unwrap();
-    let addr = |k: &str| addrs[k].as_str().unwrap().parse().unwrap();
-    WorkerProcess {
-        id: id.to_string(),
-        link: addr("link"),
-        api: addr("api"),
-        peer: addr("peer"),
-        child,
-    }
-}
-
-/// Sends a signal to a worker process.
-fn signal(child: &Child, which: &str) {
-    let pid = child.id().expect("the worker is running").to_string();
-    let status = std::process::Command::new("kill").args([which, &pid]).status().unwrap();
-    assert!(status.success(), "kill {which} {pid}");
-}
-
-/// Polls a worker's cluster view until `done` holds for it.
-async fn cluster_until(api: SocketAddr, what: &str, done: impl Fn(&Json) -> bool) -> Json {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, view) = http(api, "GET", "/v1/cluster", Some(KEY), None).await;
-        if status == 200 && done(&view) {
-            return view;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; last view: {view:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The table's workers (names without boot numbers), and whether no change is under way.
-fn table_ids(view: &Json) -> Vec<String> {
-    view["table"]["members"]
-        .as_array()
-        .map(|m| {
-            m.iter().map(|k| k.as_str().unwrap().rsplit_once('#').unwrap().0.to_string()).collect()
-        })
-        .unwrap_or_default()
-}
-
-fn settled_on(view: &Json, ids: &[&str]) -> bool {
-    view["changing"] == json!(false) && table_ids(view) == ids
+    support::process::Spec::new(dir, id, seeds, bootstrap).spawn().await
 }
 
 /// Replica slots per worker name from a cluster view.

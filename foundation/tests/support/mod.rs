@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub, reason = "each test binary uses a different part")]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,411 @@
+//! Durable state, end to end with real processes: devices write through a real gateway (two links per worker, so
+//! frames arrive out of order) while workers are killed with SIGKILL and started again on their addresses with
+//! their stores. Afterwards every acknowledged frame is counted by sequence number: each value in its property's
+//! history, each event in the thing's event stream in device order, the latest value as the property's value.
+//!
+//! The PostgreSQL runs need a server: `THINGPORT_TEST_POSTGRES` is a connection string for a role that may create
+//! databases (`.ci/run` starts one). Without it they are skipped with a message, except under CI, where they fail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "in tests a panic is a failed assertion"
+)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+use support::process::{Spec, WorkerProcess, cluster_until, get_text, settled_on};
+use support::{KEY, device, http, within};
+use thingport_loadtest::client::Endpoint;
+use thingport_protocol::{DeviceEvent, Event, Frame, Properties, PropertyUpdate, Quality, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Properties in each frame of a test device.
+const PROPERTIES: u64 = 5;
+/// Device timestamps start an hour before the test (well inside the default retention).
+fn base_ms() -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        now.as_millis() as u64 - 3_600_000
+    })
+}
+
+/// The frames each device had acknowledged: frame number → whether it was an event.
+#[derive(Clone, Default)]
+struct Acked {
+    by_device: Arc<Mutex<BTreeMap<String, BTreeMap<u64, bool>>>>,
+    total: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Acked {
+    fn record(&self, device: &str, frames: impl IntoIterator<Item = (u64, bool)>) {
+        let mut by_device = self.by_device.lock().unwrap();
+        let entry = by_device.entry(device.to_string()).or_default();
+        let before = entry.len();
+        entry.extend(frames);
+        let added = entry.len() - before;
+        self.total.send_modify(|t| *t += added);
+    }
+
+    async fn grow_by(&self, more: usize, what: &str) {
+        let target = *self.total.borrow() + more;
+        let mut total = self.total.subscribe();
+        let grown = tokio::time::timeout(Duration::from_secs(60), total.wait_for(|t| *t >= target));
+        assert!(grown.await.is_ok(), "acknowledgements stalled {what}");
+    }
+}
+
+/// Frame `n` of a device: every fourth an event `tick` with payload `n`, the others [`PROPERTIES`] values
+/// (`p<k>` = 10 n + k) at device time `base_ms() + n`. Written so that every frame is told apart by `n`.
+fn frame(n: u64) -> (Frame, bool) {
+    let ts = base_ms() + n;
+    if n.is_multiple_of(4) {
+        let event =
+            Event { seq: 0, timestamp_ms: ts, name: "tick".into(), payload: Value::Int(n as i64) };
+        return (Frame::Event(event), true);
+    }
+    let updates = (0..PROPERTIES)
+        .map(|k| PropertyUpdate {
+            name: format!("p{k}").into(),
+            timestamp_ms: ts,
+            quality: Quality::Good,
+            value: Value::Int((n * 10 + k) as i64),
+        })
+        .collect();
+    (Frame::Properties(Properties { seq: 0, updates }), false)
+}
+
+/// A device sending a frame every 5 ms (at most 32 unacknowledged) until `stop`, then waiting for its last
+/// acknowledgement. Fails if the session ever ends: workers come and go behind the gateway, devices stay.
+async fn run_device(
+    name: String,
+    endpoint: Endpoint,
+    stop: CancellationToken,
+    acked: Acked,
+) -> Result<(), String> {
+    let mut dev = device(&name);
+    dev.connect(&endpoint).await.map_err(|e| format!("{name}: connect: {e}"))?;
+    let mut unacked: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+    let mut n = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled(), if !stopping => stopping = true,
+            _ = tick.tick(), if !stopping && unacked.len() < 32 => {
+                n += 1;
+                let (frame, event) = frame(n);
+                let seq = dev.send(frame).await.map_err(|e| format!("{name}: send: {e}"))?;
+                unacked.insert(seq, (n, event));
+            }
+            event = dev.recv_event() => {
+                if let Some(DeviceEvent::Acked { seq }) =
+                    event.map_err(|e| format!("{name}: session ended: {e}"))?
+                {
+                    let rest = unacked.split_off(&(seq + 1));
+                    acked.record(&name, std::mem::replace(&mut unacked, rest).into_values());
+                }
+                dev.flush().await.map_err(|e| format!("{name}: flush: {e}"))?;
+            }
+        }
+        if stopping && unacked.is_empty() {
+            dev.disconnect().await;
+            return Ok(());
+        }
+    }
+}
+
+/// Every page of a history, oldest first, following `next`.
+async fn pages(api: SocketAddr, path: &str, field: &str) -> Vec<Json> {
+    let mut all = Vec::new();
+    let mut after = String::new();
+    loop {
+        let url = format!("{path}?order=oldest&limit=250{after}");
+        let (status, page) = http(api, "GET", &url, Some(KEY), None).await;
+        assert_eq!(status, 200, "{url}: {page}");
+        assert_eq!(page["complete"], json!(true), "{url}: every store answered");
+        all.extend(page[field].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => return all,
+        }
+    }
+}
+
+/// Checks, through `api`, that every acknowledged frame of every device is stored: values in history and as the
+/// latest value, events in device order. Returns the values and events checked.
+async fn check_everything(
+    api: SocketAddr,
+    acked: &Acked,
+    logged: impl Fn(u64) -> bool,
+) -> (usize, usize) {
+    let acked = acked.by_device.lock().unwrap().clone();
+    let (mut values, mut events) = (0, 0);
+    for (name, frames) in &acked {
+        let (status, thing) =
+            http(api, "GET", &format!("/v1/things/{name}"), Some(KEY), None).await;
+        assert_eq!(status, 200, "{name}: {thing}");
+        let last_values = frames.iter().filter(|(_, e)| !**e).map(|(n, _)| *n).max().unwrap();
+        for k in 0..PROPERTIES {
+            let latest = thing["properties"][format!("p{k}")]["value"].as_i64().unwrap();
+            assert!(latest >= (last_values * 10 + k) as i64, "{name} p{k}: latest {latest}");
+            let path = format!("/v1/things/{name}/properties/p{k}/history");
+            let stored: Vec<i64> = pages(api, &path, "values")
+                .await
+                .iter()
+                .map(|v| v["value"].as_i64().unwrap())
+                .collect();
+            if !logged(k) {
+                assert!(stored.is_empty(), "{name} p{k} is not logged");
+                continue;
+            }
+            assert!(
+                stored.windows(2).all(|w| w[0] < w[1]),
+                "{name} p{k}: in time order, once each"
+            );
+            for (n, _) in frames.iter().filter(|(_, e)| !**e) {
+                let want = (n * 10 + k) as i64;
+                assert!(
+                    stored.binary_search(&want).is_ok(),
+                    "{name} p{k}: acknowledged value {want} lost; stored {} from {:?}",
+                    stored.len(),
+                    stored.first()
+                );
+                values += 1;
+            }
+        }
+        let stored: Vec<u64> = pages(api, &format!("/v1/things/{name}/events"), "events")
+            .await
+            .iter()
+            .map(|e| e["payload"].as_u64().unwrap())
+            .collect();
+        assert!(
+            stored.windows(2).all(|w| w[0] < w[1]),
+            "{name}: events in device order, once each: {stored:?}"
+        );
+        for (n, _) in frames.iter().filter(|(_, e)| **e) {
+            assert!(stored.binary_search(n).is_ok(), "{name}: acknowledged event {n} lost");
+            events += 1;
+        }
+    }
+    (values, events)
+}
+
+fn start_devices(
+    count: usize,
+    endpoint: &Endpoint,
+    stop: &CancellationToken,
+    acked: &Acked,
+) -> Vec<tokio::task::JoinHandle<Result<(), String>>> {
+    (0..count)
+        .map(|i| {
+            tokio::spawn(run_device(
+                format!("dev-{i}"),
+                endpoint.clone(),
+                stop.clone(),
+                acked.clone(),
+            ))
+        })
+        .collect()
+}
+
+async fn stop_devices(
+    stop: CancellationToken,
+    devices: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+) {
+    stop.cancel();
+    for device in devices {
+        within("device end", device).await.unwrap().unwrap();
+    }
+}
+
+/// The single packaged worker, with `auto_provision = false`: a thing created through the API keeps working
+/// across a `kill -9` and a restart; its values, history, events and definitions are all there afterwards; the
+/// device stays connected, and commands reach it again because the gateway opens its session again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_restarts_with_everything_it_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let mut spec = Spec::new(dir.path(), "w1", &[], 1);
+    spec.extra = "auto_provision = false\ndurability = \"disk\"".into();
+    let mut worker = spec.spawn().await;
+    worker.ready().await;
+    // the things exist before their devices connect; p4 is not logged
+    for i in 0..3 {
+        let body = json!({
+            "description": format!("pump {i}"),
+            "tags": ["pump", "hall-2"],
+            "properties": {"p0": {"type": "int", "unit": "m"}, "p4": {"logged": false}},
+        });
+        let (status, _) =
+            http(worker.api, "PUT", &format!("/v1/things/dev-{i}"), Some(KEY), Some(body)).await;
+        assert_eq!(status, 201);
+    }
+    let gateway = support::gateway(dir.path(), vec![worker.link]).await;
+    let stop = CancellationToken::new();
+    let acked = Acked::default();
+    let devices = start_devices(3, &gateway.endpoint, &stop, &acked);
+    acked.grow_by(300, "before the kill").await;
+
+    worker.kill().await;
+    let restarted = Instant::now();
+    let worker = worker.restart().await;
+    let ready = worker.ready().await;
+    eprintln!("restart: ready {} ms after start", restarted.elapsed().as_millis());
+    let _ = ready;
+    acked.grow_by(300, "after the restart").await;
+
+    // the binding came back with the gateway's OPEN: a write reaches the connected device
+    let (status, write) = http(
+        worker.api,
+        "PUT",
+        "/v1/things/dev-0/properties/setpoint",
+        Some(KEY),
+        Some(json!({"value": 5})),
+    )
+    .await;
+    assert_eq!((status, write["delivered"].clone()), (200, json!(true)), "{write}");
+    let (status, refused) = http(
+        worker.api,
+        "PUT",
+        "/v1/things/dev-0/properties/p0",
+        Some(KEY),
+        Some(json!({"value": "high"})),
+    )
+    .await;
+    assert_eq!(status, 400, "p0 holds integers: {refused}");
+    stop_devices(stop, devices).await;
+
+    let (values, events) = check_everything(worker.api, &acked, |k| k != 4).await;
+    let (_, thing) = http(worker.api, "GET", "/v1/things/dev-1", Some(KEY), None).await;
+    assert_eq!(thing["description"], json!("pump 1"));
+    assert_eq!(thing["tags"], json!(["pump", "hall-2"]));
+    assert_eq!(thing["definitions"]["p0"]["unit"], json!("m"));
+    assert_eq!(thing["definitions"]["p4"]["logged"], json!(false));
+    eprintln!("{values} acknowledged values and {events} events all stored across a kill -9");
+    let _ = gateway.stop.send(());
+}
+
+/// Storage lines for a pool sharing a new PostgreSQL database, if a server is configured.
+async fn postgres_storage(test: &str) -> Option<String> {
+    let Ok(url) = std::env::var("THINGPORT_TEST_POSTGRES") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set: THINGPORT_TEST_POSTGRES must name a server"
+        );
+        eprintln!(
+            "skipped: set THINGPORT_TEST_POSTGRES to a PostgreSQL connection string to run {test}"
+        );
+        return None;
+    };
+    let database = format!("thingport_{test}_{}", std::process::id());
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {database}")).await.unwrap();
+    client.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
+    Some(format!("provider = \"postgres\"\npostgres_url = \"{url} dbname={database}\""))
+}
+
+/// A pool of three (two copies of each partition, `durability = "disk"`) under device load, every worker killed
+/// with SIGKILL at once and started again: every acknowledged frame is there.
+async fn the_whole_pool_killed(storage: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let spec = |id: &str, seeds: &[SocketAddr]| {
+        let mut spec = Spec::new(dir.path(), id, seeds, 3);
+        if let Some(storage) = &storage {
+            spec.storage = storage.clone();
+        }
+        spec
+    };
+    let mut workers: Vec<WorkerProcess> = vec![spec("w1", &[]).spawn().await];
+    for id in ["w2", "w3"] {
+        let seed = workers[0].peer;
+        workers.push(spec(id, &[seed]).spawn().await);
+    }
+    cluster_until(workers[0].api, "three members", |v| settled_on(v, &["w1", "w2", "w3"])).await;
+    let gateway = support::gateway(dir.path(), workers.iter().map(|w| w.link).collect()).await;
+    let stop = CancellationToken::new();
+    let acked = Acked::default();
+    let devices = start_devices(6, &gateway.endpoint, &stop, &acked);
+    acked.grow_by(600, "before the kill").await;
+
+    for w in &mut workers {
+        w.kill().await;
+    }
+    let restarted = Instant::now();
+    let mut again = Vec::new();
+    for w in &workers {
+        again.push(w.restart().await);
+    }
+    for w in &again {
+        w.ready().await;
+    }
+    eprintln!(
+        "whole pool restarted: every worker ready after {} ms",
+        restarted.elapsed().as_millis()
+    );
+    cluster_until(again[0].api, "the same three", |v| settled_on(v, &["w1", "w2", "w3"])).await;
+    acked.grow_by(600, "after the restart").await;
+    stop_devices(stop, devices).await;
+    let (values, events) = check_everything(again[1].api, &acked, |_| true).await;
+    eprintln!(
+        "{values} acknowledged values and {events} events from 6 devices all stored across the loss of the whole pool"
+    );
+    let _ = gateway.stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_pool_killed_loses_nothing_acknowledged_on_sqlite() {
+    the_whole_pool_killed(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_pool_killed_loses_nothing_acknowledged_on_postgres() {
+    if let Some(storage) = postgres_storage("pool").await {
+        the_whole_pool_killed(Some(storage)).await;
+    }
+}
+
+/// A store file that is not a database: the worker says why it is not ready and does not join a pool or serve,
+/// and once the file is moved away it starts a new store by itself and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_keeps_the_worker_not_ready_until_it_is_moved_away() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let store = dir.path().join("store-w1");
+    std::fs::create_dir_all(&store).unwrap();
+    let file = store.join("thingport.sqlite");
+    std::fs::write(&file, vec![0x5a; 8192]).unwrap();
+    let worker = Spec::new(dir.path(), "w1", &[], 1).spawn().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let why = loop {
+        let (status, body) = get_text(worker.admin, "/readyz").await;
+        if status == 503 && body.contains("not a database") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "readyz: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(why.contains("thingport.sqlite"), "readyz names the file: {why}");
+    loop {
+        let (status, metrics) = get_text(worker.admin, "/metrics").await;
+        if metrics.contains("thingport_storage_up 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}: {metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::rename(&file, store.join("thingport.sqlite.damaged")).unwrap();
+    worker.ready().await;
+    let (status, _) = http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await;
+    assert_eq!(status, 201);
+}
