@@ -224,6 +224,27 @@ impl DefinitionBody {
     }
 }
 
+/// Orders an application's writes of one millisecond: this worker's clock in nanoseconds, never the same twice.
+fn write_seq() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(
+            last,
+            next,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        ) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 /// A value written by an application, converted to the property's declared type (an integer to a float), or the
 /// reason it does not fit.
 fn typed(value: Value, definition: &PropertyDefinition) -> Result<Value, String> {
@@ -653,6 +674,7 @@ async fn put_property(
         property: prop.clone(),
         value: encoded.freeze(),
         now_ms: now,
+        seq: write_seq(),
     };
     if let Err(e) = shared.cluster.write(op).await {
         return unavailable(e);

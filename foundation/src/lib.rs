@@ -228,6 +228,7 @@ fn opener(config: &Config) -> impl Fn() -> OpenFuture + use<> {
                         retention,
                         limits,
                         readers: 2,
+                        retention_period: storage::sqlite::RETENTION_PERIOD,
                     };
                     let opened =
                         tokio::task::spawn_blocking(move || storage::sqlite::Sqlite::open(options))

@@ -409,3 +409,38 @@ async fn a_damaged_store_keeps_the_worker_not_ready_until_it_is_moved_away() {
     let (status, _) = http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await;
     assert_eq!(status, 201);
 }
+
+/// With `durability = "replicated"` a write is acknowledged before the store has it; a worker stopped with
+/// SIGTERM writes everything it acknowledged before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_stores_what_it_acknowledged_before_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let mut spec = Spec::new(dir.path(), "w1", &[], 1);
+    spec.extra = "durability = \"replicated\"".into();
+    let mut worker = spec.spawn().await;
+    worker.ready().await;
+    assert_eq!(http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await.0, 201);
+    for i in 0..200 {
+        let (status, _) = http(
+            worker.api,
+            "PUT",
+            "/v1/things/t/properties/level",
+            Some(KEY),
+            Some(json!({"value": i})),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    support::process::signal(&worker.child, "-TERM");
+    let status = within("exit after SIGTERM", worker.child.wait()).await.unwrap();
+    assert!(status.success(), "{status}");
+    let worker = worker.restart().await;
+    worker.ready().await;
+    let stored: Vec<i64> = pages(worker.api, "/v1/things/t/properties/level/history", "values")
+        .await
+        .iter()
+        .map(|v| v["value"].as_i64().unwrap())
+        .collect();
+    assert_eq!(stored, (0..200).collect::<Vec<i64>>());
+}

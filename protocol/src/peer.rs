@@ -53,8 +53,9 @@ pub enum Op {
         epoch_ms: u64,
         frame: Bytes,
     },
-    /// A property value written by an application; `value` in the device encoding.
-    Write { thing: ByteString, property: ByteString, value: Bytes, now_ms: u64 },
+    /// A property value written by an application; `value` in the device encoding. `seq` orders writes of the same
+    /// millisecond (the writing worker's clock in nanoseconds, made unique).
+    Write { thing: ByteString, property: ByteString, value: Bytes, now_ms: u64, seq: u64 },
     /// The thing is now reached through this gateway session.
     Bind { thing: ByteString, create: bool, gateway: ByteString, session_id: u64, now_ms: u64 },
     /// The session ended; the binding goes if it is still this session's. `create` as for `Bind`: a `CLOSE` may be

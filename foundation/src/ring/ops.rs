@@ -131,9 +131,9 @@ pub fn apply(
             }
             _ => return Err(Refused::Invalid),
         },
-        Op::Write { property, .. } => {
+        Op::Write { property, seq, .. } => {
             // an application's write is newer than any device report of the same millisecond
-            let version = Version { timestamp_ms: now_ms, incarnation: u64::MAX, seq: 0 };
+            let version = Version { timestamp_ms: now_ms, incarnation: u64::MAX, seq: *seq };
             let value = written.unwrap_or_default();
             let state =
                 PropertyState { value, quality: Quality::Good, version, received_ms: now_ms };
@@ -585,6 +585,7 @@ mod tests {
         };
         assert_eq!(run(&mut partition, &bad, &limits, false), Err(Refused::Invalid));
         let write = Op::Write {
+            seq: 1,
             thing: "t".into(),
             property: "p".into(),
             value: encode_value(&Value::Int(1)),

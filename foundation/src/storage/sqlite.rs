@@ -50,8 +50,8 @@ const COMPACT_ROWS: u32 = 64;
 const COMPACT_AGE: Duration = Duration::from_secs(10);
 /// A maintenance slice stops after this long, so a batch waiting behind it is not held up for more.
 const SLICE: Duration = Duration::from_millis(3);
-/// A retention pass over every stream starts at most this often.
-const RETENTION_PERIOD: Duration = Duration::from_secs(60);
+/// A retention pass over every stream starts at most this often (by default).
+pub const RETENTION_PERIOD: Duration = Duration::from_secs(60);
 
 /// The schema, by version (`PRAGMA user_version`). A store is migrated forward at open; a store of a newer
 /// version than this release knows is refused.
@@ -136,6 +136,8 @@ pub struct Options {
     pub limits: Limits,
     /// Reading connections.
     pub readers: usize,
+    /// How often a retention pass over every stream starts.
+    pub retention_period: Duration,
 }
 
 /// The embedded store of one worker.
@@ -490,7 +492,7 @@ impl Writer {
     fn retention_step(&mut self, started: Instant) -> Result<(), StorageError> {
         if self.sweep.is_none()
             && self.sweep_events.is_none()
-            && self.pass_started.is_some_and(|t| t.elapsed() < RETENTION_PERIOD)
+            && self.pass_started.is_some_and(|t| t.elapsed() < self.options.retention_period)
         {
             return Ok(());
         }
@@ -1283,6 +1285,7 @@ mod tests {
             retention: Retention { max_age: Duration::ZERO, max_values: 0, max_events: 0 },
             limits: Limits::DEFAULT,
             readers: 1,
+            retention_period: Duration::from_millis(20),
         }
     }
 
@@ -1359,5 +1362,97 @@ mod tests {
         assert_eq!(journal, 0, "folded");
         let loaded = store.load(None).await.unwrap();
         assert_eq!(loaded[0].1.properties["p"].value, Value::Int(1300));
+    }
+
+    fn event(thing: &str, seq: u64, timestamp_ms: u64) -> Change {
+        Change::Event {
+            thing: thing.into(),
+            event: EventRecord {
+                epoch_ms: 5,
+                name: "e".into(),
+                payload: Bytes::from_static(&[0]),
+                timestamp_ms,
+                incarnation: 9,
+                seq,
+                received_ms: timestamp_ms,
+            },
+            payload: Value::Null,
+        }
+    }
+
+    /// Waits until `done` holds for what `read` returns.
+    async fn eventually<T: std::fmt::Debug>(
+        what: &str,
+        read: impl AsyncFn() -> T,
+        done: impl Fn(&T) -> bool,
+    ) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = read().await;
+            if done(&value) {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "{what}: {value:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_keeps_the_newest_by_age_and_by_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::links::now_ms();
+        let mut options = options(dir.path());
+        options.retention =
+            Retention { max_age: Duration::from_secs(3600), max_values: 700, max_events: 50 };
+        let store = Sqlite::open(options).unwrap();
+        // 2,000 values a second apart ending now: the age limit keeps the last hour, the count the last 700
+        let changes: Vec<Change> = (0..2_000u64)
+            .map(|i| {
+                let Change::Values { thing, mut values } = values(i) else { unreachable!() };
+                values[0].timestamp_ms = now - (1_999 - i) * 1_000;
+                Change::Values { thing, values }
+            })
+            .chain((0..200).map(|i| event("t", i, now - (199 - i) * 10)))
+            // events of another thing, older than the age limit
+            .chain((0..10).map(|i| event("old", i, now - 7_200_000 + i)))
+            .collect();
+        store.write(Arc::new(changes)).await.unwrap();
+        let kept = eventually(
+            "values trimmed to the count limit",
+            async || all(&store, false).await,
+            |kept| kept.len() == 700,
+        )
+        .await;
+        assert_eq!(kept, (1_300..2_000).collect::<Vec<u64>>(), "the newest 700");
+        let events = |thing: &'static str| {
+            let store = &store;
+            async move {
+                let q = HistoryQuery {
+                    thing: thing.into(),
+                    property: None,
+                    ..query(false, 1_000, None)
+                };
+                store.events(q).await.unwrap().iter().map(|e| e.seq).collect::<Vec<u64>>()
+            }
+        };
+        let kept =
+            eventually("events trimmed", async || events("t").await, |e| e.len() == 50).await;
+        assert_eq!(kept, (150..200).collect::<Vec<u64>>(), "the newest 50 in device order");
+        eventually("old events removed", async || events("old").await, Vec::is_empty).await;
+
+        // a property's own limit is kept over the default
+        let mut thing = ThingState::default();
+        let definition =
+            PropertyDefinition { max_count: Some(100), ..PropertyDefinition::default() };
+        thing.define(&"p".into(), Definition { definition, defined_ms: 1 });
+        let row = crate::storage::thing_row(&"t".into(), 3, &thing);
+        store.write(Arc::new(vec![Change::Thing(row)])).await.unwrap();
+        let kept = eventually(
+            "the property's own limit",
+            async || all(&store, false).await,
+            |k| k.len() == 100,
+        )
+        .await;
+        assert_eq!(kept, (1_900..2_000).collect::<Vec<u64>>());
     }
 }
