@@ -235,7 +235,12 @@ async fn handle(
                             LinkFrame::Stored { session_id, seq }
                         }
                         Err(e) => {
-                            ::metrics::counter!("thingport_foundation_frames_refused_total", "reason" => e.to_string())
+                            let reason = match e {
+                                RingError::UnknownThing => "unknown_thing",
+                                RingError::Invalid => "invalid",
+                                RingError::Unavailable => "unavailable",
+                            };
+                            ::metrics::counter!("thingport_foundation_frames_refused_total", "reason" => reason)
                                 .increment(1);
                             LinkFrame::Rejected { session_id, seq, code: e.code() }
                         }

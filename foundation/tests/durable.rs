@@ -444,3 +444,90 @@ async fn a_stopped_worker_stores_what_it_acknowledged_before_it_exits() {
         .collect();
     assert_eq!(stored, (0..200).collect::<Vec<i64>>());
 }
+
+/// A full disk: writes are refused with a retryable error (nothing is acknowledged that was not stored), the worker
+/// says why it is not ready, and once space is freed the writes it kept are committed and new ones succeed. Needs
+/// root (a small tmpfs is mounted for the store); skipped with a message otherwise, except under CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_until_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let store = dir.path().join("small");
+    std::fs::create_dir_all(&store).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&store)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(std::env::var_os("CI").is_none(), "CI is set: mounting a tmpfs needs root");
+        eprintln!("skipped: mounting a tmpfs for the store needs root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(store.clone());
+    let mut spec = Spec::new(dir.path(), "w1", &[], 1);
+    spec.write_timeout = "2s".into();
+    spec.storage = format!("data_dir = \"{}\"", store.display());
+    let worker = spec.spawn().await;
+    worker.ready().await;
+    assert_eq!(http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await.0, 201);
+    // fill the disk, then write until the store refuses
+    let filler = store.join("filler");
+    let _ = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .args(["bs=64k", "status=none"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let big = "x".repeat(8_000);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..400 {
+        let body = json!({"value": format!("{i} {big}")});
+        let (status, answer) =
+            http(worker.api, "PUT", "/v1/things/t/properties/blob", Some(KEY), Some(body)).await;
+        match status {
+            200 => accepted.push(i),
+            503 => {
+                refused = Some(i);
+                break;
+            }
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    let refused = refused.expect("a full disk refuses a write");
+    let (status, why) = get_text(worker.admin, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(why.contains("failing"), "readyz says why: {why}");
+    std::fs::remove_file(&filler).unwrap();
+    worker.ready().await;
+    let (status, _) = http(
+        worker.api,
+        "PUT",
+        "/v1/things/t/properties/blob",
+        Some(KEY),
+        Some(json!({"value": "after"})),
+    )
+    .await;
+    assert_eq!(status, 200, "writes resume once space is freed");
+    let stored: Vec<String> = pages(worker.api, "/v1/things/t/properties/blob/history", "values")
+        .await
+        .iter()
+        .map(|v| v["value"].as_str().unwrap().split(' ').next().unwrap().to_string())
+        .collect();
+    for i in &accepted {
+        assert!(stored.contains(&i.to_string()), "acknowledged write {i} is stored");
+    }
+    assert!(stored.contains(&"after".to_string()));
+    eprintln!(
+        "{} writes acknowledged before the disk filled; write {refused} refused with 503 and stored once space was freed: {}",
+        accepted.len(),
+        stored.contains(&refused.to_string())
+    );
+}

@@ -58,6 +58,8 @@ pub struct Fleet {
     pub rate: f64,
     pub batch: usize,
     pub payload: usize,
+    /// What each property carries.
+    pub values: ValueKind,
     /// How long traffic runs once every device had its turn to connect.
     pub duration: Duration,
     pub binds: Vec<IpAddr>,
@@ -71,15 +73,33 @@ pub struct Fleet {
     pub call_rate: f64,
 }
 
+/// What each property of a load-test message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ValueKind {
+    /// `payload` bytes.
+    Bytes,
+    /// A float reading.
+    Float,
+}
+
 impl Fleet {
-    /// The frame one message is: a batch of `batch` properties with `payload` bytes of value each.
+    /// The frame one message is: a batch of `batch` properties, each `payload` bytes or a float, stamped with the
+    /// current time (so that a store's retention by age keeps them).
     pub fn message(&self, n: u64) -> Frame {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let updates = (0..self.batch)
             .map(|i| PropertyUpdate {
                 name: ByteString::from(format!("p{i}")),
-                timestamp_ms: 1_764_000_000_000 + n,
+                timestamp_ms: now,
                 quality: Quality::Good,
-                value: Value::Bytes(Bytes::from(vec![(n % 251) as u8; self.payload])),
+                value: match self.values {
+                    ValueKind::Bytes => {
+                        Value::Bytes(Bytes::from(vec![(n % 251) as u8; self.payload]))
+                    }
+                    ValueKind::Float => Value::Float(20.0 + (n % 1000) as f64 / 10.0 + i as f64),
+                },
             })
             .collect();
         Frame::Properties(Properties { seq: 1, updates })

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use thingport_loadtest::client::{Endpoint, Transport};
-use thingport_loadtest::fleet::{Fleet, Scenario, TransportChoice};
+use thingport_loadtest::fleet::{Fleet, Scenario, TransportChoice, ValueKind};
 use thingport_loadtest::report::{Report, Stats, Summary};
 use thingport_loadtest::worker::AckWorker;
 
@@ -82,9 +82,12 @@ struct RunArgs {
     /// Properties per message.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Bytes of value per property.
+    /// Bytes of value per property (with `--values bytes`).
     #[arg(long, default_value_t = 32)]
     payload: usize,
+    /// What each property carries: `bytes` of `--payload` length, or a `float` reading (9 bytes on the wire).
+    #[arg(long, value_enum, default_value = "bytes")]
+    values: ValueKind,
     /// How long traffic runs after the ramp, e.g. 60s.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -213,6 +216,7 @@ async fn run(args: RunArgs) -> Result<()> {
         rate: args.rate,
         batch: args.batch,
         payload: args.payload,
+        values: args.values,
         duration: args.duration,
         binds: args.bind.clone(),
         keepalive_secs: args.keepalive,

@@ -3,13 +3,15 @@
 //!
 //! One thread owns the connection that writes; queries run on a few reading connections beside it (WAL lets them
 //! read while it writes). Writes are shaped for SQLite's page-level log:
-//! - **The write path appends.** A batch of property values becomes one `journal` row per frame (keyed by thing,
-//!   so one frame dirties one page), written in the batch's transaction: that row is what a `disk` acknowledgement
-//!   waits for. Writing each value into its property's value stream at once would dirty a page per value and
-//!   property — several times slower with thousands of streams (`docs/BENCHMARKS.md`).
+//! - **The write path appends.** A batch of property values becomes one `journal` row per frame, numbered in
+//!   arrival order, so a commit of many frames fills a few pages at the end of the table: that row is what a `disk`
+//!   acknowledgement waits for. Writing each value into its property's value stream at once would dirty a page per
+//!   value and property — several times slower with thousands of streams (`docs/BENCHMARKS.md`).
 //! - **Compaction folds the journal** per thing, in small slices between batches: values join their property's
 //!   chunks in `value_chunks` (up to [`CHUNK_VALUES`] values of one property, spanning at most [`CHUNK_SPAN_MS`]),
-//!   the newest value of each persisted property goes to `current_values`, and the journal rows go.
+//!   the newest value of each persisted property goes to `current_values`, and `fold_marks` records the last
+//!   journal row folded. Which rows of each thing are not folded yet is kept in memory (rebuilt at open); folded rows
+//!   are deleted from the oldest end of the journal, a range at a time.
 //! - **Retention** runs in the same slices: chunks and events older than their stream's age limit, and beyond its
 //!   count limit, are removed a stream at a time.
 //! - A separate thread checkpoints the WAL into the database file so that the writer never waits for it.
@@ -44,6 +46,13 @@ pub const FILE_NAME: &str = "thingport.sqlite";
 pub const CHUNK_VALUES: usize = 512;
 /// Longest time one chunk spans, by device timestamp.
 pub const CHUNK_SPAN_MS: u64 = 3_600_000;
+/// A value stream's newest chunk takes in the next fold's values while it holds fewer than this; otherwise they
+/// start a new chunk (so a fold rewrites at most this many values).
+const MERGE_BELOW: usize = 64;
+/// How often the writer looks for journals to fold, rows to delete and streams to trim.
+const SCAN_PERIOD: Duration = Duration::from_millis(20);
+/// Folded journal rows deleted at most per slice.
+const GC_ROWS: i64 = 20_000;
 /// A thing's journal rows are folded once there are this many...
 const COMPACT_ROWS: u32 = 64;
 /// ...or once the oldest is this old.
@@ -90,11 +99,14 @@ CREATE TABLE current_values (
     PRIMARY KEY (thing, property)
 ) WITHOUT ROWID;
 CREATE TABLE journal (
+    id INTEGER PRIMARY KEY,
     thing TEXT NOT NULL,
-    id INTEGER NOT NULL,
     received_ms INTEGER NOT NULL,
-    frame_values BLOB NOT NULL,
-    PRIMARY KEY (thing, id)
+    frame_values BLOB NOT NULL
+);
+CREATE TABLE fold_marks (
+    thing TEXT PRIMARY KEY,
+    id INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE value_chunks (
     thing TEXT NOT NULL,
@@ -152,6 +164,21 @@ pub struct Sqlite {
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    unfolded: Unfolded,
+}
+
+/// The journal rows of each thing not folded yet, shared by the writer and the readers. The writer adds a row's id
+/// before its commit and removes a thing's ids after the commit that folded them, so a reader that takes the ids
+/// first and then reads in one transaction finds every value either in those rows or in the chunks.
+type Unfolded = Arc<Mutex<HashMap<ByteString, Pending>>>;
+
+fn ids_of(unfolded: &Unfolded, thing: &str) -> Vec<i64> {
+    unfolded
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(thing)
+        .map(|p| p.ids.clone())
+        .unwrap_or_default()
 }
 
 enum Job {
@@ -182,6 +209,7 @@ fn open_connection(path: &Path, create: bool, fsync: bool) -> rusqlite::Result<C
     // the checkpointer thread does it, so the writer never waits for it
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "cache_size", -16_384)?;
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
     Ok(conn)
 }
 
@@ -220,7 +248,8 @@ impl Sqlite {
             StorageError::Corrupt(m) => StorageError::Corrupt(format!("{}: {m}", path.display())),
             other => other,
         })?;
-        let writer = Writer::new(conn, path.clone(), options.clone())?;
+        let unfolded: Unfolded = Arc::default();
+        let writer = Writer::new(conn, path.clone(), options.clone(), unfolded.clone())?;
         let (tx, rx) = std_mpsc::channel();
         std::thread::Builder::new()
             .name("store-writer".into())
@@ -230,7 +259,7 @@ impl Sqlite {
             .map(|_| open_connection(&path, false, options.fsync))
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(sql_error)?;
-        let readers = Arc::new(Readers { path: path.clone(), idle: Mutex::new(idle) });
+        let readers = Arc::new(Readers { path: path.clone(), idle: Mutex::new(idle), unfolded });
         let open = Arc::downgrade(&readers);
         let fsync = options.fsync;
         std::thread::Builder::new()
@@ -268,25 +297,16 @@ fn checkpoint(path: &Path, fsync: bool, open: std::sync::Weak<Readers>) {
     let Ok(conn) = open_connection(path, false, fsync) else { return };
     while open.strong_count() > 0 {
         std::thread::sleep(Duration::from_millis(250));
-        // (busy, frames in the log, frames copied)
-        let frames: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            });
-        if let Ok((_, log, done)) = frames
-            && log > 16_384
-            && log == done
-        {
-            // a large log fully copied: start it again from the beginning
-            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-        }
+        // copies what it can without waiting for the writer; the writer starts the log again from the
+        // beginning at its next commit once everything was copied (and `journal_size_limit` trims the file)
+        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
     }
 }
 
 /// Journal rows of a thing not yet folded.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pending {
-    rows: u32,
+    ids: Vec<i64>,
     oldest: Instant,
 }
 
@@ -294,8 +314,12 @@ struct Writer {
     conn: Connection,
     path: PathBuf,
     options: Options,
-    pending: HashMap<ByteString, Pending>,
+    unfolded: Unfolded,
     next_id: i64,
+    /// Journal rows below this are deleted.
+    gc_from: i64,
+    /// When the journals were last looked over for folding.
+    last_scan: Instant,
     /// Where the retention pass is: the last stream swept, and when the pass started.
     sweep: Option<(String, String)>,
     sweep_events: Option<String>,
@@ -303,35 +327,81 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(conn: Connection, path: PathBuf, options: Options) -> Result<Writer, StorageError> {
-        let next_id: i64 = conn
-            .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM journal", [], |r| r.get(0))
+    fn new(
+        conn: Connection,
+        path: PathBuf,
+        options: Options,
+        unfolded: Unfolded,
+    ) -> Result<Writer, StorageError> {
+        let (gc_from, next_id): (i64, i64) = conn
+            .query_row(
+                "SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) + 1 FROM journal",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(sql_error)?;
-        let mut pending = HashMap::new();
         {
+            let mut pending = unfolded.lock().unwrap_or_else(|e| e.into_inner());
             let mut stmt = conn
-                .prepare("SELECT thing, COUNT(*) FROM journal GROUP BY thing")
+                .prepare(
+                    "SELECT j.thing, j.id FROM journal j LEFT JOIN fold_marks m ON m.thing = j.thing
+                     WHERE m.id IS NULL OR j.id > m.id ORDER BY j.id",
+                )
                 .map_err(sql_error)?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
                 .map_err(sql_error)?;
+            // folded at the first slice
+            let oldest = Instant::now() - COMPACT_AGE;
             for row in rows {
-                let (thing, rows) = row.map_err(sql_error)?;
-                // folded at the first slice
-                let oldest = Instant::now() - COMPACT_AGE;
-                pending.insert(ByteString::from(thing), Pending { rows: rows as u32, oldest });
+                let (thing, id) = row.map_err(sql_error)?;
+                pending
+                    .entry(ByteString::from(thing))
+                    .or_insert(Pending { ids: Vec::new(), oldest })
+                    .ids
+                    .push(id);
             }
         }
         Ok(Writer {
             conn,
             path,
             options,
-            pending,
+            unfolded,
             next_id,
+            gc_from,
+            last_scan: Instant::now(),
             sweep: None,
             sweep_events: None,
             pass_started: None,
         })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<ByteString, Pending>> {
+        self.unfolded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Folds a thing inside the writer's transaction; returns the ids folded (to forget after the commit).
+    fn fold_thing(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        thing: &ByteString,
+    ) -> Result<Vec<i64>, StorageError> {
+        let ids = ids_of(&self.unfolded, thing);
+        fold(tx, thing, &ids)?;
+        Ok(ids)
+    }
+
+    /// Forgets the folded rows of each thing (after their fold committed).
+    fn forget(&self, folded: Vec<(ByteString, Vec<i64>)>) {
+        let mut pending = self.pending();
+        for (thing, ids) in folded {
+            if let Some(p) = pending.get_mut(&thing) {
+                p.ids.retain(|id| !ids.contains(id));
+                if p.ids.is_empty() {
+                    pending.remove(&thing);
+                }
+            }
+        }
     }
 
     fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
@@ -360,32 +430,61 @@ impl Writer {
     fn write(&mut self, batch: &[Change]) -> Result<(), StorageError> {
         let started = Instant::now();
         let tx = self.conn.unchecked_transaction().map_err(sql_error)?;
-        let mut journaled: Vec<ByteString> = Vec::new();
-        let mut folded: Vec<ByteString> = Vec::new();
+        let mut journaled: Vec<(ByteString, i64)> = Vec::new();
+        let mut folded: Vec<(ByteString, Vec<i64>)> = Vec::new();
         let mut next_id = self.next_id;
+        let result = self.write_in(&tx, batch, &mut journaled, &mut folded, &mut next_id);
+        let result = result.and_then(|()| tx.commit().map_err(sql_error));
+        if let Err(e) = result {
+            // the rows journaled by this batch are not there
+            self.forget(journaled.into_iter().map(|(t, id)| (t, vec![id])).collect());
+            return Err(e);
+        }
+        self.next_id = next_id;
+        self.forget(folded);
+        ::metrics::histogram!("thingport_storage_write_seconds", "store" => "sqlite")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn write_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        batch: &[Change],
+        journaled: &mut Vec<(ByteString, i64)>,
+        folded: &mut Vec<(ByteString, Vec<i64>)>,
+        next_id: &mut i64,
+    ) -> Result<(), StorageError> {
         for change in batch {
             match change {
-                Change::Thing(thing) => write_thing(&tx, thing)?,
+                Change::Thing(thing) => write_thing(tx, thing)?,
                 Change::Values { thing, values } => {
                     let kept: Vec<_> =
                         values.iter().filter(|v| v.current || v.logged).cloned().collect();
                     if kept.is_empty() {
                         continue;
                     }
+                    let id = *next_id;
                     tx.prepare_cached(
-                        "INSERT INTO journal (thing, id, received_ms, frame_values) VALUES (?1, ?2, ?3, ?4)",
+                        "INSERT INTO journal (id, thing, received_ms, frame_values) VALUES (?1, ?2, ?3, ?4)",
                     )
                     .and_then(|mut s| {
                         s.execute(params![
+                            id,
                             &**thing,
-                            next_id,
                             kept[0].received_ms as i64,
                             codec::encode_values(&kept)
                         ])
                     })
                     .map_err(sql_error)?;
-                    next_id += 1;
-                    journaled.push(thing.clone());
+                    *next_id += 1;
+                    // known to readers before the commit: until then the row is simply not found
+                    self.pending()
+                        .entry(thing.clone())
+                        .or_insert_with(|| Pending { ids: Vec::new(), oldest: Instant::now() })
+                        .ids
+                        .push(id);
+                    journaled.push((thing.clone(), id));
                 }
                 Change::Event { thing, event, payload } => {
                     tx.prepare_cached(
@@ -407,9 +506,8 @@ impl Writer {
                     .map_err(sql_error)?;
                 }
                 Change::Remove { thing, property } => {
-                    fold(&tx, thing)?;
-                    folded.push(thing.clone());
-                    remove(&tx, thing, property.as_deref())?;
+                    folded.push((thing.clone(), self.fold_thing(tx, thing)?));
+                    remove(tx, thing, property.as_deref())?;
                 }
                 Change::DropPartition(partition) => {
                     let things: Vec<String> = tx
@@ -418,8 +516,7 @@ impl Writer {
                         .map_err(sql_error)?;
                     for name in things {
                         let name = ByteString::from(name);
-                        fold(&tx, &name)?;
-                        folded.push(name.clone());
+                        folded.push((name.clone(), self.fold_thing(tx, &name)?));
                         for sql in [
                             "DELETE FROM things WHERE name = ?1",
                             "DELETE FROM property_definitions WHERE thing = ?1",
@@ -439,38 +536,31 @@ impl Writer {
                 }
             }
         }
-        tx.commit().map_err(sql_error)?;
-        self.next_id = next_id;
-        for thing in folded {
-            self.pending.remove(&thing);
-        }
-        let now = Instant::now();
-        for thing in journaled {
-            let p = self.pending.entry(thing).or_insert(Pending { rows: 0, oldest: now });
-            p.rows += 1;
-        }
-        ::metrics::histogram!("thingport_storage_write_seconds", "store" => "sqlite")
-            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
-    /// One slice of background work: fold the journals that are due, then a step of retention.
+    /// One slice of background work: fold the journals that are due, delete folded journal rows, then a step of
+    /// retention.
     fn maintain(&mut self) -> Result<(), StorageError> {
         let started = Instant::now();
         let now = Instant::now();
-        let mut due: Vec<(ByteString, Pending)> = self
-            .pending
+        // looking over every thing's journal costs as much as a small commit: not after every one
+        if now.duration_since(self.last_scan) < SCAN_PERIOD {
+            return Ok(());
+        }
+        self.last_scan = now;
+        let mut due: Vec<(ByteString, Instant)> = self
+            .pending()
             .iter()
-            .filter(|(_, p)| p.rows >= COMPACT_ROWS || now - p.oldest >= COMPACT_AGE)
-            .map(|(t, p)| (t.clone(), *p))
+            .filter(|(_, p)| p.ids.len() >= COMPACT_ROWS as usize || now - p.oldest >= COMPACT_AGE)
+            .map(|(t, p)| (t.clone(), p.oldest))
             .collect();
         if !due.is_empty() {
-            due.sort_by_key(|(_, p)| p.oldest);
+            due.sort_by_key(|(_, oldest)| *oldest);
             let tx = self.conn.unchecked_transaction().map_err(sql_error)?;
             let mut done = Vec::new();
             for (thing, _) in due {
-                fold(&tx, &thing)?;
-                done.push(thing);
+                done.push((thing.clone(), self.fold_thing(&tx, &thing)?));
                 if started.elapsed() >= SLICE {
                     break;
                 }
@@ -478,9 +568,21 @@ impl Writer {
             tx.commit().map_err(sql_error)?;
             ::metrics::counter!("thingport_storage_journal_folds_total")
                 .increment(done.len() as u64);
-            for thing in done {
-                self.pending.remove(&thing);
-            }
+            self.forget(done);
+        }
+        // every row below the oldest unfolded one is folded
+        let low = self
+            .pending()
+            .values()
+            .filter_map(|p| p.ids.first().copied())
+            .min()
+            .unwrap_or(self.next_id);
+        if self.gc_from < low && started.elapsed() < SLICE {
+            let upto = low.min(self.gc_from + GC_ROWS);
+            self.conn
+                .execute("DELETE FROM journal WHERE id >= ?1 AND id < ?2", [self.gc_from, upto])
+                .map_err(sql_error)?;
+            self.gc_from = upto;
         }
         if started.elapsed() < SLICE {
             self.retention_step(started)?;
@@ -678,7 +780,7 @@ fn remove(
                 "DELETE FROM current_values WHERE thing = ?1",
                 "DELETE FROM value_chunks WHERE thing = ?1",
                 "DELETE FROM events WHERE thing = ?1",
-                "DELETE FROM journal WHERE thing = ?1",
+                "DELETE FROM fold_marks WHERE thing = ?1",
             ] {
                 tx.execute(sql, [thing]).map_err(sql_error)?;
             }
@@ -687,24 +789,25 @@ fn remove(
     Ok(())
 }
 
-fn journal_of(conn: &Connection, thing: &str) -> Result<Vec<JournalValue>, StorageError> {
-    let blobs: Vec<Vec<u8>> = conn
-        .prepare_cached("SELECT frame_values FROM journal WHERE thing = ?1 ORDER BY id")
-        .and_then(|mut s| s.query_map([thing], |r| r.get(0))?.collect())
-        .map_err(sql_error)?;
+/// The values of these journal rows (those still there).
+fn journal_rows(conn: &Connection, ids: &[i64]) -> Result<Vec<JournalValue>, StorageError> {
     let mut values = Vec::new();
-    for blob in blobs {
-        values.extend(codec::decode_values(Bytes::from(blob)).map_err(corrupt)?);
+    let mut stmt =
+        conn.prepare_cached("SELECT frame_values FROM journal WHERE id = ?1").map_err(sql_error)?;
+    for id in ids {
+        let blob: Option<Vec<u8>> =
+            stmt.query_row([id], |r| r.get(0)).optional().map_err(sql_error)?;
+        if let Some(blob) = blob {
+            values.extend(codec::decode_values(Bytes::from(blob)).map_err(corrupt)?);
+        }
     }
     Ok(values)
 }
 
-/// Folds a thing's journal into its value streams and current values, and empties it.
-fn fold(tx: &rusqlite::Transaction<'_>, thing: &str) -> Result<(), StorageError> {
-    let values = journal_of(tx, thing)?;
-    if values.is_empty() {
-        return Ok(());
-    }
+/// Folds these journal rows of a thing into its value streams and current values, and marks them folded.
+fn fold(tx: &rusqlite::Transaction<'_>, thing: &str, ids: &[i64]) -> Result<(), StorageError> {
+    let Some(&last) = ids.iter().max() else { return Ok(()) };
+    let values = journal_rows(tx, ids)?;
     let mut streams: BTreeMap<ByteString, Vec<ValueRecord>> = BTreeMap::new();
     let mut current: BTreeMap<ByteString, ValueRecord> = BTreeMap::new();
     for v in values {
@@ -750,8 +853,8 @@ fn fold(tx: &rusqlite::Transaction<'_>, thing: &str) -> Result<(), StorageError>
         })
         .map_err(sql_error)?;
     }
-    tx.prepare_cached("DELETE FROM journal WHERE thing = ?1")
-        .and_then(|mut s| s.execute([thing]))
+    tx.prepare_cached("INSERT OR REPLACE INTO fold_marks (thing, id) VALUES (?1, ?2)")
+        .and_then(|mut s| s.execute(params![thing, last]))
         .map_err(sql_error)?;
     Ok(())
 }
@@ -856,6 +959,9 @@ fn append(
     }
     if tail.is_empty() {
         return Ok(());
+    }
+    if last.points.len() >= MERGE_BELOW {
+        return insert_chunks(tx, thing, property, &tail);
     }
     let mut merged = last.points;
     merged.extend(tail);
@@ -982,8 +1088,16 @@ pub(crate) fn page(mut points: Vec<ValueRecord>, query: &HistoryQuery) -> Vec<Va
     points
 }
 
-fn read_values(conn: &Connection, query: &HistoryQuery) -> Result<Vec<ValueRecord>, StorageError> {
+fn read_values(
+    conn: &Connection,
+    unfolded: &Unfolded,
+    query: &HistoryQuery,
+) -> Result<Vec<ValueRecord>, StorageError> {
     let Some(property) = query.property.as_deref() else { return Ok(Vec::new()) };
+    // the unfolded rows first, then everything in one snapshot (see `Unfolded`)
+    let ids = ids_of(unfolded, &query.thing);
+    let tx = conn.unchecked_transaction().map_err(sql_error)?;
+    let conn: &Connection = &tx;
     let mut points = Vec::new();
     // chunks that may hold values in range: a chunk spans at most CHUNK_SPAN_MS from its first value
     let lo = query.from_ms.saturating_sub(CHUNK_SPAN_MS);
@@ -1033,7 +1147,8 @@ fn read_values(conn: &Connection, query: &HistoryQuery) -> Result<Vec<ValueRecor
         }
     }
     drop(rows);
-    for v in journal_of(conn, &query.thing)? {
+    drop(stmt);
+    for v in journal_rows(conn, &ids)? {
         if v.logged && v.property == property && wanted(query, &v.point) {
             points.push(v.point);
         }
@@ -1187,7 +1302,10 @@ fn load_all(
     }
     {
         let mut stmt = conn
-            .prepare("SELECT thing, frame_values FROM journal ORDER BY thing, id")
+            .prepare(
+                "SELECT j.thing, j.frame_values FROM journal j LEFT JOIN fold_marks m ON m.thing = j.thing
+                 WHERE m.id IS NULL OR j.id > m.id ORDER BY j.id",
+            )
             .map_err(sql_error)?;
         let mut rows = stmt.query([]).map_err(sql_error)?;
         while let Some(r) = rows.next().map_err(sql_error)? {
@@ -1264,7 +1382,8 @@ impl Provider for Sqlite {
     }
 
     fn values(&self, query: HistoryQuery) -> BoxFuture<'_, Result<Vec<ValueRecord>, StorageError>> {
-        self.read(move |conn| read_values(conn, &query))
+        let unfolded = self.readers.unfolded.clone();
+        self.read(move |conn| read_values(conn, &unfolded, &query))
     }
 
     fn events(&self, query: HistoryQuery) -> BoxFuture<'_, Result<Vec<EventRecord>, StorageError>> {

@@ -33,6 +33,8 @@ pub struct Spec {
     pub bootstrap: usize,
     /// Addresses to bind (link, api, peer, admin); port 0 the first time.
     pub addrs: [SocketAddr; 4],
+    /// How long a write may take through a failover (`write_timeout`).
+    pub write_timeout: String,
     /// More top-level configuration lines.
     pub extra: String,
     /// Lines of the `[storage]` section; by default the worker's own directory under `dir`.
@@ -49,6 +51,7 @@ impl Spec {
             seeds: seeds.to_vec(),
             bootstrap,
             addrs: [any; 4],
+            write_timeout: "20s".into(),
             extra: String::new(),
             storage: format!("data_dir = \"{}\"", dir.join(format!("store-{id}")).display()),
         }
@@ -73,7 +76,7 @@ replicas = 2
 probe_period = "150ms"
 suspect_timeout = "750ms"
 request_timeout = "1s"
-write_timeout = "20s"
+write_timeout = "{write_timeout}"
 {extra}
 [storage]
 {storage}
@@ -81,6 +84,7 @@ write_timeout = "20s"
             keys = dir.join("api-keys").display(),
             seeds = seeds.join(", "),
             bootstrap = self.bootstrap,
+            write_timeout = self.write_timeout,
             extra = self.extra,
             storage = self.storage,
         );
