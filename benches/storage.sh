@@ -7,18 +7,17 @@
 #  4. one property's day at 1 Hz (86,400 values) read through the store, and bytes on disk per value;
 #  5. a worker holding 10,000 things and 10 M logged values: time from start to ready.
 #
-#   benches/storage.sh [--devices 1000] [--rates "5 10 15"] [--seconds 20] [--skip-restart] [--skip-postgres]
+#   benches/storage.sh [--devices 1000] [--rates "5 10 15"] [--seconds 20] [--values 10000000] [--parts "1 2 3 4 5"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICES=1000 RATES="5 10 15" SECONDS_=20 RESTART=1 POSTGRES=1 VALUES=10000000
+DEVICES=1000 RATES="5 10 15" SECONDS_=20 PARTS="1 2 3 4 5" VALUES=10000000
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) DEVICES=$2; shift 2 ;;
     --rates) RATES=$2; shift 2 ;;
     --seconds) SECONDS_=$2; shift 2 ;;
     --values) VALUES=$2; shift 2 ;;
-    --skip-restart) RESTART=0; shift ;;
-    --skip-postgres) POSTGRES=0; shift ;;
+    --parts) PARTS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
@@ -38,8 +37,12 @@ cleanup() {
 trap cleanup EXIT
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); servers on core 1, load generator on core 0"
 
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if part 1; then
 echo "== 1. SQLite alone: batched inserts, fsync per commit, 1,000 things x 10 properties, 100 frames a commit"
 taskset -c 1 "$B/examples/store_bench" ceiling --dir "$WORK/ceiling"
+fi
 
 $B/thingport-gateway gen-cert --cert "$WORK/cert.pem" --key "$WORK/key.pem" >/dev/null
 $B/thingport-gateway gen-secret --out "$WORK/secret" >/dev/null
@@ -110,6 +113,7 @@ print(json.dumps({"offered_msgs_per_s": rate * devices, "acked_msgs_per_s": roun
 PY
 }
 
+if part 2; then
 echo "== 2. gateway -> one worker -> SQLite, durability disk: $DEVICES devices x 10 float properties a message"
 worker_config "data_dir = \"$WORK/store-sqlite\""
 start_worker
@@ -120,8 +124,9 @@ for rate in $RATES; do
 done
 ls -l "$WORK/store-sqlite"
 stop "$GATEWAY"; stop "$WORKER"
+fi
 
-if [ "$POSTGRES" = 1 ]; then
+if part 3; then
   echo "== 3. gateway -> one worker -> PostgreSQL, durability disk, beside COPY into the same server"
   eval "$(.ci/postgres.sh start)"
   PG_DIR=$THINGPORT_TEST_POSTGRES_DIR
@@ -136,11 +141,13 @@ postgres_url = \"$THINGPORT_TEST_POSTGRES dbname=bench\""
   done
   stop "$GATEWAY"; stop "$WORKER"
   ROWS=$((DEVICES * 10 * 100))
-  python3 -c "
+  python3 - "$ROWS" "$DEVICES" > "$WORK/rows.tsv" <<'PY'
 import sys
-for i in range($ROWS):
-    print(f'{i % ($DEVICES * 10)}\t{1795000000000 + i}\t7\t{i // ($DEVICES * 10)}\t0\t\\\\\\\\x04000000000000354\t{1795000000000 + i}')
-" > "$WORK/rows.tsv"
+rows, devices = int(sys.argv[1]), int(sys.argv[2])
+value = "\\\\x04" + "00" * 6 + "3540"  # a float, in COPY's text form of bytea
+for i in range(rows):
+    print(f"{i % (devices * 10)}\t{1795000000000 + i}\t7\t{i // (devices * 10)}\t0\t{value}\t{1795000000000 + i}")
+PY
   psql "$THINGPORT_TEST_POSTGRES dbname=bench" -qc "CREATE TABLE copy_values (LIKE property_values INCLUDING ALL)"
   start=$(date +%s.%N)
   psql "$THINGPORT_TEST_POSTGRES dbname=bench" -qc "\\copy copy_values FROM '$WORK/rows.tsv'"
@@ -150,13 +157,22 @@ for i in range($ROWS):
     "SELECT 'property_values rows: ' || count(*) || ', table + index bytes per row: ' || round(pg_total_relation_size('property_values')::numeric / greatest(count(*), 1)) FROM property_values"
 fi
 
+if part 4; then
 echo "== 4. one property's day at 1 Hz through the store"
 taskset -c 1 "$B/examples/store_bench" history --dir "$WORK/day"
+fi
 
-if [ "$RESTART" = 1 ]; then
+if part 5; then
   echo "== 5. a worker holding 10,000 things and $VALUES logged values: start to ready"
   taskset -c 1 "$B/examples/store_bench" fill --dir "$WORK/big" --things 10000 --values "$VALUES" 2>/dev/null
-  du -b "$WORK/big" | tail -n 1 | awk -v v="$VALUES" '{printf "store: %d bytes, %.1f bytes per logged value\n", $1, $1 / v}'
+  python3 - "$WORK/big/thingport.sqlite" "$VALUES" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+pages, free, size = (db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "freelist_count", "page_size"))
+chunks, values, blob = db.execute("SELECT COUNT(*), SUM(count), SUM(LENGTH(data)) FROM value_chunks").fetchone()
+n = int(sys.argv[2])
+print(f"file: {pages * size} bytes ({free * size} of them free pages the journal left); in use: {(pages - free) * size / n:.1f} bytes per logged value; value_chunks: {chunks} chunks holding {values} values, {blob / values:.1f} bytes of chunk data per value")
+PY
   worker_config "data_dir = \"$WORK/big\""
   for i in 1 2 3; do
     start=$(date +%s.%N)

@@ -229,12 +229,14 @@ async fn stop_devices(
 /// The single packaged worker, with `auto_provision = false`: a thing created through the API keeps working
 /// across a `kill -9` and a restart; its values, history, events and definitions are all there afterwards; the
 /// device stays connected, and commands reach it again because the gateway opens its session again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_restarts_with_everything_it_acknowledged() {
+async fn a_killed_worker_restarts(storage: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     support::api_keys(dir.path());
     let mut spec = Spec::new(dir.path(), "w1", &[], 1);
     spec.extra = "auto_provision = false\ndurability = \"disk\"".into();
+    if let Some(storage) = storage {
+        spec.storage = storage;
+    }
     let mut worker = spec.spawn().await;
     worker.ready().await;
     // the things exist before their devices connect; p4 is not logged
@@ -291,6 +293,18 @@ async fn a_killed_worker_restarts_with_everything_it_acknowledged() {
     assert_eq!(thing["definitions"]["p4"]["logged"], json!(false));
     eprintln!("{values} acknowledged values and {events} events all stored across a kill -9");
     let _ = gateway.stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_restarts_with_everything_it_acknowledged_on_sqlite() {
+    a_killed_worker_restarts(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_restarts_with_everything_it_acknowledged_on_postgres() {
+    if let Some(storage) = postgres_storage("worker").await {
+        a_killed_worker_restarts(Some(storage)).await;
+    }
 }
 
 /// Storage lines for a pool sharing a new PostgreSQL database, if a server is configured.

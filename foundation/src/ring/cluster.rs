@@ -688,6 +688,8 @@ impl Cluster {
         self.store.with(partition, |p| {
             let mut changes = Vec::new();
             match ops::apply(p, partition, op, &limits, replica, &mut changes) {
+                // nothing to keep (a binding): nothing to wait for
+                Ok(()) if changes.is_empty() => Ok(None),
                 Ok(()) => Ok(reservation.map(|r| self.storage.push(r, changes))),
                 Err(Refused::UnknownThing) => Err(Refusal::UnknownThing),
                 Err(Refused::Invalid) => Err(Refusal::Invalid),
@@ -811,11 +813,27 @@ impl Cluster {
         if prepared.is_none_or(|t| t.version != version) {
             return self.refused(Refusal::Stale);
         }
+        let limits = self.config.limits;
+        // with a shared store, what it holds of these partitions first: the source's copy is merged on top
+        if let Some(provider) = self.storage.provider().filter(|p| p.shared()) {
+            let partitions: Vec<u16> = sources.iter().map(|(p, _)| *p).collect();
+            match provider.load(Some(partitions)).await {
+                Ok(things) => {
+                    for (name, state) in things {
+                        let p = partition_of(name.as_bytes());
+                        self.store.with(p, |part| ops::merge(part, state, &name));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load gained partitions from the shared store");
+                    return self.refused(Refusal::CopyFailed);
+                }
+            }
+        }
         let mut by_source: BTreeMap<String, Vec<u16>> = BTreeMap::new();
-        for (p, source) in sources {
+        for (p, source) in sources.into_iter().filter(|(_, s)| *s != self.me) {
             by_source.entry(source).or_default().push(p);
         }
-        let limits = self.config.limits;
         let mut copied = 0usize;
         for (source, partitions) in by_source {
             for chunk in partitions.chunks(64) {
@@ -1025,6 +1043,7 @@ impl Cluster {
         }
         let mut pulls: BTreeMap<&str, Vec<(u16, String)>> = BTreeMap::new();
         let mut moved = 0;
+        let shared = self.storage.provider().is_some_and(|p| p.shared());
         for p in 0..PARTITIONS as u16 {
             let alive = |o: &&str| active.iter().any(|a| a == o);
             // a holder that kept running has the newest copy; else one that recovered it from its store
@@ -1040,6 +1059,8 @@ impl Cluster {
                 moved += 1;
                 match source {
                     Some(source) => pulls.entry(owner).or_default().push((p, source.to_string())),
+                    // a shared store has it: the new owner loads it from there
+                    None if shared => pulls.entry(owner).or_default().push((p, owner.to_string())),
                     None => tracing::error!(partition = p, "every holder of the partition is gone"),
                 }
             }

@@ -4,7 +4,8 @@
 //! Built on `tokio-postgres`: an asynchronous client without a compile-time database, whose array parameters let a
 //! whole batch go in as one `INSERT … SELECT FROM UNNEST(…)` statement per table (a few round trips per commit,
 //! however many values). PostgreSQL's own log records rows, not pages, so value streams are plain rows keyed by
-//! (stream, timestamp, incarnation, seq).
+//! (stream, timestamp, incarnation, seq), and the current value of a logged property is the newest row of its stream
+//! (`current_values` holds those of properties that are persisted but not logged), so each value is written once.
 //!
 //! One connection writes; a few more read. A connection that fails is replaced at the next use, so a database
 //! restarted under a running pool is written again as soon as it accepts connections. Versioned migrations run at
@@ -313,7 +314,8 @@ async fn write(
                             (v.quality as u8, encoded(&v.value), v.received_ms),
                         );
                     }
-                    if v.current {
+                    // a logged property's current value is the newest row of its stream (read at load)
+                    if v.current && !v.logged {
                         let key = (thing.clone(), v.property.clone());
                         let newer = current.get(&key).is_none_or(|c| {
                             (v.timestamp_ms, v.incarnation, v.seq)
@@ -555,9 +557,12 @@ async fn sweep_once(
         let age = row.get::<_, Option<i64>>(1).unwrap_or(default_age);
         let count = row.get::<_, Option<i64>>(2).unwrap_or(retention.max_values as i64);
         if age > 0 {
+            // never the newest: it is the property's current value
             removed += client
                 .execute(
-                    "DELETE FROM property_values WHERE stream = $1 AND timestamp_ms < $2",
+                    "DELETE FROM property_values WHERE stream = $1 AND timestamp_ms < $2 AND (timestamp_ms, incarnation, seq) <
+                     (SELECT timestamp_ms, incarnation, seq FROM property_values WHERE stream = $1
+                      ORDER BY timestamp_ms DESC, incarnation DESC, seq DESC LIMIT 1)",
                     &[&id, &(now_ms - age)],
                 )
                 .await
@@ -715,6 +720,44 @@ impl Provider for Postgres {
                 let thing: String = r.get(0);
                 let Some(state) = things.get_mut(thing.as_str()) else { continue };
                 let property: String = r.get(1);
+                let value =
+                    Value::decode(Bytes::copy_from_slice(r.get::<_, &[u8]>(2)), &self.limits)
+                        .map_err(corrupt)?;
+                state.apply_property(
+                    &ByteString::from(property),
+                    PropertyState {
+                        value,
+                        quality: quality(r.get(3)),
+                        version: Version {
+                            timestamp_ms: r.get::<_, i64>(4) as u64,
+                            incarnation: unordered(r.get(5)),
+                            seq: r.get::<_, i64>(6) as u64,
+                        },
+                        received_ms: r.get::<_, i64>(7) as u64,
+                    },
+                );
+            }
+            // the newest value of each logged property's stream, where its definition persists it
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT s.thing, s.property, v.value, v.quality, v.timestamp_ms, v.incarnation, v.seq, v.received_ms
+                         FROM value_streams s JOIN things t ON t.name = s.thing
+                         CROSS JOIN LATERAL (SELECT * FROM property_values p WHERE p.stream = s.id
+                           ORDER BY p.timestamp_ms DESC, p.incarnation DESC, p.seq DESC LIMIT 1) v
+                         WHERE {filter}"
+                    ),
+                    &[&partitions],
+                )
+                .await
+                .map_err(db_error)?;
+            for r in rows {
+                let thing: String = r.get(0);
+                let Some(state) = things.get_mut(thing.as_str()) else { continue };
+                let property: String = r.get(1);
+                if !state.definition(&property).persisted {
+                    continue;
+                }
                 let value =
                     Value::decode(Bytes::copy_from_slice(r.get::<_, &[u8]>(2)), &self.limits)
                         .map_err(corrupt)?;

@@ -49,6 +49,8 @@ pub const CHUNK_SPAN_MS: u64 = 3_600_000;
 /// A value stream's newest chunk takes in the next fold's values while it holds fewer than this; otherwise they
 /// start a new chunk (so a fold rewrites at most this many values).
 const MERGE_BELOW: usize = 64;
+/// Frames in the write-ahead log (4 KiB each) beyond which it is started again from the beginning.
+const RESTART_FRAMES: i64 = 16_384;
 /// How often the writer looks for journals to fold, rows to delete and streams to trim.
 const SCAN_PERIOD: Duration = Duration::from_millis(20);
 /// Folded journal rows deleted at most per slice.
@@ -297,9 +299,20 @@ fn checkpoint(path: &Path, fsync: bool, open: std::sync::Weak<Readers>) {
     let Ok(conn) = open_connection(path, false, fsync) else { return };
     while open.strong_count() > 0 {
         std::thread::sleep(Duration::from_millis(250));
-        // copies what it can without waiting for the writer; the writer starts the log again from the
-        // beginning at its next commit once everything was copied (and `journal_size_limit` trims the file)
-        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        // copies what it can without waiting for the writer (busy, frames in the log, frames copied)
+        let frames: rusqlite::Result<(i64, i64, i64)> =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        // under steady writes the log is never all copied when the writer looks, so it would only grow: once it is
+        // large and nearly all copied, start it again from the beginning. That waits for the writer's current
+        // commit and copies the few frames left, a short pause (`journal_size_limit` then trims the file).
+        if let Ok((_, log, done)) = frames
+            && log > RESTART_FRAMES
+            && log - done < 2_048
+        {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+        }
     }
 }
 
