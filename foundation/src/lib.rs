@@ -185,12 +185,9 @@ impl Worker {
         });
         tracing::info!(id = %shared.config.id, "foundation worker running");
         let mut leaving = leaving;
-        let result = tokio::select! {
-            _ = &mut shutdown => Ok(()),
-            _ = &mut leaving => {
-                // membership ended by itself: this worker can no longer take part in the pool
-                Err(anyhow::anyhow!("membership ended; exiting so that the worker restarts as a new member"))
-            }
+        let ended = tokio::select! {
+            _ = &mut shutdown => false,
+            _ = &mut leaving => true,
         };
         stop.cancel();
         // what was acknowledged before it was stored (durability memory or replicated) is written before exit
@@ -198,9 +195,13 @@ impl Worker {
             tracing::warn!(error = %e, queued = storage.queued(), "the store did not take everything queued before exit");
         }
         storage_stop.cancel();
+        if ended {
+            // membership ended by itself: this worker can no longer take part in the pool
+            anyhow::bail!("membership ended; exiting so that the worker restarts as a new member");
+        }
         // the others then change the table at once instead of waiting to detect a failure
         let _ = tokio::time::timeout(Duration::from_secs(1), leaving).await;
-        result
+        Ok(())
     }
 }
 
