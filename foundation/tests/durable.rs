@@ -424,14 +424,13 @@ async fn a_damaged_store_keeps_the_worker_not_ready_until_it_is_moved_away() {
     assert_eq!(status, 201);
 }
 
-/// With `durability = "replicated"` a write is acknowledged before the store has it; a worker stopped with
-/// SIGTERM writes everything it acknowledged before it exits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_worker_stores_what_it_acknowledged_before_it_exits() {
+/// With `durability = "replicated"` or `"memory"` a write is acknowledged before the store has it; a worker stopped
+/// with SIGTERM writes everything it acknowledged before it exits.
+async fn a_stopped_worker_stores_what_it_acknowledged(durability: &str) {
     let dir = tempfile::tempdir().unwrap();
     support::api_keys(dir.path());
     let mut spec = Spec::new(dir.path(), "w1", &[], 1);
-    spec.extra = "durability = \"replicated\"".into();
+    spec.extra = format!("durability = \"{durability}\"");
     let mut worker = spec.spawn().await;
     worker.ready().await;
     assert_eq!(http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await.0, 201);
@@ -457,6 +456,16 @@ async fn a_stopped_worker_stores_what_it_acknowledged_before_it_exits() {
         .map(|v| v["value"].as_i64().unwrap())
         .collect();
     assert_eq!(stored, (0..200).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_stores_what_it_acknowledged_with_replicated() {
+    a_stopped_worker_stores_what_it_acknowledged("replicated").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_stores_what_it_acknowledged_with_memory() {
+    a_stopped_worker_stores_what_it_acknowledged("memory").await;
 }
 
 /// A full disk: writes are refused with a retryable error (nothing is acknowledged that was not stored), the worker

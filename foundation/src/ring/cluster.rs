@@ -609,28 +609,9 @@ impl Cluster {
             Ok(ticket) => ticket,
             Err(refusal) => return self.refused(refusal),
         };
-        // read after applying: a table prepared after this point is covered by the copy its owners pull
-        let (targets, version): (BTreeSet<String>, u64) = {
-            let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-            let known = || tables.committed.iter().chain(tables.pending.iter());
-            let targets = known()
-                .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
-                .filter(|o| *o != self.me)
-                .collect();
-            (targets, known().map(|t| t.version).max().unwrap_or(0))
-        };
-        let replicate = |op: Op| async move {
-            let request = |op: Op| Request::Write { partition, replica: true, version, op };
-            let answers = join_all(
-                targets
-                    .iter()
-                    .map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
-            )
-            .await;
-            ::metrics::counter!("thingport_ring_replications_total")
-                .increment(targets.len() as u64);
-            answers.iter().all(|a| matches!(a, Some(Response::Done)))
-        };
+        // the copies are sent after applying: a table prepared after this point is covered by the copy its owners
+        // pull
+        let replicate = |op: Op| self.copy_to_holders(partition, op);
         match self.config.durability {
             Durability::Memory => {
                 // acknowledged now; the copies follow in the background, within a bound
@@ -701,32 +682,32 @@ impl Cluster {
         self.this.upgrade()
     }
 
+    /// Has every other holder of the partition (in the committed table and a prepared one) apply `op`; true once all
+    /// did.
+    async fn copy_to_holders(&self, partition: u16, op: Op) -> bool {
+        let (targets, version): (BTreeSet<String>, u64) = {
+            let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            let known = || tables.committed.iter().chain(tables.pending.iter());
+            let targets = known()
+                .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
+                .filter(|o| *o != self.me)
+                .collect();
+            (targets, known().map(|t| t.version).max().unwrap_or(0))
+        };
+        let request = |op: Op| Request::Write { partition, replica: true, version, op };
+        let answers = join_all(
+            targets.iter().map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
+        )
+        .await;
+        ::metrics::counter!("thingport_ring_replications_total").increment(targets.len() as u64);
+        answers.iter().all(|a| matches!(a, Some(Response::Done)))
+    }
+
     /// Replicates a write acknowledged under `durability = memory`, retrying against newer tables until the write
     /// timeout; a copy that cannot be made is logged and counted.
     async fn replicate_in_background(&self, partition: u16, op: Op) {
         let deadline = Instant::now() + self.config.write_timeout;
-        loop {
-            let (targets, version): (BTreeSet<String>, u64) = {
-                let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-                let known = || tables.committed.iter().chain(tables.pending.iter());
-                let targets = known()
-                    .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
-                    .filter(|o| *o != self.me)
-                    .collect();
-                (targets, known().map(|t| t.version).max().unwrap_or(0))
-            };
-            let request = |op: Op| Request::Write { partition, replica: true, version, op };
-            let answers = join_all(
-                targets
-                    .iter()
-                    .map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
-            )
-            .await;
-            ::metrics::counter!("thingport_ring_replications_total")
-                .increment(targets.len() as u64);
-            if answers.iter().all(|a| matches!(a, Some(Response::Done))) {
-                return;
-            }
+        while !self.copy_to_holders(partition, op.clone()).await {
             if !self.backoff(deadline).await {
                 ::metrics::counter!("thingport_ring_background_replication_failures_total")
                     .increment(1);

@@ -62,6 +62,18 @@ fn put_point(dst: &mut Vec<u8>, point: &ValueRecord, before: &ValueRecord) {
     dst.put_slice(&point.value);
 }
 
+/// Bytes `point` takes in a chunk after `before` (or first).
+pub fn point_len(point: &ValueRecord, before: Option<&ValueRecord>) -> usize {
+    let before = before.unwrap_or(&ZERO);
+    varint::encoded_len(delta(point.timestamp_ms, before.timestamp_ms))
+        + varint::encoded_len(delta(point.incarnation, before.incarnation))
+        + varint::encoded_len(delta(point.seq, before.seq))
+        + 1
+        + varint::encoded_len(delta(point.received_ms, point.timestamp_ms))
+        + varint::encoded_len(point.value.len() as u64)
+        + point.value.len()
+}
+
 fn get_point(src: &mut Bytes, before: &ValueRecord) -> Result<ValueRecord, Undecodable> {
     let timestamp_ms = undelta(get(src, "timestamp")?, before.timestamp_ms);
     let incarnation = undelta(get(src, "incarnation")?, before.incarnation);
@@ -218,7 +230,10 @@ mod tests {
                 Value::Int(v).encode(&mut value);
                 ValueRecord { timestamp_ms: ts, incarnation: inc, seq, quality, value: Bytes::from(value), received_ms: received }
             }).collect();
-            let decoded = decode_chunk(Bytes::from(encode_chunk(&points))).unwrap();
+            let encoded = encode_chunk(&points);
+            let counted: usize = points.iter().enumerate().map(|(i, p)| point_len(p, i.checked_sub(1).map(|j| &points[j]))).sum();
+            proptest::prop_assert_eq!(counted, encoded.len(), "point_len agrees with the encoding");
+            let decoded = decode_chunk(Bytes::from(encoded)).unwrap();
             proptest::prop_assert_eq!(decoded, points);
         }
 

@@ -8,7 +8,7 @@
 //!   acknowledgement waits for. Writing each value into its property's value stream at once would dirty a page per
 //!   value and property — several times slower with thousands of streams (`docs/BENCHMARKS.md`).
 //! - **Compaction folds the journal** per thing, in small slices between batches: values join their property's
-//!   chunks in `value_chunks` (up to [`CHUNK_VALUES`] values of one property, spanning at most [`CHUNK_SPAN_MS`]),
+//!   chunks in `value_chunks` (up to [`CHUNK_BYTES`] of values of one property, spanning at most [`CHUNK_SPAN_MS`]),
 //!   the newest value of each persisted property goes to `current_values`, and `fold_marks` records the last
 //!   journal row folded. Which rows of each thing are not folded yet is kept in memory (rebuilt at open); folded rows
 //!   are deleted from the oldest end of the journal, a range at a time.
@@ -44,11 +44,14 @@ use crate::model::{Definition, PropertyState, ThingState, Version};
 pub const FILE_NAME: &str = "thingport.sqlite";
 /// Most values in one chunk of a value stream.
 pub const CHUNK_VALUES: usize = 512;
+/// Most bytes of values in one chunk: a row of `value_chunks` stays inside its page (SQLite moves what is beyond
+/// about a quarter of a 4 KiB page of an index-organized table to an overflow page of its own, mostly empty).
+pub const CHUNK_BYTES: usize = 900;
 /// Longest time one chunk spans, by device timestamp.
 pub const CHUNK_SPAN_MS: u64 = 3_600_000;
-/// A value stream's newest chunk takes in the next fold's values while it holds fewer than this; otherwise they
-/// start a new chunk (so a fold rewrites at most this many values).
-const MERGE_BELOW: usize = 64;
+/// A value stream's newest chunk takes in the next fold's values while it holds fewer bytes than this; otherwise
+/// they start a new chunk (so a fold rewrites at most this much).
+const MERGE_BELOW: usize = CHUNK_BYTES / 2;
 /// Frames in the write-ahead log (4 KiB each) beyond which it is started again from the beginning.
 const RESTART_FRAMES: i64 = 16_384;
 /// How often the writer looks for journals to fold, rows to delete and streams to trim.
@@ -876,6 +879,7 @@ fn fold(tx: &rusqlite::Transaction<'_>, thing: &str, ids: &[i64]) -> Result<(), 
 struct Chunk {
     first: (u64, u64, u64),
     points: Vec<ValueRecord>,
+    bytes: usize,
 }
 
 fn insert_chunks(
@@ -888,10 +892,15 @@ fn insert_chunks(
     while start < points.len() {
         let first = &points[start];
         let mut end = start + 1;
+        let mut bytes = codec::point_len(first, None);
         while end < points.len()
             && end - start < CHUNK_VALUES
             && points[end].timestamp_ms.saturating_sub(first.timestamp_ms) <= CHUNK_SPAN_MS
         {
+            bytes += codec::point_len(&points[end], Some(&points[end - 1]));
+            if bytes > CHUNK_BYTES {
+                break;
+            }
             end += 1;
         }
         let chunk = &points[start..end];
@@ -950,8 +959,9 @@ fn last_chunk(
         })
         .map_err(sql_error)?;
     let Some((ms, inc, seq, data)) = row else { return Ok(None) };
+    let bytes = data.len();
     let points = codec::decode_chunk(Bytes::from(data)).map_err(corrupt)?;
-    Ok(Some(Chunk { first: (ms as u64, unordered(inc), seq as u64), points }))
+    Ok(Some(Chunk { first: (ms as u64, unordered(inc), seq as u64), points, bytes }))
 }
 
 /// Adds sorted, distinct points to a value stream: those at or after its last chunk's start are merged into that
@@ -973,7 +983,7 @@ fn append(
     if tail.is_empty() {
         return Ok(());
     }
-    if last.points.len() >= MERGE_BELOW {
+    if last.bytes >= MERGE_BELOW {
         return insert_chunks(tx, thing, property, &tail);
     }
     let mut merged = last.points;
