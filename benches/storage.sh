@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The data layer measured (docs/BENCHMARKS.md, "Durable state"), each part beside its ceiling in the same run:
-#  1. SQLite alone (rusqlite, fsync per commit): one row per value, and one row per frame as thingport's journal;
+#  1. SQLite alone (rusqlite, fsync per commit): one row per value, one row per frame keyed by thing, and one row per
+#     frame in arrival order as thingport's journal;
 #  2. durable acknowledged values/s through a gateway and one worker with durability = "disk" on SQLite, open-loop
 #     load at rising rates (1,000 devices x R messages/s x 10 float properties), p50/p99 from intended send times;
 #  3. the same on PostgreSQL (a private server from .ci/postgres.sh), beside COPY of the same rows into it;

@@ -1,8 +1,8 @@
 //! Measurements of the embedded store, for `benches/storage.sh` (`docs/BENCHMARKS.md`).
 //!
 //! - `ceiling`: SQLite alone (rusqlite, no thingport code), batched inserts with `synchronous = FULL` in WAL mode:
-//!   one row per value keyed by (stream, timestamp, …), and one row per frame of values keyed by thing (the
-//!   layout of thingport's journal). Prints values per second for each.
+//!   one row per value keyed by (stream, timestamp, …) — a value stream's natural layout; one row per frame keyed
+//!   by thing; and one row per frame in arrival order — thingport's journal. Prints values per second for each.
 //! - `fill`: writes things and a day-long history through thingport's own store, as a worker would, into a data
 //!   directory; then a worker started on it can be timed to ready.
 //! - `history`: reads one property's day of 1 Hz values (86,400) through the store, and the bytes on disk.
@@ -138,9 +138,30 @@ fn ceiling(dir: &Path, things: u64, properties: u64, frames: u64, messages: u64)
         }
         tx.commit().unwrap();
     }
+    let keyed = (n * properties) as f64 / started.elapsed().as_secs_f64();
+    // one row per frame in arrival order (thingport's journal)
+    let c = open("journal.sqlite");
+    c.execute_batch(
+        "CREATE TABLE j (id INTEGER PRIMARY KEY, thing TEXT NOT NULL, received INTEGER NOT NULL, data BLOB NOT NULL)",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut n = 0;
+    while n < messages {
+        let tx = c.unchecked_transaction().unwrap();
+        {
+            let mut insert = tx.prepare_cached("INSERT INTO j VALUES (?1, ?2, ?3, ?4)").unwrap();
+            for _ in 0..frames {
+                let thing = &names[(n % things) as usize];
+                insert.execute(params![n as i64, thing, base as i64, &frame]).unwrap();
+                n += 1;
+            }
+        }
+        tx.commit().unwrap();
+    }
     let journal = (n * properties) as f64 / started.elapsed().as_secs_f64();
     println!(
-        "{{\"rows_values_per_s\": {rows:.0}, \"frames_values_per_s\": {journal:.0}, \"things\": {things}, \"properties\": {properties}, \"frames_per_commit\": {frames}}}"
+        "{{\"rows_values_per_s\": {rows:.0}, \"frames_keyed_by_thing_values_per_s\": {keyed:.0}, \"journal_values_per_s\": {journal:.0}, \"things\": {things}, \"properties\": {properties}, \"frames_per_commit\": {frames}}}"
     );
 }
 
