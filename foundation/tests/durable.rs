@@ -554,3 +554,94 @@ async fn a_full_disk_refuses_writes_until_space_is_freed() {
         stored.contains(&refused.to_string())
     );
 }
+
+/// A private PostgreSQL server of the test's own (`.ci/postgres.sh`), stopped and started under a worker.
+struct PrivatePostgres {
+    url: String,
+    dir: String,
+}
+
+impl PrivatePostgres {
+    fn script(args: &[&str]) -> String {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/postgres.sh");
+        let out = std::process::Command::new(script).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{script} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn start() -> PrivatePostgres {
+        let exports = Self::script(&["start"]);
+        let value = |name: &str| {
+            exports
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("export {name}='")))
+                .and_then(|v| v.strip_suffix('\''))
+                .unwrap()
+                .to_string()
+        };
+        PrivatePostgres {
+            url: value("THINGPORT_TEST_POSTGRES"),
+            dir: value("THINGPORT_TEST_POSTGRES_DIR"),
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        Self::script(&["stop", &self.dir]);
+    }
+}
+
+/// The database stopped under a running worker: writes are refused with a retryable error and the worker is not
+/// ready; once the database is back the worker writes again by itself and everything acknowledged is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_started_under_a_worker_loses_nothing_acknowledged() {
+    if postgres_storage("restart").await.is_none() {
+        return; // no PostgreSQL here (the message is printed)
+    }
+    let postgres = PrivatePostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let mut spec = Spec::new(dir.path(), "w1", &[], 1);
+    spec.write_timeout = "2s".into();
+    spec.storage =
+        format!("provider = \"postgres\"\npostgres_url = \"{} dbname=postgres\"", postgres.url);
+    let worker = spec.spawn().await;
+    worker.ready().await;
+    assert_eq!(http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await.0, 201);
+    let write = |i: i64| {
+        let api = worker.api;
+        async move {
+            http(api, "PUT", "/v1/things/t/properties/level", Some(KEY), Some(json!({"value": i})))
+                .await
+                .0
+        }
+    };
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        assert_eq!(write(i).await, 200);
+        acknowledged.push(i);
+    }
+    PrivatePostgres::script(&["down", &postgres.dir]);
+    assert_eq!(write(100).await, 503, "refused while the database is down");
+    let (status, why) = get_text(worker.admin, "/readyz").await;
+    assert_eq!(status, 503, "{why}");
+    PrivatePostgres::script(&["up", &postgres.dir]);
+    worker.ready().await;
+    for i in 20..40 {
+        assert_eq!(write(i).await, 200);
+        acknowledged.push(i);
+    }
+    let stored: Vec<i64> = pages(worker.api, "/v1/things/t/properties/level/history", "values")
+        .await
+        .iter()
+        .map(|v| v["value"].as_i64().unwrap())
+        .collect();
+    for i in &acknowledged {
+        assert!(stored.contains(i), "acknowledged {i} is stored: {stored:?}");
+    }
+}
