@@ -468,6 +468,42 @@ async fn a_stopped_worker_stores_what_it_acknowledged_with_memory() {
     a_stopped_worker_stores_what_it_acknowledged("memory").await;
 }
 
+/// A small tmpfs of the test's own, unmounted at the end; `None` (with a message) where it cannot be mounted, which
+/// under CI is a failure.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(std::env::var_os("CI").is_none(), "CI is set: mounting a tmpfs needs root");
+            eprintln!("skipped: mounting a tmpfs for the store needs root");
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+
+    fn remount(&self, options: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {options}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// A full disk: writes are refused with a retryable error (nothing is acknowledged that was not stored), the worker
 /// says why it is not ready, and once space is freed the writes it kept are committed and new ones succeed. Needs
 /// root (a small tmpfs is mounted for the store); skipped with a message otherwise, except under CI.
@@ -475,25 +511,8 @@ async fn a_stopped_worker_stores_what_it_acknowledged_with_memory() {
 async fn a_full_disk_refuses_writes_until_space_is_freed() {
     let dir = tempfile::tempdir().unwrap();
     support::api_keys(dir.path());
-    let store = dir.path().join("small");
-    std::fs::create_dir_all(&store).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&store)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        assert!(std::env::var_os("CI").is_none(), "CI is set: mounting a tmpfs needs root");
-        eprintln!("skipped: mounting a tmpfs for the store needs root");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(store.clone());
+    let Some(tmpfs) = Tmpfs::mount(&dir.path().join("small"), "3m") else { return };
+    let store = tmpfs.0.clone();
     let mut spec = Spec::new(dir.path(), "w1", &[], 1);
     spec.write_timeout = "2s".into();
     spec.storage = format!("data_dir = \"{}\"", store.display());
@@ -644,4 +663,39 @@ async fn postgres_stopped_and_started_under_a_worker_loses_nothing_acknowledged(
     for i in &acknowledged {
         assert!(stored.contains(i), "acknowledged {i} is stored: {stored:?}");
     }
+}
+
+/// A read-only data directory at start: the worker says why it is not ready and does not join a pool, and once the
+/// directory is writable it opens its store by itself and serves. Needs root, as the full-disk test. (A directory
+/// that turns read-only under a running worker fails commits the way a full disk does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_data_directory_keeps_the_worker_not_ready_until_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let Some(tmpfs) = Tmpfs::mount(&dir.path().join("store"), "16m") else { return };
+    tmpfs.remount("ro");
+    let mut spec = Spec::new(dir.path(), "w1", &[], 1);
+    spec.storage = format!("data_dir = \"{}\"", tmpfs.0.display());
+    let worker = spec.spawn().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, why) = get_text(worker.admin, "/readyz").await;
+        if status == 503 && why.to_lowercase().contains("read-only") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz: {status} {why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tmpfs.remount("rw");
+    worker.ready().await;
+    assert_eq!(http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await.0, 201);
+    let (status, _) = http(
+        worker.api,
+        "PUT",
+        "/v1/things/t/properties/level",
+        Some(KEY),
+        Some(json!({"value": 1})),
+    )
+    .await;
+    assert_eq!(status, 200);
 }

@@ -244,10 +244,14 @@ impl Sqlite {
             StorageError::Unavailable(format!("data directory {}: {e}", options.dir.display()))
         })?;
         let path = options.dir.join(FILE_NAME);
-        let mut conn = open_connection(&path, true, options.fsync).map_err(|e| {
-            let e = sql_error(e);
-            StorageError::Unavailable(format!("{}: {e}", path.display()))
+        // SQLite says only "unable to open database file" of a directory it cannot write: ask the system first
+        let probe = options.dir.join(".thingport-write-test");
+        std::fs::write(&probe, b"").map_err(|e| {
+            StorageError::Unavailable(format!("data directory {}: {e}", options.dir.display()))
         })?;
+        let _ = std::fs::remove_file(&probe);
+        let mut conn = open_connection(&path, true, options.fsync)
+            .map_err(|e| StorageError::Unavailable(format!("{}: {e}", path.display())))?;
         // reading the schema is the first thing that fails on a damaged or foreign file
         migrate(&mut conn).map_err(|e| match e {
             StorageError::Corrupt(m) => StorageError::Corrupt(format!("{}: {m}", path.display())),
