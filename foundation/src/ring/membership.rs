@@ -142,21 +142,9 @@ fn foca_config(timing: Timing) -> FocaConfig {
     config
 }
 
-/// Starts membership on `socket`; it stops at `stop`, announcing the departure first. The task ends then, or
-/// earlier if the pool declares this worker down.
-pub fn start(
-    me: Node,
-    socket: UdpSocket,
-    seeds: Vec<SocketAddr>,
-    timing: Timing,
-    stop: CancellationToken,
-) -> (Membership, tokio::task::JoinHandle<()>) {
-    let (membership, start) = prepare(me, socket, seeds, timing, stop);
-    (membership, start())
-}
-
-/// Membership's handle now, and the function that starts it (as [`start`] does) later: the worker loads its
-/// store in between, so that it is not announced to the pool before it can serve.
+/// Membership's handle now, and the function that starts it later: the worker loads its store in between, so that
+/// it is not announced to the pool before it can serve. Membership stops at `stop`, announcing the departure first;
+/// its task ends then, or earlier if the pool declares this worker down.
 pub fn prepare(
     me: Node,
     socket: UdpSocket,
