@@ -173,6 +173,7 @@ fn options(dir: &Path) -> Options {
         limits: Limits::DEFAULT,
         readers: 2,
         retention_period: Duration::from_secs(3600),
+        fold_after: thingport_foundation::storage::sqlite::COMPACT_AGE,
     }
 }
 

@@ -230,6 +230,7 @@ fn opener(config: &Config) -> impl Fn() -> OpenFuture + use<> {
                         limits,
                         readers: 2,
                         retention_period: storage::sqlite::RETENTION_PERIOD,
+                        fold_after: storage::sqlite::COMPACT_AGE,
                     };
                     let opened =
                         tokio::task::spawn_blocking(move || storage::sqlite::Sqlite::open(options))

@@ -292,6 +292,20 @@ async fn a_killed_worker_restarts(storage: Option<String>) {
     assert_eq!(thing["definitions"]["p0"]["unit"], json!("m"));
     assert_eq!(thing["definitions"]["p4"]["logged"], json!(false));
     eprintln!("{values} acknowledged values and {events} events all stored across a kill -9");
+
+    // a removed property takes its history with it; a removed thing all of it
+    let api = worker.api;
+    assert_eq!(http(api, "DELETE", "/v1/things/dev-1/properties/p1", Some(KEY), None).await.0, 204);
+    assert!(pages(api, "/v1/things/dev-1/properties/p1/history", "values").await.is_empty());
+    assert!(!pages(api, "/v1/things/dev-1/properties/p2/history", "values").await.is_empty());
+    assert_eq!(http(api, "DELETE", "/v1/things/dev-2", Some(KEY), None).await.0, 204);
+    assert_eq!(http(api, "GET", "/v1/things/dev-2", Some(KEY), None).await.0, 404);
+    assert_eq!(http(api, "PUT", "/v1/things/dev-2", Some(KEY), None).await.0, 201);
+    assert!(
+        pages(api, "/v1/things/dev-2/properties/p0/history", "values").await.is_empty(),
+        "a new thing of the same name starts without history"
+    );
+    assert!(pages(api, "/v1/things/dev-2/events", "events").await.is_empty());
     let _ = gateway.stop.send(());
 }
 

@@ -450,11 +450,10 @@ impl Cluster {
         (all, complete)
     }
 
-    /// Removes a thing's (or a property's) history from every member's store.
+    /// Removes a thing's (or a property's) history from every member's store. With a shared store the primary's
+    /// operation removed it already; every member is still told, so that it forgets what it knew of the removed
+    /// streams.
     pub async fn purge(&self, thing: &str, property: Option<&str>) {
-        if self.storage.provider().is_some_and(|p| p.shared()) {
-            return; // the primary's store removed it with the operation
-        }
         let members: Vec<String> = self.members().keys().cloned().collect();
         join_all(members.iter().map(|m| {
             let request =
@@ -811,6 +810,7 @@ impl Cluster {
                 }
             }
         }
+        let mut last = None;
         let mut by_source: BTreeMap<String, Vec<u16>> = BTreeMap::new();
         for (p, source) in sources.into_iter().filter(|(_, s)| *s != self.me) {
             by_source.entry(source).or_default().push(p);
@@ -843,11 +843,20 @@ impl Cluster {
                         }
                         changes
                     });
-                    self.keep(changes);
+                    if !changes.is_empty() {
+                        last = Some(self.storage.push_unreserved(changes));
+                    }
                 }
             }
         }
         ::metrics::counter!("thingport_ring_things_copied_total").increment(copied as u64);
+        // with `disk`, the new copy is on disk before the table that relies on it can commit
+        if let (Durability::Disk, Some(ticket)) = (self.config.durability, last) {
+            let deadline = Instant::now() + self.config.write_timeout;
+            if self.storage.committed(ticket, deadline).await.is_err() {
+                return self.refused(Refusal::CopyFailed);
+            }
+        }
         Response::Done
     }
 

@@ -284,7 +284,7 @@ async fn write(
             known.insert((thing.into(), property.into()), row.get(0));
         }
     }
-    let ids = streams.lock().await.clone();
+    let mut ids = streams.lock().await.clone();
     let mut values: PendingValues = BTreeMap::new();
     let mut current: BTreeMap<(ByteString, ByteString), &StoredValue> = BTreeMap::new();
     let mut events: BTreeMap<(String, u64, u64, u64), &EventRecord> = BTreeMap::new();
@@ -409,8 +409,12 @@ async fn write(
                         }
                     }
                 }
-                let mut known = streams.lock().await;
-                known.retain(|(t, p), _| t != thing || property.as_ref().is_some_and(|q| q != p));
+                // a later value of this batch for a removed stream starts a new one, at the next batch
+                let removed = |(t, p): &(ByteString, ByteString)| {
+                    t == thing && property.as_ref().is_none_or(|q| q == p)
+                };
+                ids.retain(|k, _| !removed(k));
+                streams.lock().await.retain(|k, _| !removed(k));
             }
             // the database is shared: what this worker no longer holds, another does
             Change::DropPartition(_) => {}

@@ -60,8 +60,8 @@ const SCAN_PERIOD: Duration = Duration::from_millis(20);
 const GC_ROWS: i64 = 20_000;
 /// A thing's journal rows are folded once there are this many...
 const COMPACT_ROWS: u32 = 64;
-/// ...or once the oldest is this old.
-const COMPACT_AGE: Duration = Duration::from_secs(10);
+/// ...or once the oldest is this old (by default).
+pub const COMPACT_AGE: Duration = Duration::from_secs(10);
 /// A maintenance slice stops after this long, so a batch waiting behind it is not held up for more.
 const SLICE: Duration = Duration::from_millis(3);
 /// A retention pass over every stream starts at most this often (by default).
@@ -155,6 +155,8 @@ pub struct Options {
     pub readers: usize,
     /// How often a retention pass over every stream starts.
     pub retention_period: Duration,
+    /// A thing's journal rows are folded once the oldest is this old (or there are 64).
+    pub fold_after: Duration,
 }
 
 /// The embedded store of one worker.
@@ -355,7 +357,9 @@ impl Writer {
     ) -> Result<Writer, StorageError> {
         let (gc_from, next_id): (i64, i64) = conn
             .query_row(
-                "SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) + 1 FROM journal",
+                // numbers only grow, also across an empty journal: a fold mark may name the highest
+                "SELECT COALESCE((SELECT MIN(id) FROM journal), 1),
+                        MAX(COALESCE((SELECT MAX(id) FROM journal), 0), COALESCE((SELECT MAX(id) FROM fold_marks), 0)) + 1",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -372,7 +376,8 @@ impl Writer {
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
                 .map_err(sql_error)?;
             // folded at the first slice
-            let oldest = Instant::now() - COMPACT_AGE;
+            let oldest =
+                Instant::now().checked_sub(options.fold_after).unwrap_or_else(Instant::now);
             for row in rows {
                 let (thing, id) = row.map_err(sql_error)?;
                 pending
@@ -572,7 +577,9 @@ impl Writer {
         let mut due: Vec<(ByteString, Instant)> = self
             .pending()
             .iter()
-            .filter(|(_, p)| p.ids.len() >= COMPACT_ROWS as usize || now - p.oldest >= COMPACT_AGE)
+            .filter(|(_, p)| {
+                p.ids.len() >= COMPACT_ROWS as usize || now - p.oldest >= self.options.fold_after
+            })
             .map(|(t, p)| (t.clone(), p.oldest))
             .collect();
         if !due.is_empty() {
@@ -800,7 +807,6 @@ fn remove(
                 "DELETE FROM current_values WHERE thing = ?1",
                 "DELETE FROM value_chunks WHERE thing = ?1",
                 "DELETE FROM events WHERE thing = ?1",
-                "DELETE FROM fold_marks WHERE thing = ?1",
             ] {
                 tx.execute(sql, [thing]).map_err(sql_error)?;
             }
@@ -886,14 +892,27 @@ struct Chunk {
     bytes: usize,
 }
 
+/// Writes sorted points as chunks. A chunk already stored under the key a new chunk would take (a value sent again
+/// that starts a stored chunk) is merged in, never replaced.
 fn insert_chunks(
     tx: &rusqlite::Transaction<'_>,
     thing: &str,
     property: &str,
     points: &[ValueRecord],
 ) -> Result<(), StorageError> {
+    let mut points = points.to_vec();
     let mut start = 0;
     while start < points.len() {
+        let first = codec::key(&points[start]);
+        if let Some(stored) = chunk_at(tx, thing, property, first)? {
+            // take the stored chunk's points into the rest, and start this chunk again
+            delete_chunk(tx, thing, property, first)?;
+            let mut rest = points.split_off(start);
+            rest.extend(stored);
+            rest.sort_by_key(codec::key);
+            rest.dedup_by_key(|p| codec::key(p));
+            points.extend(rest);
+        }
         let first = &points[start];
         let mut end = start + 1;
         let mut bytes = codec::point_len(first, None);
@@ -909,7 +928,7 @@ fn insert_chunks(
         }
         let chunk = &points[start..end];
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO value_chunks (thing, property, first_ms, first_incarnation, first_seq, last_ms, count, data)
+            "INSERT INTO value_chunks (thing, property, first_ms, first_incarnation, first_seq, last_ms, count, data)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )
         .and_then(|mut s| {
@@ -928,6 +947,29 @@ fn insert_chunks(
         start = end;
     }
     Ok(())
+}
+
+/// The points of the chunk stored under this first key, if there is one.
+fn chunk_at(
+    tx: &rusqlite::Transaction<'_>,
+    thing: &str,
+    property: &str,
+    first: (u64, u64, u64),
+) -> Result<Option<Vec<ValueRecord>>, StorageError> {
+    let data: Option<Vec<u8>> = tx
+        .prepare_cached(
+            "SELECT data FROM value_chunks WHERE thing = ?1 AND property = ?2 AND first_ms = ?3
+             AND first_incarnation = ?4 AND first_seq = ?5",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![thing, property, first.0 as i64, ordered(first.1), first.2 as i64],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .map_err(sql_error)?;
+    data.map(|d| codec::decode_chunk(Bytes::from(d)).map_err(corrupt)).transpose()
 }
 
 fn delete_chunk(
@@ -1085,7 +1127,7 @@ fn trim_stream(
                 points.drain(..points.len() - room);
             }
         }
-        removed += count - points.len() as u64;
+        removed += count.saturating_sub(points.len() as u64);
         kept += points.len() as u64;
         delete_chunk(tx, thing, property, first)?;
         insert_chunks(tx, thing, property, &points)?;
@@ -1398,7 +1440,10 @@ impl Provider for Sqlite {
     ) -> BoxFuture<'_, Result<Vec<(ByteString, ThingState)>, StorageError>> {
         let limits = self.limits;
         self.read(move |conn| {
-            let mut all = load_all(conn, &limits)?;
+            // one snapshot: the writer may fold meanwhile
+            let tx = conn.unchecked_transaction().map_err(sql_error)?;
+            let mut all = load_all(&tx, &limits)?;
+            drop(tx);
             if let Some(partitions) = partitions {
                 all.retain(|(name, _)| {
                     partitions.contains(&crate::ring::partition_of(name.as_bytes()))
@@ -1432,6 +1477,7 @@ mod tests {
             limits: Limits::DEFAULT,
             readers: 1,
             retention_period: Duration::from_millis(20),
+            fold_after: Duration::from_millis(200),
         }
     }
 
@@ -1600,5 +1646,59 @@ mod tests {
         )
         .await;
         assert_eq!(kept, (1_900..2_000).collect::<Vec<u64>>());
+    }
+
+    async fn journal_rows_left(store: &Sqlite) -> i64 {
+        store
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0)).map_err(sql_error)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// A value sent again that starts a stored chunk is merged into it, not put in its place; journal rows written
+    /// after a restart that followed a complete fold are not taken for folded ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resent_values_and_restarts_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let thing = crate::storage::thing_row(&"t".into(), 3, &ThingState::default());
+        {
+            let store = Sqlite::open(options(dir.path())).unwrap();
+            store.write(Arc::new(vec![Change::Thing(thing)])).await.unwrap();
+            let changes: Vec<Change> = (1..=300).map(values).collect();
+            store.write(Arc::new(changes)).await.unwrap();
+            eventually("folded", async || journal_rows_left(&store).await, |n| *n == 0).await;
+            // every stored chunk's first value, sent again
+            let firsts: Vec<u64> = store
+                .read(|c| {
+                    let mut stmt =
+                        c.prepare("SELECT first_seq FROM value_chunks").map_err(sql_error)?;
+                    let rows = stmt.query_map([], |r| r.get::<_, i64>(0)).map_err(sql_error)?;
+                    rows.map(|r| r.map(|v| v as u64).map_err(sql_error)).collect()
+                })
+                .await
+                .unwrap();
+            assert!(firsts.len() > 1, "several chunks: {firsts:?}");
+            store.write(Arc::new(firsts.iter().map(|&n| values(n)).collect())).await.unwrap();
+            eventually("folded again", async || journal_rows_left(&store).await, |n| *n == 0).await;
+            assert_eq!(all(&store, false).await, (1..=300).collect::<Vec<u64>>());
+        }
+        // started again with an empty journal: a new value is journaled and the store closed before it is folded
+        {
+            let store = Sqlite::open(options(dir.path())).unwrap();
+            store.write(Arc::new(vec![values(301)])).await.unwrap();
+        }
+        let store = Sqlite::open(options(dir.path())).unwrap();
+        let loaded = store.load(None).await.unwrap();
+        assert_eq!(
+            loaded[0].1.properties["p"].value,
+            Value::Int(301),
+            "replayed at the next start"
+        );
+        let seen =
+            eventually("301 in the stream", async || all(&store, false).await, |s| s.len() == 301)
+                .await;
+        assert_eq!(seen, (1..=301).collect::<Vec<u64>>());
     }
 }
