@@ -228,20 +228,25 @@ async fn fill(dir: &Path, things: u64, values: u64) {
             );
         }
     }
-    // let the journal fold before the measurement of a restart: wait until it is empty
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let conn = rusqlite::Connection::open(dir.join(storage::sqlite::FILE_NAME)).unwrap();
-        let left: i64 = conn.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0)).unwrap();
-        if left == 0 {
-            break;
-        }
-        eprintln!("journal rows left to fold: {left}");
-    }
+    // let the journal fold before the measurement of a restart
+    wait_folded(dir).await;
     println!(
         "{{\"things\": {things}, \"values\": {written}, \"seconds\": {:.1}}}",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Waits until the store's journal is folded and emptied (it is folded in the background).
+async fn wait_folded(dir: &Path) {
+    let conn = rusqlite::Connection::open(dir.join(storage::sqlite::FILE_NAME)).unwrap();
+    loop {
+        let left: i64 = conn.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0)).unwrap();
+        if left == 0 {
+            return;
+        }
+        eprintln!("journal rows left to fold: {left}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// One property's day at 1 Hz: 86,400 values read through the store, as the history API reads them.
@@ -283,8 +288,7 @@ async fn history(dir: &Path) {
                 .collect();
             store.write(Arc::new(batch)).await.unwrap();
         }
-        // folded in the background; wait for it
-        tokio::time::sleep(Duration::from_secs(15)).await;
+        wait_folded(dir).await;
     }
     let query = HistoryQuery {
         thing: "day".into(),
