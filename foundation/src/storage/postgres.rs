@@ -613,6 +613,22 @@ async fn sweep_once(
     Ok(())
 }
 
+/// A property's state from a row whose columns 2 to 7 are value, quality, timestamp, incarnation, seq, received.
+fn property_at(r: &tokio_postgres::Row, limits: &Limits) -> Result<PropertyState, StorageError> {
+    let value =
+        Value::decode(Bytes::copy_from_slice(r.get::<_, &[u8]>(2)), limits).map_err(corrupt)?;
+    Ok(PropertyState {
+        value,
+        quality: quality(r.get(3)),
+        version: Version {
+            timestamp_ms: r.get::<_, i64>(4) as u64,
+            incarnation: unordered(r.get(5)),
+            seq: r.get::<_, i64>(6) as u64,
+        },
+        received_ms: r.get::<_, i64>(7) as u64,
+    })
+}
+
 fn quality(q: i16) -> Quality {
     Quality::from_u8(q as u8).unwrap_or(Quality::Bad)
 }
@@ -724,22 +740,7 @@ impl Provider for Postgres {
                 let thing: String = r.get(0);
                 let Some(state) = things.get_mut(thing.as_str()) else { continue };
                 let property: String = r.get(1);
-                let value =
-                    Value::decode(Bytes::copy_from_slice(r.get::<_, &[u8]>(2)), &self.limits)
-                        .map_err(corrupt)?;
-                state.apply_property(
-                    &ByteString::from(property),
-                    PropertyState {
-                        value,
-                        quality: quality(r.get(3)),
-                        version: Version {
-                            timestamp_ms: r.get::<_, i64>(4) as u64,
-                            incarnation: unordered(r.get(5)),
-                            seq: r.get::<_, i64>(6) as u64,
-                        },
-                        received_ms: r.get::<_, i64>(7) as u64,
-                    },
-                );
+                state.apply_property(&ByteString::from(property), property_at(&r, &self.limits)?);
             }
             // the newest value of each logged property's stream, where its definition persists it
             let rows = client
@@ -762,22 +763,7 @@ impl Provider for Postgres {
                 if !state.definition(&property).persisted {
                     continue;
                 }
-                let value =
-                    Value::decode(Bytes::copy_from_slice(r.get::<_, &[u8]>(2)), &self.limits)
-                        .map_err(corrupt)?;
-                state.apply_property(
-                    &ByteString::from(property),
-                    PropertyState {
-                        value,
-                        quality: quality(r.get(3)),
-                        version: Version {
-                            timestamp_ms: r.get::<_, i64>(4) as u64,
-                            incarnation: unordered(r.get(5)),
-                            seq: r.get::<_, i64>(6) as u64,
-                        },
-                        received_ms: r.get::<_, i64>(7) as u64,
-                    },
-                );
+                state.apply_property(&ByteString::from(property), property_at(&r, &self.limits)?);
             }
             self.give_back(client).await;
             Ok(things.into_iter().collect())

@@ -1107,19 +1107,7 @@ fn trim_stream(
             continue;
         }
         // the boundary chunk: keep its newest values within both limits
-        let data: Vec<u8> = tx
-            .prepare_cached(
-                "SELECT data FROM value_chunks WHERE thing = ?1 AND property = ?2 AND first_ms = ?3
-                 AND first_incarnation = ?4 AND first_seq = ?5",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![thing, property, first.0 as i64, ordered(first.1), first.2 as i64],
-                    |r| r.get(0),
-                )
-            })
-            .map_err(sql_error)?;
-        let mut points = codec::decode_chunk(Bytes::from(data)).map_err(corrupt)?;
+        let Some(mut points) = chunk_at(tx, thing, property, first)? else { continue };
         points.retain(|p| p.timestamp_ms >= cutoff);
         if max_count > 0 {
             let room = (max_count - kept) as usize;
