@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The gateway side by side with nginx and HAProxy, each terminating TLS 1.3 WebSockets with the same ECDSA P-256
-# certificate and driven by the same load generator (see ../shared/BENCHMARKS.md for the method).
+# certificate and driven by the same load generator (method: docs/BENCHMARKS.md).
 #
 #   thingport gateway  -> acknowledging worker (link protocol)          [wss, and quic for M5]
 #   nginx / HAProxy    -> plain WebSocket backend speaking the device protocol, acknowledging at once
@@ -56,14 +56,14 @@ cleanup() {
 trap cleanup EXIT
 HZ=$(getconf CLK_TCK)
 
-# one certificate for everyone: an ECDSA P-256 leaf (../shared/peers/README.md)
+# one certificate for everyone: an ECDSA P-256 leaf (benches/peers/README.md)
 mkdir -p "$WORK/tls" "$WORK/nginx/logs" "$WORK/nginx/tmp"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$WORK/tls/key.pem" \
   -out "$WORK/tls/cert.pem" -days 30 -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
   -addext "basicConstraints=critical,CA:FALSE" -addext "keyUsage=critical,digitalSignature" \
   -addext "extendedKeyUsage=serverAuth" 2>/dev/null
 cat "$WORK/tls/cert.pem" "$WORK/tls/key.pem" > "$WORK/tls/haproxy.pem"
-PEERS=../shared/peers
+PEERS=benches/peers
 sed "s#\${WORK}#$WORK#g" "$PEERS/nginx-wss-proxy.conf" > "$WORK/nginx/nginx.conf"
 sed "s#\${WORK}#$WORK#g" "$PEERS/haproxy-wss-proxy.cfg" > "$WORK/haproxy.cfg"
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Cross-builds the arm64 thingport .deb with Debian's rustc-web (rustup here has no arm64 standard library) and
 # smoke-tests the arm64 gateway under qemu: --version, then a WSS HELLO and acknowledged data from the amd64 load
-# generator. Needs root for the packages (../shared/CROSS-BUILD.md).
+# generator. Needs root for the packages. The whole arm64 build uses Debian's /usr/bin/rustc (rustup's cannot link
+# Debian's arm64 standard library), with no -L to /usr/aarch64-linux-gnu (that mixes the cross loader with the arm64
+# libc, and threaded programs hang).
 #   packaging/build-deb-arm64.sh   -> target/debian/thingport_VERSION-1_arm64.deb
 set -euo pipefail
 cd "$(dirname "$0")/.."
