@@ -12,7 +12,7 @@ use serde::Deserialize;
 /// The default configuration, as shipped in `/etc/thingport/gateway.toml`, with a comment on every key.
 pub const DEFAULT_CONFIG: &str = include_str!("../gateway.toml");
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Name of this gateway in link `HELLO`s and logs.
@@ -26,7 +26,7 @@ pub struct Config {
     pub admin: Admin,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listen {
     /// Address of both listeners: WSS on TCP and QUIC on UDP, same port.
@@ -39,7 +39,7 @@ pub struct Listen {
     pub backlog: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
     /// PEM certificate chain, leaf first.
@@ -54,7 +54,7 @@ pub struct Tls {
     pub require_client_cert: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// File holding the provisioning secret that signs device tokens (at least 32 bytes).
@@ -63,7 +63,7 @@ pub struct Auth {
     pub revocation_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Upstream {
     /// Link addresses of the foundation workers.
@@ -85,7 +85,7 @@ pub struct Upstream {
     pub heartbeat: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Most device sessions at once, WSS and QUIC together (including those in handshake).
@@ -107,7 +107,7 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Session {
     /// Keepalive for devices that ask for 0, and bounds on what they may ask.
@@ -128,7 +128,7 @@ pub struct Session {
     pub reconnect_hint: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// Metrics and health endpoints (`/metrics`, `/healthz`, `/readyz`); loopback by default.
@@ -330,6 +330,11 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_commented_default_file_is_the_default_configuration() {
+        assert_eq!(Config::parse(DEFAULT_CONFIG).unwrap(), Config::default());
+    }
 
     #[test]
     fn the_packaged_configuration_parses_and_names_the_installed_files() {
