@@ -114,17 +114,21 @@ print(json.dumps({"offered_msgs_per_s": rate * devices, "acked_msgs_per_s": roun
 PY
 }
 
+rates() { # a worker and a gateway, the load at each rate, both stopped
+  start_worker
+  start_gateway
+  for rate in $RATES; do
+    echo "-- $rate messages/s per device for ${SECONDS_}s"
+    load "$rate"
+  done
+  stop "$GATEWAY"; stop "$WORKER"
+}
+
 if part 2; then
 echo "== 2. gateway -> one worker -> SQLite, durability disk: $DEVICES devices x 10 float properties a message"
 worker_config "data_dir = \"$WORK/store-sqlite\""
-start_worker
-start_gateway
-for rate in $RATES; do
-  echo "-- $rate messages/s per device for ${SECONDS_}s"
-  load "$rate"
-done
+rates
 ls -l "$WORK/store-sqlite"
-stop "$GATEWAY"; stop "$WORKER"
 fi
 
 if part 3; then
@@ -134,13 +138,7 @@ if part 3; then
   psql "$THINGPORT_TEST_POSTGRES dbname=postgres" -qc "CREATE DATABASE bench" >/dev/null
   worker_config "provider = \"postgres\"
 postgres_url = \"$THINGPORT_TEST_POSTGRES dbname=bench\""
-  start_worker
-  start_gateway
-  for rate in $RATES; do
-    echo "-- $rate messages/s per device for ${SECONDS_}s"
-    load "$rate"
-  done
-  stop "$GATEWAY"; stop "$WORKER"
+  rates
   ROWS=$((DEVICES * 10 * 100))
   python3 - "$ROWS" "$DEVICES" > "$WORK/rows.tsv" <<'PY'
 import sys

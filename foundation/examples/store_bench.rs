@@ -84,82 +84,68 @@ fn ceiling(dir: &Path, things: u64, properties: u64, frames: u64, messages: u64)
         Value::Float(21.5).encode(&mut v);
         v
     };
-    // one row per value
-    let c = open("rows.sqlite");
-    c.execute_batch(
-        "CREATE TABLE v (stream INTEGER NOT NULL, ts INTEGER NOT NULL, inc INTEGER NOT NULL, seq INTEGER NOT NULL,
-         quality INTEGER NOT NULL, value BLOB NOT NULL, received INTEGER NOT NULL,
-         PRIMARY KEY (stream, ts, inc, seq)) WITHOUT ROWID",
-    )
-    .unwrap();
-    let started = Instant::now();
-    let mut n = 0;
-    while n < messages {
-        let tx = c.unchecked_transaction().unwrap();
-        {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO v VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)").unwrap();
-            for _ in 0..frames {
-                let (thing, seq) = (n % things, n / things + 1);
-                for p in 0..properties {
-                    let stream = (thing * properties + p) as i64;
-                    let ts = (base + seq * 100) as i64;
-                    insert
-                        .execute(params![stream, ts, 7i64, seq as i64, 0i64, &value, ts])
-                        .unwrap();
-                }
-                n += 1;
-            }
-        }
-        tx.commit().unwrap();
-    }
-    let rows = (n * properties) as f64 / started.elapsed().as_secs_f64();
-    // one row per frame (thingport's journal)
-    let c = open("frames.sqlite");
-    c.execute_batch(
-        "CREATE TABLE j (thing TEXT NOT NULL, id INTEGER NOT NULL, received INTEGER NOT NULL, data BLOB NOT NULL,
-         PRIMARY KEY (thing, id)) WITHOUT ROWID",
-    )
-    .unwrap();
     let names: Vec<String> = (0..things).map(|t| format!("dev-{t:05}")).collect();
     let frame: Vec<u8> =
         (0..properties).flat_map(|_| value.iter().copied().chain([0u8; 8])).collect();
-    let started = Instant::now();
-    let mut n = 0;
-    while n < messages {
-        let tx = c.unchecked_transaction().unwrap();
-        {
-            let mut insert = tx.prepare_cached("INSERT INTO j VALUES (?1, ?2, ?3, ?4)").unwrap();
-            for _ in 0..frames {
-                let thing = &names[(n % things) as usize];
-                insert.execute(params![thing, n as i64, base as i64, &frame]).unwrap();
-                n += 1;
+    // inserts `messages` frames, `frames` per commit, into a fresh file; values per second
+    let measure = |file: &str,
+                   schema: &str,
+                   insert: &str,
+                   row: &dyn Fn(&mut rusqlite::CachedStatement<'_>, u64)| {
+        let c = open(file);
+        c.execute_batch(schema).unwrap();
+        let started = Instant::now();
+        let mut n = 0;
+        while n < messages {
+            let tx = c.unchecked_transaction().unwrap();
+            {
+                let mut statement = tx.prepare_cached(insert).unwrap();
+                for _ in 0..frames {
+                    row(&mut statement, n);
+                    n += 1;
+                }
             }
+            tx.commit().unwrap();
         }
-        tx.commit().unwrap();
-    }
-    let keyed = (n * properties) as f64 / started.elapsed().as_secs_f64();
+        (n * properties) as f64 / started.elapsed().as_secs_f64()
+    };
+    // one row per value
+    let rows = measure(
+        "rows.sqlite",
+        "CREATE TABLE v (stream INTEGER NOT NULL, ts INTEGER NOT NULL, inc INTEGER NOT NULL, seq INTEGER NOT NULL,
+         quality INTEGER NOT NULL, value BLOB NOT NULL, received INTEGER NOT NULL,
+         PRIMARY KEY (stream, ts, inc, seq)) WITHOUT ROWID",
+        "INSERT INTO v VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        &|insert, n| {
+            let (thing, seq) = (n % things, n / things + 1);
+            let ts = (base + seq * 100) as i64;
+            for p in 0..properties {
+                let stream = (thing * properties + p) as i64;
+                insert.execute(params![stream, ts, 7i64, seq as i64, 0i64, &value, ts]).unwrap();
+            }
+        },
+    );
+    // one row per frame keyed by thing
+    let keyed = measure(
+        "frames.sqlite",
+        "CREATE TABLE j (thing TEXT NOT NULL, id INTEGER NOT NULL, received INTEGER NOT NULL, data BLOB NOT NULL,
+         PRIMARY KEY (thing, id)) WITHOUT ROWID",
+        "INSERT INTO j VALUES (?1, ?2, ?3, ?4)",
+        &|insert, n| {
+            let thing = &names[(n % things) as usize];
+            insert.execute(params![thing, n as i64, base as i64, &frame]).unwrap();
+        },
+    );
     // one row per frame in arrival order (thingport's journal)
-    let c = open("journal.sqlite");
-    c.execute_batch(
+    let journal = measure(
+        "journal.sqlite",
         "CREATE TABLE j (id INTEGER PRIMARY KEY, thing TEXT NOT NULL, received INTEGER NOT NULL, data BLOB NOT NULL)",
-    )
-    .unwrap();
-    let started = Instant::now();
-    let mut n = 0;
-    while n < messages {
-        let tx = c.unchecked_transaction().unwrap();
-        {
-            let mut insert = tx.prepare_cached("INSERT INTO j VALUES (?1, ?2, ?3, ?4)").unwrap();
-            for _ in 0..frames {
-                let thing = &names[(n % things) as usize];
-                insert.execute(params![n as i64, thing, base as i64, &frame]).unwrap();
-                n += 1;
-            }
-        }
-        tx.commit().unwrap();
-    }
-    let journal = (n * properties) as f64 / started.elapsed().as_secs_f64();
+        "INSERT INTO j VALUES (?1, ?2, ?3, ?4)",
+        &|insert, n| {
+            let thing = &names[(n % things) as usize];
+            insert.execute(params![n as i64, thing, base as i64, &frame]).unwrap();
+        },
+    );
     println!(
         "{{\"rows_values_per_s\": {rows:.0}, \"frames_keyed_by_thing_values_per_s\": {keyed:.0}, \"journal_values_per_s\": {journal:.0}, \"things\": {things}, \"properties\": {properties}, \"frames_per_commit\": {frames}}}"
     );

@@ -41,7 +41,7 @@ fn base_ms() -> u64 {
 #[derive(Clone, Default)]
 struct Acked {
     by_device: Arc<Mutex<BTreeMap<String, BTreeMap<u64, bool>>>>,
-    total: Arc<tokio::sync::watch::Sender<usize>>,
+    total: support::Count,
 }
 
 impl Acked {
@@ -51,14 +51,7 @@ impl Acked {
         let before = entry.len();
         entry.extend(frames);
         let added = entry.len() - before;
-        self.total.send_modify(|t| *t += added);
-    }
-
-    async fn grow_by(&self, more: usize, what: &str) {
-        let target = *self.total.borrow() + more;
-        let mut total = self.total.subscribe();
-        let grown = tokio::time::timeout(Duration::from_secs(60), total.wait_for(|t| *t >= target));
-        assert!(grown.await.is_ok(), "acknowledgements stalled {what}");
+        self.total.add(added);
     }
 }
 
@@ -254,7 +247,7 @@ async fn a_killed_worker_restarts(storage: Option<String>) {
     let stop = CancellationToken::new();
     let acked = Acked::default();
     let devices = start_devices(3, &gateway.endpoint, &stop, &acked);
-    acked.grow_by(300, "before the kill").await;
+    acked.total.grow_by(300, "before the kill").await;
 
     worker.kill().await;
     let restarted = Instant::now();
@@ -262,7 +255,7 @@ async fn a_killed_worker_restarts(storage: Option<String>) {
     let ready = worker.ready().await;
     eprintln!("restart: ready {} ms after start", restarted.elapsed().as_millis());
     let _ = ready;
-    acked.grow_by(300, "after the restart").await;
+    acked.total.grow_by(300, "after the restart").await;
 
     // the binding came back with the gateway's OPEN: a write reaches the connected device
     let (status, write) = http(
@@ -364,7 +357,7 @@ async fn the_whole_pool_killed(storage: Option<String>) {
     let stop = CancellationToken::new();
     let acked = Acked::default();
     let devices = start_devices(6, &gateway.endpoint, &stop, &acked);
-    acked.grow_by(600, "before the kill").await;
+    acked.total.grow_by(600, "before the kill").await;
 
     for w in &mut workers {
         w.kill().await;
@@ -382,7 +375,7 @@ async fn the_whole_pool_killed(storage: Option<String>) {
         restarted.elapsed().as_millis()
     );
     cluster_until(again[0].api, "the same three", |v| settled_on(v, &["w1", "w2", "w3"])).await;
-    acked.grow_by(600, "after the restart").await;
+    acked.total.grow_by(600, "after the restart").await;
     stop_devices(stop, devices).await;
     let (values, events) = check_everything(again[1].api, &acked, |_| true).await;
     eprintln!(

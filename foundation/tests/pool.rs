@@ -46,26 +46,18 @@ fn slots(view: &Json) -> BTreeMap<String, u64> {
 #[derive(Clone)]
 struct Acked {
     by_device: Arc<Mutex<BTreeMap<String, Vec<i64>>>>,
-    total: Arc<tokio::sync::watch::Sender<usize>>,
+    total: support::Count,
 }
 
 impl Acked {
     fn new() -> Acked {
-        Acked { by_device: Arc::default(), total: Arc::new(tokio::sync::watch::channel(0).0) }
+        Acked { by_device: Arc::default(), total: support::Count::default() }
     }
 
     fn record(&self, device: &str, values: Vec<i64>) {
         let n = values.len();
         self.by_device.lock().unwrap().entry(device.to_string()).or_default().extend(values);
-        self.total.send_modify(|t| *t += n);
-    }
-
-    /// Waits until `more` acknowledgements have come in since the call.
-    async fn grow_by(&self, more: usize, what: &str) {
-        let target = *self.total.borrow() + more;
-        let mut total = self.total.subscribe();
-        let grown = tokio::time::timeout(Duration::from_secs(30), total.wait_for(|t| *t >= target));
-        assert!(grown.await.is_ok(), "acknowledgements stalled {what}");
+        self.total.add(n);
     }
 }
 
@@ -153,7 +145,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
             tokio::spawn(run)
         })
         .collect();
-    acked.grow_by(300, "before any change").await;
+    acked.total.grow_by(300, "before any change").await;
 
     // any worker's API reads what a device wrote, whichever worker stored it
     let (name, n) = {
@@ -181,7 +173,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let moved: u64 = before.iter().map(|(id, n)| n - after[id]).sum();
     assert_eq!(moved, after["w4"], "every moved slot went to the new worker");
     eprintln!("join: {moved} of 2048 replica slots moved to w4");
-    acked.grow_by(300, "after the join").await;
+    acked.total.grow_by(300, "after the join").await;
 
     // a thing whose partition the worker about to be killed leads
     let mut probe = 0;
@@ -213,7 +205,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     for (id, n) in &after_kill {
         assert!(*n >= after[id], "{id} lost slots though it survived");
     }
-    acked.grow_by(300, "after the kill").await;
+    acked.total.grow_by(300, "after the kill").await;
     eprintln!(
         "kill -9: first write to a partition the killed worker led after {} ms; table rebalanced after {} ms",
         failover.as_millis(),
@@ -226,7 +218,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let view = cluster_until(workers[0].api, "the pause", |v| settled_on(v, &["w1", "w4"])).await;
     assert_eq!(slots(&view).values().sum::<u64>(), 2048);
     eprintln!("SIGSTOP: table rebalanced {} ms after the pause", paused.elapsed().as_millis());
-    acked.grow_by(300, "with a worker paused").await;
+    acked.total.grow_by(300, "with a worker paused").await;
     // resumed, it learns that the pool declared it down, rejoins as a renewal of the same run, and gets a share of
     // the partitions back (copied to it afresh)
     signal(&workers[2].child, "-CONT");
@@ -236,7 +228,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     .await;
     assert_eq!(slots(&view).values().sum::<u64>(), 2048);
     assert!(workers[2].child.try_wait().unwrap().is_none(), "the resumed worker runs on");
-    acked.grow_by(300, "after the paused worker came back").await;
+    acked.total.grow_by(300, "after the paused worker came back").await;
 
     stop.cancel();
     for device in devices {

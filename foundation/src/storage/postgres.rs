@@ -629,6 +629,17 @@ fn property_at(r: &tokio_postgres::Row, limits: &Limits) -> Result<PropertyState
     })
 }
 
+/// A page's comparison and order in SQL, and its cursor (the stream's ends when there is none).
+fn page_bounds(query: &HistoryQuery) -> (&'static str, &'static str, (i64, i64, i64)) {
+    let (op, order) = if query.newest_first { ("<", "DESC") } else { (">", "ASC") };
+    let after = match query.after {
+        Some(StreamPosition(a, b, c)) => (a as i64, ordered(b), c as i64),
+        None if query.newest_first => (i64::MAX, i64::MAX, i64::MAX),
+        None => (i64::MIN, i64::MIN, i64::MIN),
+    };
+    (op, order, after)
+}
+
 fn quality(q: i16) -> Quality {
     Quality::from_u8(q as u8).unwrap_or(Quality::Bad)
 }
@@ -774,12 +785,7 @@ impl Provider for Postgres {
         Box::pin(async move {
             let Some(property) = query.property.as_deref() else { return Ok(Vec::new()) };
             let client = self.reader().await?;
-            let (op, order) = if query.newest_first { ("<", "DESC") } else { (">", "ASC") };
-            let after = match query.after {
-                Some(StreamPosition(a, b, c)) => (a as i64, ordered(b), c as i64),
-                None if query.newest_first => (i64::MAX, i64::MAX, i64::MAX),
-                None => (i64::MIN, i64::MIN, i64::MIN),
-            };
+            let (op, order, after) = page_bounds(&query);
             let sql = format!(
                 "SELECT timestamp_ms, incarnation, seq, quality, value, received_ms FROM property_values
                  WHERE stream = (SELECT id FROM value_streams WHERE thing = $1 AND property = $2)
@@ -820,12 +826,7 @@ impl Provider for Postgres {
     fn events(&self, query: HistoryQuery) -> BoxFuture<'_, Result<Vec<EventRecord>, StorageError>> {
         Box::pin(async move {
             let client = self.reader().await?;
-            let (op, order) = if query.newest_first { ("<", "DESC") } else { (">", "ASC") };
-            let after = match query.after {
-                Some(StreamPosition(a, b, c)) => (a as i64, ordered(b), c as i64),
-                None if query.newest_first => (i64::MAX, i64::MAX, i64::MAX),
-                None => (i64::MIN, i64::MIN, i64::MIN),
-            };
+            let (op, order, after) = page_bounds(&query);
             let sql = format!(
                 "SELECT epoch_ms, incarnation, seq, timestamp_ms, name, payload, received_ms FROM events
                  WHERE thing = $1 AND (epoch_ms, incarnation, seq) {op} ($2, $3, $4)

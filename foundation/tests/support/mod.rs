@@ -113,3 +113,21 @@ pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
+
+/// A running count (acknowledgements, say) that tests wait on.
+#[derive(Clone, Default)]
+pub struct Count(std::sync::Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Count {
+    pub fn add(&self, n: usize) {
+        self.0.send_modify(|t| *t += n);
+    }
+
+    /// Waits until the count has grown by `more` since the call, at most 60 s.
+    pub async fn grow_by(&self, more: usize, what: &str) {
+        let target = *self.0.borrow() + more;
+        let mut total = self.0.subscribe();
+        let grown = tokio::time::timeout(Duration::from_secs(60), total.wait_for(|t| *t >= target));
+        assert!(grown.await.is_ok(), "stalled {what}");
+    }
+}
