@@ -132,8 +132,9 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Parses a TOML document; every problem is reported (see [`thingport_shell::config::parse`]).
     pub fn parse(text: &str) -> Result<Config, Vec<String>> {
-        toml::from_str(text).map_err(|e| vec![e.to_string()])
+        thingport_shell::config::parse(text)
     }
 
     /// Every problem, one per line; empty when usable.
@@ -202,6 +203,14 @@ impl Config {
             max_frame: self.max_frame,
             ..thingport_protocol::Limits::DEFAULT
         }
+    }
+}
+
+impl thingport_shell::ServerConfig for Config {
+    const DEFAULT_FILE: &'static str = DEFAULT_CONFIG;
+
+    fn validate(&self) -> Vec<String> {
+        Config::validate(self)
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod calls;
+pub mod cli;
 pub mod config;
 pub mod json;
 pub mod links;
@@ -303,31 +304,19 @@ async fn serve_admin(
     cluster: Arc<OnceLock<Arc<ring::Cluster>>>,
     stop: CancellationToken,
 ) {
-    let handle = metrics_handle();
-    let ready = move || {
-        // ready once the store is writable and this worker has a current partition table (one whose members are
-        // the running workers) and sees a majority of its members: before that it can store nothing
-        let (ready, why) = match (storage.health(), cluster.get()) {
-            (storage::Health::Opening(m), _) => (false, format!("opening the store: {m}")),
-            (storage::Health::Failing(m), _) => (false, format!("the store is failing: {m}")),
-            (storage::Health::Ok, None) => (false, "loading the store".to_string()),
-            (storage::Health::Ok, Some(c)) if !c.is_current() => {
-                (false, "no current partition table yet".to_string())
-            }
-            (storage::Health::Ok, Some(_)) => (true, String::new()),
-        };
-        let status = if ready {
-            axum::http::StatusCode::OK
-        } else {
-            axum::http::StatusCode::SERVICE_UNAVAILABLE
-        };
-        std::future::ready((status, if ready { "ready\n".to_string() } else { format!("{why}\n") }))
+    // ready once the store is writable and this worker has a current partition table (one whose members are the
+    // running workers) and sees a majority of its members: before that it can store nothing
+    let ready = move || match (storage.health(), cluster.get()) {
+        (storage::Health::Opening(m), _) => Err(format!("opening the store: {m}")),
+        (storage::Health::Failing(m), _) => Err(format!("the store is failing: {m}")),
+        (storage::Health::Ok, None) => Err("loading the store".to_string()),
+        (storage::Health::Ok, Some(c)) if !c.is_current() => {
+            Err("no current partition table yet".to_string())
+        }
+        (storage::Health::Ok, Some(_)) => Ok("ready".to_string()),
     };
-    let router = axum::Router::new()
-        .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .route("/readyz", axum::routing::get(ready));
-    let _ = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+    let router = thingport_shell::admin::router(metrics_handle(), ready);
+    thingport_shell::admin::serve(admin, router, stop.cancelled_owned()).await;
 }
 
 /// The process's Prometheus recorder (installed on first use).

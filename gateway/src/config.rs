@@ -234,7 +234,7 @@ impl Default for Admin {
 impl Config {
     /// Parses a TOML document; syntax and unknown keys are reported with their location.
     pub fn parse(text: &str) -> Result<Config, Vec<String>> {
-        toml::from_str(text).map_err(|e| vec![e.to_string()])
+        thingport_shell::config::parse(text)
     }
 
     /// Every problem of a parsed configuration, each on its own line; empty when it is usable. Files are checked
@@ -324,6 +324,14 @@ impl Config {
             max_frame: self.limits.max_frame,
             ..thingport_protocol::Limits::DEFAULT
         }
+    }
+}
+
+impl thingport_shell::ServerConfig for Config {
+    const DEFAULT_FILE: &'static str = DEFAULT_CONFIG;
+
+    fn validate(&self) -> Vec<String> {
+        Config::validate(self)
     }
 }
 

@@ -12,6 +12,7 @@
 //! shutdown future; when that future completes the gateway drains (`GOAWAY`, wait for in-flight data, exit).
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod limits;
 pub mod metrics;

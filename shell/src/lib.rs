@@ -1,0 +1,19 @@
+//! thingport-shell: the process around a thingport server, the same for the gateway and the foundation worker.
+//!
+//! - [`config`]: read a TOML configuration and report every problem at once (syntax, types, unknown keys, values),
+//!   exit status 64 (`EX_USAGE`), on which the systemd units do not restart.
+//! - [`Command`]: the subcommands every server has (`run`, `check-config`, `print-default-config`), and
+//!   [`Command::execute`], which runs them.
+//! - [`Process`]: logging (to stderr; stdout carries one JSON line of bound addresses), a multi-threaded runtime,
+//!   SIGTERM and SIGINT as shutdown, SIGHUP as reload, and systemd notification (`READY`, `WATCHDOG`, `STOPPING`).
+//! - [`admin`]: the admin router (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! It holds no server logic: a server supplies its configuration type ([`ServerConfig`]) and an async `serve`
+//! function that binds, calls [`Process::ready`] and runs until [`Process::shutdown`] completes.
+
+pub mod admin;
+pub mod config;
+mod process;
+
+pub use config::ServerConfig;
+pub use process::{Command, EX_USAGE, Process, init_logging, load_or_exit};
