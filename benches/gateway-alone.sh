@@ -61,7 +61,7 @@ env ${GW_ENV:-} RUST_LOG=warn,thingport_gateway=info taskset -c 1 $B/thingport-g
 GW=$!
 PIDS+=($GW)
 until grep -q "listening" "$WORK/gateway.log"; do sleep 0.1; done
-addr_of() { grep -o "$1=Some([0-9.:]*)" "$WORK/gateway.log" | head -1 | sed "s/$1=Some(\(.*\))/\1/"; }
+addr_of() { grep -o "\"$1\":\"[0-9.:]*\"" "$WORK/gateway.log" | head -1 | cut -d'"' -f4; }  # from the JSON line of bound addresses
 TARGET=$(addr_of wss)
 ADMIN=$(addr_of admin)
 rss_kb() { awk '/VmRSS/ {print $2}' /proc/$GW/status; }

@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use support::{Harness, device_config, within};
-use thingport_loadtest::client::{Closed, DeviceError, FrameConn, Transport};
+use thingport_device::{Closed, DeviceError, FrameConn, Transport};
 use thingport_loadtest::worker::WorkerEvent;
 use thingport_protocol::{
     Credential, DeviceEvent, ErrorCode, Frame, Properties, PropertyUpdate, Quality, ServiceRequest,
@@ -145,8 +145,7 @@ async fn refused_with(
     transport: Transport,
     credential: Credential,
 ) -> ErrorCode {
-    let mut device =
-        thingport_loadtest::client::Device::new(device_config("pump-1", credential), 1);
+    let mut device = thingport_device::Device::new(device_config("pump-1", credential), 1);
     match within("refusal", device.connect(&harness.endpoint(transport))).await {
         Err(DeviceError::Session(SessionError::Peer { code, .. })) => code,
         other => panic!("expected a refusal, got {other:?}"),
@@ -288,7 +287,7 @@ async fn quic_with_a_wrong_alpn_is_refused_in_the_tls_handshake() {
     let harness = Harness::start(1, |_| {}).await;
     let mut endpoint = harness.endpoint(Transport::Quic);
     endpoint.quic_tls =
-        thingport_loadtest::client::tls_config(std::slice::from_ref(&harness.cert), b"h3").unwrap();
+        thingport_device::tls_config(std::slice::from_ref(&harness.cert), b"h3").unwrap();
     let err = within("refusal", FrameConn::connect(&endpoint)).await.unwrap_err();
     assert!(
         format!("{err:#}").contains("no_application_protocol")

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use support::{Harness, wait_for, within, write_cert};
-use thingport_loadtest::client::{Closed, DeviceError, FrameConn, Transport};
+use thingport_device::{Closed, DeviceError, FrameConn, Transport};
 use thingport_protocol::{
     DeviceEvent, Frame, GoawayReason, Properties, PropertyUpdate, Quality, Value,
 };
@@ -118,8 +118,7 @@ async fn reload_swaps_the_certificate_for_new_handshakes_only() {
     let new_cert = support::read_cert(&cert);
     let mut trusting_new = harness.endpoint(Transport::Wss);
     trusting_new.wss_tls =
-        thingport_loadtest::client::tls_config(std::slice::from_ref(&new_cert), b"http/1.1")
-            .unwrap();
+        thingport_device::tls_config(std::slice::from_ref(&new_cert), b"http/1.1").unwrap();
     let mut device = harness.device("pump-2");
     within("connect with the new certificate", device.connect(&trusting_new)).await.unwrap();
     // a client trusting only the old certificate now fails its handshake

@@ -11,7 +11,7 @@ mod support;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::{Harness, device_config, within};
-use thingport_loadtest::client::{
+use thingport_device::{
     Device, DeviceError, Endpoint, FrameConn, Identity, Transport, tls_config_with_identity,
 };
 use thingport_protocol::{Credential, ErrorCode, SessionError};

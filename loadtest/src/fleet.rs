@@ -21,8 +21,8 @@ use thingport_protocol::{
 };
 use tokio::time::Instant as TokioInstant;
 
-use crate::client::{Device, DeviceError, Endpoint, Transport};
 use crate::report::Stats;
+use thingport_device::{Device, DeviceError, Endpoint, Transport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Scenario {

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use thingport_loadtest::client::{Endpoint, Transport};
+use thingport_device::{Endpoint, Transport};
 use thingport_loadtest::fleet::{Fleet, Scenario, TransportChoice, ValueKind};
 use thingport_loadtest::report::{Report, Stats, Summary};
 use thingport_loadtest::worker::AckWorker;

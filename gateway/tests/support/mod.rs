@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use thingport_device::{Device, Endpoint, Transport};
 use thingport_gateway::{Addrs, Config, Gateway, Handle, token::TokenKey};
-use thingport_loadtest::client::{Device, Endpoint, Transport};
 use thingport_loadtest::worker::AckWorker;
 use thingport_protocol::{ByteString, Credential, DeviceConfig};
 use tokio::sync::oneshot;

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::{KEY, device, http, within};
+use thingport_device::Endpoint;
 use thingport_foundation::{Config as WorkerConfig, Worker};
-use thingport_loadtest::client::Endpoint;
 use thingport_protocol::{
     DeviceEvent, Frame, Properties, PropertyUpdate, Quality, ServiceResponse, ServiceResult, Value,
 };
@@ -231,6 +231,132 @@ async fn requests_a_device_could_not_decode_are_refused_and_the_session_survives
         }
     })
     .await;
+    for stop in system.stop {
+        let _ = stop.send(());
+    }
+}
+
+/// What a [`Handler`] of the SDK client is asked, for the test to read.
+struct Recorder {
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl thingport_device::Handler for Recorder {
+    fn disconnected(&mut self, reason: &str, _retry_in: Duration) {
+        let _ = self.events.send(format!("disconnected: {reason}"));
+    }
+
+    fn property_write(&mut self, updates: &[PropertyUpdate]) {
+        for u in updates {
+            let _ = self.events.send(format!("write {} = {:?}", u.name, u.value));
+        }
+    }
+
+    fn service_call(&mut self, call: &thingport_protocol::ServiceRequest) -> Option<ServiceResult> {
+        Some(ServiceResult::Ok(call.params.clone()))
+    }
+}
+
+#[tokio::test]
+async fn the_device_sdk_resends_after_a_restart_what_was_never_acknowledged_and_answers_the_api() {
+    use thingport_device::{Backoff, Client, Options};
+    let system = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let token = thingport_gateway::token::TokenKey::new(support::SECRET)
+        .unwrap()
+        .issue("sdk-1", now + 3_600);
+    let options = |endpoint: Endpoint| {
+        let mut options = Options::new(
+            endpoint,
+            "sdk-1",
+            thingport_protocol::Credential::Token(token.clone().into_bytes().into()),
+        );
+        options.outbox = Some(outbox.clone());
+        options.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
+        options
+    };
+    let reading = |i: u64| PropertyUpdate {
+        name: "level".into(),
+        timestamp_ms: 1_000 + i,
+        quality: Quality::Good,
+        value: Value::Int(i as i64),
+    };
+
+    // first run: nothing listens where the device connects, so 20 readings wait in the outbox
+    let mut nowhere = system.endpoint.clone();
+    nowhere.addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (client, handle) = Client::new(options(nowhere)).unwrap();
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first = tokio::spawn(client.run(Recorder { events }, stop.clone().cancelled_owned()));
+    for i in 1..=20 {
+        assert_eq!(handle.properties(vec![reading(i)]).await.unwrap(), i);
+    }
+    let failed = within("a failed attempt", seen.recv()).await.unwrap();
+    assert!(failed.starts_with("disconnected"), "{failed}");
+    assert_eq!(handle.acked(), 0);
+    // the device reboots
+    stop.cancel();
+    first.await.unwrap();
+    drop(handle);
+
+    // second run, reaching the gateway: the 20 go out with their numbers, then 5 more
+    let (client, handle) = Client::new(options(system.endpoint.clone())).unwrap();
+    assert_eq!(client.unacked(), 20);
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let second = tokio::spawn(client.run(Recorder { events }, stop.clone().cancelled_owned()));
+    within("the kept readings acknowledged", handle.wait_acked(20)).await.unwrap();
+    for i in 21..=25 {
+        assert_eq!(handle.properties(vec![reading(i)]).await.unwrap(), i);
+    }
+    within("all acknowledged", handle.wait_acked(25)).await.unwrap();
+    let (status, page) = http(
+        system.api,
+        "GET",
+        "/v1/things/sdk-1/properties/level/history?order=oldest&limit=250",
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let values: Vec<i64> =
+        page["values"].as_array().unwrap().iter().map(|v| v["value"].as_i64().unwrap()).collect();
+    assert_eq!(values, (1..=25).collect::<Vec<_>>(), "each reading once, in order");
+
+    // the handler answers writes and calls from the API
+    let (status, written) = http(
+        system.api,
+        "PUT",
+        "/v1/things/sdk-1/properties/setpoint",
+        Some(KEY),
+        Some(json!({"value": 7})),
+    )
+    .await;
+    assert_eq!((status, written["delivered"].clone()), (200, json!(true)));
+    let write = within("the write reaches the handler", async {
+        loop {
+            let event = seen.recv().await.unwrap();
+            if event.starts_with("write") {
+                return event;
+            }
+        }
+    })
+    .await;
+    assert_eq!(write, "write setpoint = Int(7)");
+    let (status, result) = http(
+        system.api,
+        "POST",
+        "/v1/things/sdk-1/services/echo?timeout_ms=5000",
+        Some(KEY),
+        Some(json!({"x": 1})),
+    )
+    .await;
+    assert_eq!((status, result), (200, json!({"result": {"x": 1}})));
+    stop.cancel();
+    second.await.unwrap();
     for stop in system.stop {
         let _ = stop.send(());
     }

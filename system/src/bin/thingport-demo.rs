@@ -2,6 +2,10 @@
 //! workers sharing the cache ring, on loopback with a self-signed certificate, a demo device token, an application
 //! key, and a simulated device that reports a temperature every second. It prints how to connect a device, call the
 //! API and scrape metrics.
+//!
+//! The same binary runs either server: `thingport-demo gateway ARGS` is `thingport-gateway ARGS` and
+//! `thingport-demo foundation ARGS` is `thingport-foundation ARGS` (one build gives the whole-system tests real
+//! server processes).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,12 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
-use thingport_loadtest::client::{Device, Endpoint, Transport};
+use thingport_device::{Client, Endpoint, Handler, Options, Transport};
 use thingport_protocol::{
-    ByteString, Credential, DeviceConfig, DeviceEvent, Frame, Properties, PropertyUpdate, Quality,
-    ServiceResponse, ServiceResult, Value,
+    Credential, PropertyUpdate, Quality, ServiceRequest, ServiceResult, Value,
 };
 
 /// Start a gateway and two foundation workers on loopback, with a simulated device.
@@ -53,9 +54,33 @@ fn free_or_any(port: u16) -> u16 {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    let mut args = std::env::args_os();
+    let program = args.next();
+    match std::env::args_os().nth(1).as_ref().and_then(|a| a.to_str()) {
+        Some("gateway") => thingport_gateway::cli::main(program.into_iter().chain(args.skip(1))),
+        Some("foundation") => {
+            thingport_foundation::cli::main(program.into_iter().chain(args.skip(1)))
+        }
+        _ => {
+            let args = Args::parse();
+            let result = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(demo(args)));
+            match result {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn demo(args: Args) -> Result<()> {
     let temp;
     let dir: &Path = match &args.dir {
         Some(dir) => {
@@ -151,7 +176,7 @@ async fn main() -> Result<()> {
          \x20 foundation   REST API http://{api} and http://{api2}, two workers sharing the ring (application key: {API_KEY})\n\
          \x20 metrics      http://{gw_admin}/metrics (gateway), http://{fd_admin}/metrics and http://{fd_admin2}/metrics (foundation)\n\
          \n  connect a device:\n\
-         \x20   cargo run --release --example device -- --target {wss} --ca {cert} --thing demo-device --token {token}\n\
+         \x20   cargo run --release -p thingport-device --example device -- --target {wss} --ca {cert} --thing demo-device --token {token}\n\
          \x20 more tokens:\n\
          \x20   cargo run --release -p thingport-gateway -- token issue --thing NAME --secret-file {secret}\n\
          \x20 call the API:\n\
@@ -171,11 +196,30 @@ async fn main() -> Result<()> {
     );
 
     if !args.no_device {
-        let trusted: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(&cert)?.collect::<Result<_, _>>()?;
+        let trusted = thingport_device::read_certificates(&cert)?;
         let endpoint = Endpoint::new(wss, "localhost", Transport::Wss, &trusted)?;
         let token = tokens.issue("sim-device", now() + 86_400);
-        tokio::spawn(simulated_device(endpoint, token));
+        let options =
+            Options::new(endpoint, "sim-device", Credential::Token(token.into_bytes().into()));
+        let (client, handle) = Client::new(options)?;
+        let setpoint = std::sync::Arc::new(std::sync::Mutex::new(21.0));
+        tokio::spawn(client.run(Simulated { setpoint: setpoint.clone() }, std::future::pending()));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let t = setpoint.lock().map_or(21.0, |s| *s) + (now() % 7) as f64 / 10.0;
+                let update = PropertyUpdate {
+                    name: "temperature".into(),
+                    timestamp_ms: now() * 1_000,
+                    quality: Quality::Good,
+                    value: Value::Float(t),
+                };
+                if handle.properties(vec![update]).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     tokio::signal::ctrl_c().await?;
@@ -194,66 +238,29 @@ fn ring_fill(bytes: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// A device reporting `temperature` every second, applying writes to `setpoint`, and answering `echo`.
-async fn simulated_device(endpoint: Endpoint, token: String) {
-    let mut device = Device::new(
-        DeviceConfig {
-            thing: ByteString::from_static("sim-device"),
-            credential: Credential::Token(token.into_bytes().into()),
-            keepalive_secs: 30,
-            handshake_timeout: Duration::from_secs(10),
-            window: 600,
-            incarnation: now(),
-        },
-        1,
-    );
-    let mut setpoint = 21.0;
-    loop {
-        if device.connect(&endpoint).await.is_err() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            if device.flush().await.is_err() {
-                break;
-            }
-            tokio::select! {
-                _ = tick.tick() => {
-                    let t = setpoint + (now() % 7) as f64 / 10.0;
-                    let _ = device.session.send(Frame::Properties(Properties {
-                        seq: 0,
-                        updates: vec![PropertyUpdate {
-                            name: "temperature".into(),
-                            timestamp_ms: now() * 1_000,
-                            quality: Quality::Good,
-                            value: Value::Float(t),
-                        }],
-                    }));
-                }
-                event = device.recv_event() => match event {
-                    Ok(Some(DeviceEvent::Data(Frame::Properties(write)))) => {
-                        for u in write.updates {
-                            match u.value {
-                                Value::Float(v) if &*u.name == "setpoint" => setpoint = v,
-                                Value::Int(v) if &*u.name == "setpoint" => setpoint = v as f64,
-                                _ => {}
-                            }
-                        }
-                    }
-                    Ok(Some(DeviceEvent::Data(Frame::ServiceRequest(call)))) => {
-                        let _ = device.session.send(Frame::ServiceResponse(ServiceResponse {
-                            seq: 0,
-                            call_id: call.call_id,
-                            result: ServiceResult::Ok(call.params),
-                        }));
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                },
+/// The simulated device's answers: writes to `setpoint` change the temperature it reports, `echo` answers its
+/// parameters.
+struct Simulated {
+    setpoint: std::sync::Arc<std::sync::Mutex<f64>>,
+}
+
+impl Handler for Simulated {
+    fn property_write(&mut self, updates: &[PropertyUpdate]) {
+        for u in updates {
+            let v = match u.value {
+                Value::Float(v) => v,
+                Value::Int(v) => v as f64,
+                _ => continue,
+            };
+            if &*u.name == "setpoint"
+                && let Ok(mut setpoint) = self.setpoint.lock()
+            {
+                *setpoint = v;
             }
         }
-        device.abort();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    fn service_call(&mut self, call: &ServiceRequest) -> Option<ServiceResult> {
+        Some(ServiceResult::Ok(call.params.clone()))
     }
 }

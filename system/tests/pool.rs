@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value as Json, json};
 use support::process::{WorkerProcess, cluster_until, settled_on, signal};
 use support::{KEY, device, http, within};
-use thingport_loadtest::client::Endpoint;
+use thingport_device::Endpoint;
 use thingport_protocol::{DeviceEvent, Frame, Properties, PropertyUpdate, Quality, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value as Json, json};
 use support::process::{Spec, WorkerProcess, cluster_until, get_text, settled_on};
 use support::{KEY, device, http, within};
-use thingport_loadtest::client::Endpoint;
+use thingport_device::Endpoint;
 use thingport_protocol::{DeviceEvent, Event, Frame, Properties, PropertyUpdate, Quality, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -95,7 +95,9 @@ write_timeout = "{write_timeout}"
             .append(true)
             .open(dir.join(format!("{id}.log")))
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_thingport-foundation"))
+        // `thingport-demo foundation` is `thingport-foundation`
+        let mut child = Command::new(env!("CARGO_BIN_EXE_thingport-demo"))
+            .arg("foundation")
             .arg("--config")
             .arg(&path)
             .arg("run")

@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value as Json;
+use thingport_device::{Device, Endpoint, Transport};
 use thingport_gateway::token::TokenKey;
 use thingport_gateway::{Config as GatewayConfig, Gateway};
-use thingport_loadtest::client::{Device, Endpoint, Transport};
 use thingport_protocol::{ByteString, Credential, DeviceConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,0 +1,356 @@
+//! [`Client`]: a device that stays connected. It reconnects with [`Backoff`] (honouring a server's `GOAWAY` or
+//! `ERROR` hint), keeps every unacknowledged data frame and sends it again after a reconnect — across reboots too
+//! when it has an [`Outbox`] — and hands property writes and service calls to a [`Handler`]. The application
+//! talks to it through a [`Handle`].
+//!
+//! Queues: [`Handle::send`] waits while the session's window (`Options::window` unacknowledged frames) is full and
+//! the command queue (`Options::queue`) holds more; nothing queued is dropped.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thingport_protocol::{
+    ByteString, Credential, DeviceConfig, DeviceEvent, Event, Frame, Properties, PropertyUpdate,
+    ServiceErrorCode, ServiceRequest, ServiceResponse, ServiceResult, SessionError, Value, Welcome,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::backoff::Backoff;
+use crate::conn::Endpoint;
+use crate::device::{Device, DeviceError};
+use crate::outbox::Outbox;
+
+/// How a [`Client`] connects and what it keeps.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub endpoint: Endpoint,
+    pub thing: String,
+    pub credential: Credential,
+    /// Keepalive asked for in `HELLO` (the server decides), seconds.
+    pub keepalive_secs: u16,
+    pub handshake_timeout: Duration,
+    /// Most unacknowledged data frames kept, connected or not.
+    pub window: usize,
+    /// Most commands waiting for room in the window.
+    pub queue: usize,
+    pub backoff: Backoff,
+    /// Keep unacknowledged frames in this file (store-and-forward); `None` keeps them in memory only.
+    pub outbox: Option<PathBuf>,
+    /// Compact the outbox file when it grows past this many bytes.
+    pub outbox_compact_at: u64,
+}
+
+impl Options {
+    /// Defaults: keepalive 30 s, handshake 10 s, window 1,000, queue 64, backoff 1 s doubling to 60 s, no outbox.
+    pub fn new(endpoint: Endpoint, thing: impl Into<String>, credential: Credential) -> Options {
+        Options {
+            endpoint,
+            thing: thing.into(),
+            credential,
+            keepalive_secs: 30,
+            handshake_timeout: Duration::from_secs(10),
+            window: 1_000,
+            queue: 64,
+            backoff: Backoff::default(),
+            outbox: None,
+            outbox_compact_at: 1 << 20,
+        }
+    }
+}
+
+/// What the application does when the server asks. Every method has a default.
+pub trait Handler: Send {
+    /// The session is open (again); unacknowledged frames are being sent.
+    fn connected(&mut self, _welcome: &Welcome) {}
+
+    /// The connection ended; the client reconnects after `retry_in`.
+    fn disconnected(&mut self, _reason: &str, _retry_in: Duration) {}
+
+    /// An application wrote properties of this thing.
+    fn property_write(&mut self, _updates: &[PropertyUpdate]) {}
+
+    /// An application called a service. `Some(result)` is sent back at once; `None` means the application
+    /// answers later with [`Handle::respond`]. The default answers `NOT_FOUND`.
+    fn service_call(&mut self, call: &ServiceRequest) -> Option<ServiceResult> {
+        Some(ServiceResult::Err {
+            code: ServiceErrorCode::NOT_FOUND,
+            message: format!("no service {}", call.service).into(),
+        })
+    }
+
+    /// A data frame from the server of another kind (an event, a service response).
+    fn other(&mut self, _frame: &Frame) {}
+}
+
+/// A handler that does nothing but the defaults.
+#[derive(Debug, Default)]
+pub struct NoHandler;
+
+impl Handler for NoHandler {}
+
+/// Why a [`Handle`] call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The client stopped ([`Client::run`] returned); nothing more is sent.
+    #[error("the client has stopped")]
+    Stopped,
+    /// The outbox could not keep the frame; it was not queued.
+    #[error("outbox: {0}")]
+    Outbox(#[from] std::io::Error),
+    /// Only data frames (properties, events, service calls and responses) can be sent.
+    #[error("not a data frame")]
+    NotData,
+}
+
+type Reply = oneshot::Sender<Result<u64, ClientError>>;
+
+/// The application's side of a [`Client`]; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<(Frame, Reply)>,
+    acked: watch::Receiver<u64>,
+    connected: watch::Receiver<bool>,
+}
+
+impl Handle {
+    /// Queues a data frame; its sequence number once it is kept (in the outbox when there is one). Waits while
+    /// the window is full.
+    pub async fn send(&self, frame: Frame) -> Result<u64, ClientError> {
+        if !frame.frame_type().is_data() {
+            return Err(ClientError::NotData);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands.send((frame, reply)).await.map_err(|_| ClientError::Stopped)?;
+        answer.await.map_err(|_| ClientError::Stopped)?
+    }
+
+    /// Reports property values.
+    pub async fn properties(&self, updates: Vec<PropertyUpdate>) -> Result<u64, ClientError> {
+        self.send(Frame::Properties(Properties { seq: 0, updates })).await
+    }
+
+    /// Reports an event.
+    pub async fn event(
+        &self,
+        name: impl Into<ByteString>,
+        timestamp_ms: u64,
+        payload: Value,
+    ) -> Result<u64, ClientError> {
+        self.send(Frame::Event(Event { seq: 0, timestamp_ms, name: name.into(), payload })).await
+    }
+
+    /// Answers a service call the [`Handler`] left open.
+    pub async fn respond(&self, call_id: u64, result: ServiceResult) -> Result<u64, ClientError> {
+        self.send(Frame::ServiceResponse(ServiceResponse { seq: 0, call_id, result })).await
+    }
+
+    /// The highest sequence number the server acknowledged (every frame up to it is stored).
+    pub fn acked(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    /// Waits until every frame up to `seq` is acknowledged.
+    pub async fn wait_acked(&self, seq: u64) -> Result<(), ClientError> {
+        let mut acked = self.acked.clone();
+        acked.wait_for(|a| *a >= seq).await.map(|_| ()).map_err(|_| ClientError::Stopped)
+    }
+
+    /// Whether the session is established now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Waits until the session is established.
+    pub async fn wait_connected(&self) -> Result<(), ClientError> {
+        let mut connected = self.connected.clone();
+        connected.wait_for(|c| *c).await.map(|_| ()).map_err(|_| ClientError::Stopped)
+    }
+}
+
+/// A device that stays connected; see the module docs.
+#[derive(Debug)]
+pub struct Client {
+    options: Options,
+    device: Device,
+    outbox: Option<Outbox>,
+    commands: mpsc::Receiver<(Frame, Reply)>,
+    acked: watch::Sender<u64>,
+    connected: watch::Sender<bool>,
+}
+
+impl Client {
+    /// A client and its handle. With `options.outbox`, the file is opened and what it kept is queued again, with
+    /// its sequence numbers and incarnation; without, the device starts a new incarnation at sequence 1.
+    pub fn new(options: Options) -> Result<(Client, Handle), ClientError> {
+        let outbox = match &options.outbox {
+            Some(path) => Some(Outbox::open(path, options.outbox_compact_at)?),
+            None => None,
+        };
+        let incarnation = outbox.as_ref().map_or_else(|| fastrand::u64(1..), Outbox::incarnation);
+        let first_seq = outbox.as_ref().map_or(1, Outbox::first_seq);
+        let config = DeviceConfig {
+            thing: ByteString::from(options.thing.clone()),
+            credential: options.credential.clone(),
+            keepalive_secs: options.keepalive_secs,
+            handshake_timeout: options.handshake_timeout,
+            window: options.window.max(outbox.as_ref().map_or(0, Outbox::len)),
+            incarnation,
+        };
+        let mut device = Device::new(config, first_seq);
+        if let Some(outbox) = &outbox {
+            for frame in outbox.pending() {
+                // numbered again from first_seq: the same numbers, in the same order
+                let _ = device.session.send(frame);
+            }
+        }
+        let (commands_tx, commands) = mpsc::channel(options.queue.max(1));
+        let (acked, acked_rx) = watch::channel(first_seq - 1);
+        let (connected, connected_rx) = watch::channel(false);
+        let handle = Handle { commands: commands_tx, acked: acked_rx, connected: connected_rx };
+        Ok((Client { options, device, outbox, commands, acked, connected }, handle))
+    }
+
+    /// Frames kept and not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.device.session.unacked()
+    }
+
+    /// Connects, reconnects, sends and answers until `shutdown` completes (then closes the connection; what is
+    /// unacknowledged stays in the outbox) or every [`Handle`] is dropped and everything sent is acknowledged.
+    pub async fn run(mut self, mut handler: impl Handler, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = self.options.backoff.clone();
+        let mut handles_gone = false;
+        loop {
+            let connected = tokio::select! {
+                _ = &mut shutdown => return,
+                connected = self.device.connect(&self.options.endpoint) => connected,
+            };
+            let reason = match connected {
+                Ok(welcome) => {
+                    backoff.reset();
+                    let _ = self.connected.send(true);
+                    handler.connected(&welcome);
+                    let ended = tokio::select! {
+                        _ = &mut shutdown => None,
+                        ended = self.serve(&mut handler, &mut handles_gone) => Some(ended),
+                    };
+                    let _ = self.connected.send(false);
+                    match ended {
+                        None | Some(Ended::Done) => {
+                            self.device.disconnect().await;
+                            return;
+                        }
+                        Some(Ended::Lost(reason, hint)) => (reason, hint),
+                    }
+                }
+                Err(e) => {
+                    let hint = hint_of(&e);
+                    (e.to_string(), hint)
+                }
+            };
+            self.device.abort();
+            let retry_in = backoff.next_delay().max(reason.1);
+            handler.disconnected(&reason.0, retry_in);
+            tracing::debug!(reason = %reason.0, ?retry_in, "disconnected");
+            let wait = tokio::time::sleep(retry_in);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = &mut wait => break,
+                    command = self.commands.recv(), if self.device.session.can_send() && !handles_gone => {
+                        match command {
+                            Some((frame, reply)) => self.queue(frame, reply),
+                            None => handles_gone = true,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one established session until it ends.
+    async fn serve(&mut self, handler: &mut impl Handler, handles_gone: &mut bool) -> Ended {
+        let mut hint = Duration::ZERO;
+        loop {
+            if *handles_gone && self.device.session.unacked() == 0 {
+                return Ended::Done;
+            }
+            if let Err(e) = self.device.flush().await {
+                return Ended::Lost(e.to_string(), hint.max(hint_of(&e)));
+            }
+            tokio::select! {
+                command = self.commands.recv(), if self.device.session.can_send() && !*handles_gone => {
+                    match command {
+                        Some((frame, reply)) => self.queue(frame, reply),
+                        None => *handles_gone = true,
+                    }
+                }
+                event = self.device.recv_event() => match event {
+                    Ok(None) => {}
+                    Ok(Some(DeviceEvent::Connected(_))) => {}
+                    Ok(Some(DeviceEvent::Acked { seq })) => {
+                        if let Some(outbox) = &mut self.outbox
+                            && let Err(e) = outbox.acked(seq)
+                        {
+                            tracing::warn!(error = %e, "outbox: recording an acknowledgement");
+                        }
+                        let _ = self.acked.send(seq);
+                    }
+                    Ok(Some(DeviceEvent::Data(Frame::Properties(write)))) => {
+                        handler.property_write(&write.updates);
+                    }
+                    Ok(Some(DeviceEvent::Data(Frame::ServiceRequest(call)))) => {
+                        if let Some(result) = handler.service_call(&call) {
+                            let answer = ServiceResponse { seq: 0, call_id: call.call_id, result };
+                            let (reply, _) = oneshot::channel();
+                            self.queue(Frame::ServiceResponse(answer), reply);
+                        }
+                    }
+                    Ok(Some(DeviceEvent::Data(frame))) => handler.other(&frame),
+                    Ok(Some(DeviceEvent::Goaway(goaway))) => {
+                        // no new data goes out; the server closes when it has acknowledged what it got
+                        hint = Duration::from_millis(u64::from(goaway.reconnect_after_ms));
+                    }
+                    Err(e) => return Ended::Lost(e.to_string(), hint.max(hint_of(&e))),
+                },
+            }
+        }
+    }
+
+    /// Keeps `frame` (in the outbox first, when there is one) and hands it to the session.
+    fn queue(&mut self, mut frame: Frame, reply: Reply) {
+        let seq = self.device.session.next_seq();
+        frame.set_seq(seq);
+        if let Some(outbox) = &mut self.outbox
+            && let Err(e) = outbox.append(&frame)
+        {
+            let _ = reply.send(Err(ClientError::Outbox(e)));
+            return;
+        }
+        let queued = self.device.session.send(frame).map_err(|_| ClientError::NotData);
+        let _ = reply.send(queued);
+    }
+}
+
+/// How one established session ended.
+#[derive(Debug)]
+enum Ended {
+    /// Every handle is gone and everything is acknowledged.
+    Done,
+    /// The connection was lost; the server's hint of how long to wait.
+    Lost(String, Duration),
+}
+
+/// The server's "retry after" in an `ERROR` it sent.
+fn hint_of(error: &DeviceError) -> Duration {
+    match error {
+        DeviceError::Session(SessionError::Peer { retry_after_ms, .. }) => {
+            Duration::from_millis(u64::from(*retry_after_ms))
+        }
+        _ => Duration::ZERO,
+    }
+}
