@@ -3,7 +3,9 @@
 //! `toml` with serde stops at the first problem. [`parse`] tries the whole document first; when that fails it
 //! deserializes the defaults with one key of the document at a time, so each key's problem (a wrong type, an unknown
 //! name, a bad value) is reported on its own, prefixed with the key's path. A syntax error is reported with its
-//! line and column. Every configuration struct must take `#[serde(default)]`, so a document of one key is complete.
+//! line and column. The keys that had no problem make a configuration whose values [`load`] then checks too (the
+//! server's `validate`). Every configuration struct must take `#[serde(default)]`, so a document of one key is
+//! complete.
 
 use std::path::Path;
 
@@ -20,35 +22,62 @@ pub trait ServerConfig: DeserializeOwned + Default + Sized {
 
 /// Parses a TOML document into `C`; on failure, every problem found (see the module docs).
 pub fn parse<C: DeserializeOwned>(text: &str) -> Result<C, Vec<String>> {
+    match parse_partial(text) {
+        (Some(config), problems) if problems.is_empty() => Ok(config),
+        (_, problems) => Err(problems),
+    }
+}
+
+/// Parses what it can: every problem, and — unless the syntax is broken — the configuration made of the keys that
+/// had none (so its values can be checked too).
+pub fn parse_partial<C: DeserializeOwned>(text: &str) -> (Option<C>, Vec<String>) {
     let whole = match toml::from_str::<C>(text) {
-        Ok(config) => return Ok(config),
+        Ok(config) => return (Some(config), Vec::new()),
         Err(e) => e,
     };
     // a syntax error: nothing else can be read
     let Ok(table) = text.parse::<toml::Table>() else {
-        return Err(vec![whole.to_string().trim_end().to_string()]);
+        return (None, vec![whole.to_string().trim_end().to_string()]);
     };
     let mut problems = Vec::new();
+    let mut rest = table.clone();
     for (path, alone) in leaves(&table) {
         if let Err(e) = toml::Value::Table(alone).try_into::<C>() {
             problems.push(format!("{path}: {}", first_line(&e.to_string())));
+            remove(&mut rest, &path);
         }
     }
     if problems.is_empty() {
         // only the keys together are wrong
         problems.push(whole.to_string().trim_end().to_string());
     }
-    Err(problems)
+    (toml::Value::Table(rest).try_into::<C>().ok(), problems)
 }
 
-/// Reads, parses and validates the file at `path`: the configuration, or every problem (the file's path first).
+/// Reads, parses and validates the file at `path`: the configuration, or every problem — those of the keys that
+/// could not be read, then the values of the rest.
 pub fn load<C: ServerConfig>(path: &Path) -> Result<C, Vec<String>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-    let config = parse::<C>(&text)?;
-    match config.validate() {
-        problems if problems.is_empty() => Ok(config),
-        problems => Err(problems),
+    let (config, mut problems) = parse_partial::<C>(&text);
+    if let Some(config) = &config {
+        problems.extend(config.validate());
+    }
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems),
+    }
+}
+
+/// Removes the leaf at the dotted `path` (a key that itself holds a dot is looked up whole first).
+fn remove(table: &mut toml::Table, path: &str) {
+    if table.remove(path).is_some() {
+        return;
+    }
+    if let Some((head, tail)) = path.split_once('.')
+        && let Some(toml::Value::Table(inner)) = table.get_mut(head)
+    {
+        remove(inner, tail);
     }
 }
 
