@@ -231,6 +231,11 @@ async fn open<Io: DeviceIo>(
     let hello = match session.handle_frame(frame, Instant::now()) {
         Ok(Some(ServerEvent::Hello(hello))) => hello,
         Ok(_) => unreachable_event(),
+        // §5.11: the receiver of an ERROR does not reply
+        Err(e @ thingport_protocol::SessionError::Peer { .. }) => {
+            metrics::handshake(label, "device_error");
+            return Err(CloseCode::Error(e.code()));
+        }
         Err(e) => {
             metrics::handshake(
                 label,
@@ -524,6 +529,11 @@ impl Driver<'_> {
                 self.forward(seq, raw).await
             }
             Ok(_) => Step::Continue,
+            // §5.11: the receiver of an ERROR does not reply
+            Err(e @ thingport_protocol::SessionError::Peer { .. }) => {
+                metrics::closed("device_error");
+                Step::Close(CloseCode::Error(e.code()))
+            }
             Err(e) => {
                 metrics::closed("protocol_error");
                 self.out.push(ServerSession::error_frame(&e).to_bytes());

@@ -217,6 +217,45 @@ async fn data_before_hello_is_a_protocol_error() {
     harness.stop().await.unwrap();
 }
 
+/// Sends `ERROR` on `conn`; `Err` if the server answers it with an `ERROR` before the connection ends.
+async fn send_error_unanswered(conn: &mut FrameConn) -> Result<(), String> {
+    let error = Frame::Error(thingport_protocol::ErrorFrame {
+        code: ErrorCode::UNAVAILABLE,
+        retry_after_ms: 0,
+        message: "device shutting down".into(),
+    });
+    conn.send(&[error.to_bytes()]).await.unwrap();
+    within("close", async {
+        loop {
+            match conn.recv().await {
+                Ok(Ok(raw)) => {
+                    if let Ok(Frame::Error(e)) = Frame::decode(raw, &Default::default()) {
+                        return Err(format!("answered with ERROR {}", e.code));
+                    }
+                }
+                Ok(Err(_)) | Err(_) => return Ok(()),
+            }
+        }
+    })
+    .await
+}
+
+/// §5.11: the receiver of an `ERROR` does not reply; the gateway only closes, before `HELLO` and after `WELCOME`.
+#[tokio::test]
+async fn a_device_error_is_not_answered_with_an_error() {
+    let harness = Harness::start(1, |_| {}).await;
+    for transport in [Transport::Wss, Transport::Quic] {
+        let mut conn =
+            within("connect", FrameConn::connect(&harness.endpoint(transport))).await.unwrap();
+        assert_eq!(send_error_unanswered(&mut conn).await, Ok(()), "{transport:?} before HELLO");
+        let mut device = harness.device("pump-1");
+        within("connect", device.connect(&harness.endpoint(transport))).await.unwrap();
+        let conn = device.conn().unwrap();
+        assert_eq!(send_error_unanswered(conn).await, Ok(()), "{transport:?} established");
+    }
+    harness.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn malformed_frames_end_the_session_with_a_readable_error() {
     let harness = Harness::start(1, |_| {}).await;
