@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
-use thingport_protocol::{DecodeError, Transport, stream};
+use thingport_protocol::{DecodeError, ErrorCode, Transport, stream};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -66,27 +66,36 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
             let deadline =
                 tokio::time::Instant::from_std(at + shared.config.limits.handshake_timeout);
             // boxed: the handshake's state is short-lived (see wss.rs)
-            let opened = tokio::time::timeout_at(
+            let connected = tokio::time::timeout_at(
                 deadline,
                 Box::pin(async {
-                    let connection = incoming
-                        .accept()
-                        .map_err(|_| "quic_failed")?
-                        .await
-                        .map_err(|_| "tls_failed")?;
-                    let (send, recv) = connection.accept_bi().await.map_err(|_| "no_stream")?;
-                    Ok::<_, &'static str>((connection, send, recv))
+                    incoming.accept().map_err(|_| "quic_failed")?.await.map_err(|_| "tls_failed")
                 }),
             )
             .await;
-            let (connection, send, recv) = match opened {
-                Ok(Ok(opened)) => opened,
+            let connection = match connected {
+                Ok(Ok(connection)) => connection,
                 Ok(Err(reason)) => {
                     metrics::handshake("quic", reason);
                     return;
                 }
                 Err(_) => {
                     metrics::handshake("quic", "handshake_timeout");
+                    return;
+                }
+            };
+            let (send, recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(_)) => {
+                    metrics::handshake("quic", "no_stream");
+                    return;
+                }
+                Err(_) => {
+                    // up, but no stream before the deadline: the session ends with HANDSHAKE_TIMEOUT (§2.3)
+                    metrics::handshake("quic", "handshake_timeout");
+                    let code = ErrorCode::HANDSHAKE_TIMEOUT;
+                    connection.close(VarInt::from_u32(code.0.into()), b"handshake deadline passed");
                     return;
                 }
             };

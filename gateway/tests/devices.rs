@@ -378,6 +378,10 @@ async fn a_connection_that_never_finishes_its_handshake_is_cut_at_the_deadline()
     };
     assert_eq!(error.code, ErrorCode::HANDSHAKE_TIMEOUT);
     assert!(started.elapsed() >= Duration::from_millis(300));
+    // QUIC up, no stream opened (nothing written on it): closed with HANDSHAKE_TIMEOUT, not a normal end
+    let mut no_stream = FrameConn::connect(&harness.endpoint(Transport::Quic)).await.unwrap();
+    let closed = within("QUIC close", no_stream.recv()).await.unwrap();
+    assert_eq!(closed, Err(Closed::Code(u32::from(ErrorCode::HANDSHAKE_TIMEOUT.0))));
     // a trickle (one byte every 50 ms, paced on purpose) does not extend the 300 ms deadline: the server cuts the
     // connection, and the writes start failing well before `within` gives up after 10 s
     let mut trickle = tokio::net::TcpStream::connect(harness.addrs.wss.unwrap()).await.unwrap();
