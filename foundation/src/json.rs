@@ -1,5 +1,7 @@
-//! Typed values as JSON for the REST API: null, booleans, numbers, strings, arrays and objects map one to one;
-//! bytes are `{"$bytes": "<base64>"}`; integers that fit `i64` stay integers.
+//! Typed values as JSON for the REST API (`docs/API.md`, values): null, booleans, numbers, strings, arrays and
+//! objects map one to one; bytes are `{"$bytes": "<base64>"}`; integers that fit `i64` stay integers; a map keeps its
+//! entry order both ways (serde_json's `preserve_order`); NaN and infinities, which JSON cannot carry, are answered
+//! as the strings `"NaN"`, `"inf"` and `"-inf"`.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -70,5 +72,27 @@ mod tests {
         assert_eq!(to_json(&value), json);
         assert!(from_json(&serde_json::json!({"": 1})).is_err());
         assert!(from_json(&serde_json::json!({"$bytes": "%%"})).is_err());
+    }
+
+    #[test]
+    fn a_map_keeps_its_order_both_ways() {
+        let map = Value::Map(vec![("zeta".into(), Value::Int(1)), ("alpha".into(), Value::Int(2))]);
+        assert_eq!(to_json(&map).to_string(), r#"{"zeta":1,"alpha":2}"#);
+        let parsed: Json = serde_json::from_str(r#"{"zeta":1,"alpha":2}"#).unwrap();
+        assert_eq!(from_json(&parsed).unwrap(), map);
+    }
+
+    #[test]
+    fn numbers_and_what_json_cannot_carry() {
+        let parsed: Json = serde_json::from_str("[25, 25.0, 2.5e1, 18446744073709551615]").unwrap();
+        let Value::List(items) = from_json(&parsed).unwrap() else { panic!("not a list") };
+        assert_eq!(items[0], Value::Int(25));
+        assert_eq!(items[1..3], [Value::Float(25.0), Value::Float(25.0)]);
+        assert!(matches!(items[3], Value::Float(_)), "beyond i64 is a float");
+        let answered: Vec<Json> = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY]
+            .into_iter()
+            .map(|x| to_json(&Value::Float(x)))
+            .collect();
+        assert_eq!(answered, [Json::from("NaN"), Json::from("inf"), Json::from("-inf")]);
     }
 }
