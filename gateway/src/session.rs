@@ -220,6 +220,16 @@ async fn open<Io: DeviceIo>(
             return Err(CloseCode::Normal);
         }
     };
+    // §3.2: a HELLO's versions are readable whatever follows them; when none is one this server speaks, the
+    // refusal says so (UNSUPPORTED_VERSION: change the device) rather than MALFORMED_FRAME (retry)
+    if let Some((min, max)) = thingport_protocol::offered_versions(&raw)
+        && thingport_protocol::common_version(min, max).is_none()
+    {
+        metrics::handshake(label, "unsupported_version");
+        let refusal = thingport_protocol::SessionError::UnsupportedVersion { min, max };
+        send_error(io, ServerSession::error_frame(&refusal)).await;
+        return Err(CloseCode::Error(ErrorCode::UNSUPPORTED_VERSION));
+    }
     let frame = match Frame::decode(raw, &shared.limits) {
         Ok(frame) => frame,
         Err(e) => {

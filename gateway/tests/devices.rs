@@ -256,6 +256,30 @@ async fn a_device_error_is_not_answered_with_an_error() {
     harness.stop().await.unwrap();
 }
 
+/// §3.2: a HELLO of versions this server does not speak is refused as such, whatever its later bytes are; one that
+/// offers version 1 is decoded as version 1.
+#[tokio::test]
+async fn a_hello_of_a_later_version_gets_unsupported_version() {
+    let harness = Harness::start(1, |_| {}).await;
+    for (bytes, code) in [
+        (vec![0x01, 2, 3, 0xff, 0xfe, 0xfd], ErrorCode::UNSUPPORTED_VERSION),
+        (vec![0x01, 2, 2], ErrorCode::UNSUPPORTED_VERSION),
+        (vec![0x01, 1, 2, 0xff, 0xfe, 0xfd], ErrorCode::MALFORMED_FRAME),
+    ] {
+        for transport in [Transport::Wss, Transport::Quic] {
+            let mut conn =
+                within("connect", FrameConn::connect(&harness.endpoint(transport))).await.unwrap();
+            conn.send(&[bytes.clone().into()]).await.unwrap();
+            let reply = within("error", conn.recv()).await.unwrap().unwrap();
+            let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
+                panic!("not an ERROR")
+            };
+            assert_eq!(error.code, code, "{bytes:02x?} over {transport:?}");
+        }
+    }
+    harness.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn malformed_frames_end_the_session_with_a_readable_error() {
     let harness = Harness::start(1, |_| {}).await;

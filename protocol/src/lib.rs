@@ -45,9 +45,41 @@ pub const MIN_VERSION: u8 = 1;
 /// Highest device protocol version this crate speaks.
 pub const MAX_VERSION: u8 = 1;
 
+/// §3.2: the highest version that both this crate and a peer offering `min..=max` speak.
+pub fn common_version(min: u8, max: u8) -> Option<u8> {
+    (min <= max && max >= MIN_VERSION && min <= MAX_VERSION).then(|| max.min(MAX_VERSION))
+}
+
+/// §3.2: the versions a `HELLO` offers, read from its first three bytes, which every version keeps (type `0x01`,
+/// `min_version`, `max_version`) — readable even when the rest is laid out for a version this crate does not know.
+/// `None` when `raw` is not a `HELLO` that long.
+pub fn offered_versions(raw: &[u8]) -> Option<(u8, u8)> {
+    match raw {
+        [0x01, min, max, ..] => Some((*min, *max)),
+        _ => None,
+    }
+}
+
 /// TLS ALPN protocol name of the device protocol over QUIC (`docs/PROTOCOL.md` §2.3).
 pub const QUIC_ALPN: &[u8] = b"thingport/1";
 /// WebSocket subprotocol (`Sec-WebSocket-Protocol`) of the device protocol over WSS (`docs/PROTOCOL.md` §2.2).
 pub const WS_SUBPROTOCOL: &str = "thingport.v1";
 /// Request path of the device WebSocket endpoint.
 pub const WS_PATH: &str = "/v1/device";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_in_common() {
+        assert_eq!(common_version(1, 1), Some(1));
+        assert_eq!(common_version(1, 5), Some(MAX_VERSION));
+        assert_eq!(common_version(2, 5), None);
+        assert_eq!(common_version(0, 0), None);
+        assert_eq!(common_version(1, 0), None, "an empty range");
+        assert_eq!(offered_versions(&[0x01, 2, 3, 0xff]), Some((2, 3)));
+        assert_eq!(offered_versions(&[0x01, 2]), None);
+        assert_eq!(offered_versions(&[0x02, 1, 1]), None);
+    }
+}

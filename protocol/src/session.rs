@@ -518,17 +518,15 @@ impl ServerSession {
             }
             (ServerState::AwaitingHello, Frame::Hello(hello)) => {
                 // §3.2: the highest version both sides speak
-                if hello.min_version > hello.max_version
-                    || hello.max_version < MIN_VERSION
-                    || hello.min_version > MAX_VERSION
-                {
+                let Some(version) = crate::common_version(hello.min_version, hello.max_version)
+                else {
                     return Err(SessionError::UnsupportedVersion {
                         min: hello.min_version,
                         max: hello.max_version,
                     });
-                }
+                };
                 self.state = ServerState::Authenticating;
-                self.version = hello.max_version.min(MAX_VERSION);
+                self.version = version;
                 self.rx_expected = hello.resume_seq;
                 self.acked = hello.resume_seq - 1;
                 let asked = hello.keepalive_secs;
