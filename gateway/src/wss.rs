@@ -197,7 +197,12 @@ impl DeviceIo for WssIo {
     async fn recv(&mut self) -> Result<Option<Bytes>, IoError> {
         loop {
             return match self.ws.next().await {
-                None | Some(Ok(Message::Close(_))) => Ok(None),
+                None => Ok(None),
+                Some(Ok(Message::Close(_))) => {
+                    // RFC 6455 §5.5.1: tungstenite queued the echo of the device's close frame; send it
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.flush()).await;
+                    Ok(None)
+                }
                 Some(Ok(Message::Binary(frame))) => Ok(Some(frame)),
                 Some(Ok(Message::Text(_))) => Err(IoError::Refused {
                     code: ErrorCode::MALFORMED_FRAME,
@@ -213,6 +218,12 @@ impl DeviceIo for WssIo {
                     code: ErrorCode::FRAME_TOO_LARGE,
                     close: 1009,
                     message: format!("message of {size} bytes over the limit of {max_size}"),
+                }),
+                // RFC 6455 §7.4.1: an unmasked client frame, a reserved opcode or bits, a bad close frame
+                Some(Err(tungstenite::Error::Protocol(e))) => Err(IoError::Refused {
+                    code: ErrorCode::MALFORMED_FRAME,
+                    close: 1002,
+                    message: format!("WebSocket protocol error: {e}"),
                 }),
                 Some(Err(e)) => Err(IoError::Broken(e.to_string())),
             };
