@@ -4,8 +4,11 @@
 //! talks to it through a [`Handle`].
 //!
 //! Queues: [`Handle::send`] waits while the session's window (`Options::window` unacknowledged frames) is full and
-//! the command queue (`Options::queue`) holds more; nothing queued is dropped.
+//! the command queue (`Options::queue`) holds more; nothing queued is dropped. A [`Handler`]'s service answers go
+//! ahead of new data when the window has room; at most `Options::window` of them wait (beyond, one is dropped and
+//! its caller times out).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -176,6 +179,9 @@ pub struct Client {
     device: Device,
     outbox: Option<Outbox>,
     commands: mpsc::Receiver<(Frame, Reply)>,
+    /// The handler's service answers waiting for room in the window, at most `Options::window` (beyond, an answer
+    /// is dropped and its caller times out).
+    answers: VecDeque<Frame>,
     acked: watch::Sender<u64>,
     connected: watch::Sender<bool>,
 }
@@ -209,7 +215,8 @@ impl Client {
         let (acked, acked_rx) = watch::channel(first_seq - 1);
         let (connected, connected_rx) = watch::channel(false);
         let handle = Handle { commands: commands_tx, acked: acked_rx, connected: connected_rx };
-        Ok((Client { options, device, outbox, commands, acked, connected }, handle))
+        let answers = VecDeque::new();
+        Ok((Client { options, device, outbox, commands, answers, acked, connected }, handle))
     }
 
     /// Frames kept and not yet acknowledged.
@@ -224,6 +231,9 @@ impl Client {
         let mut backoff = self.options.backoff.clone();
         let mut handles_gone = false;
         loop {
+            if handles_gone && self.device.session.unacked() == 0 {
+                return;
+            }
             let connected = tokio::select! {
                 _ = &mut shutdown => return,
                 connected = self.device.connect(&self.options.endpoint) => connected,
@@ -263,7 +273,9 @@ impl Client {
                     _ = &mut wait => break,
                     command = self.commands.recv(), if self.device.session.can_send() && !handles_gone => {
                         match command {
-                            Some((frame, reply)) => self.queue(frame, reply),
+                            Some((frame, reply)) => {
+                            let _ = reply.send(self.queue(frame));
+                        }
                             None => handles_gone = true,
                         }
                     }
@@ -276,6 +288,7 @@ impl Client {
     async fn serve(&mut self, handler: &mut impl Handler, handles_gone: &mut bool) -> Ended {
         let mut hint = Duration::ZERO;
         loop {
+            self.queue_answers();
             if *handles_gone && self.device.session.unacked() == 0 {
                 return Ended::Done;
             }
@@ -285,7 +298,9 @@ impl Client {
             tokio::select! {
                 command = self.commands.recv(), if self.device.session.can_send() && !*handles_gone => {
                     match command {
-                        Some((frame, reply)) => self.queue(frame, reply),
+                        Some((frame, reply)) => {
+                            let _ = reply.send(self.queue(frame));
+                        }
                         None => *handles_gone = true,
                     }
                 }
@@ -305,9 +320,13 @@ impl Client {
                     }
                     Ok(Some(DeviceEvent::Data(Frame::ServiceRequest(call)))) => {
                         if let Some(result) = handler.service_call(&call) {
+                            // answered before new application data, when the window has room
                             let answer = ServiceResponse { seq: 0, call_id: call.call_id, result };
-                            let (reply, _) = oneshot::channel();
-                            self.queue(Frame::ServiceResponse(answer), reply);
+                            if self.answers.len() >= self.options.window {
+                                tracing::warn!("too many service answers wait for the window; one is dropped");
+                            } else {
+                                self.answers.push_back(Frame::ServiceResponse(answer));
+                            }
                         }
                     }
                     Ok(Some(DeviceEvent::Data(frame))) => handler.other(&frame),
@@ -321,18 +340,25 @@ impl Client {
         }
     }
 
-    /// Keeps `frame` (in the outbox first, when there is one) and hands it to the session.
-    fn queue(&mut self, mut frame: Frame, reply: Reply) {
+    /// Keeps `frame` (in the outbox first, when there is one) and hands it to the session, which has room.
+    fn queue(&mut self, mut frame: Frame) -> Result<u64, ClientError> {
         let seq = self.device.session.next_seq();
         frame.set_seq(seq);
-        if let Some(outbox) = &mut self.outbox
-            && let Err(e) = outbox.append(&frame)
-        {
-            let _ = reply.send(Err(ClientError::Outbox(e)));
-            return;
+        if let Some(outbox) = &mut self.outbox {
+            outbox.append(&frame)?;
         }
-        let queued = self.device.session.send(frame).map_err(|_| ClientError::NotData);
-        let _ = reply.send(queued);
+        self.device.session.send(frame).map_err(|_| ClientError::NotData)
+    }
+
+    /// Queues the handler's answers that wait for room in the window.
+    fn queue_answers(&mut self) {
+        while self.device.session.can_send()
+            && let Some(answer) = self.answers.pop_front()
+        {
+            if let Err(e) = self.queue(answer) {
+                tracing::warn!(error = %e, "a service answer could not be kept; the caller times out");
+            }
+        }
     }
 }
 

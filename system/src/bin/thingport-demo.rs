@@ -20,7 +20,12 @@ use thingport_protocol::{
 
 /// Start a gateway and two foundation workers on loopback, with a simulated device.
 #[derive(Debug, Parser)]
-#[command(name = "thingport-demo", version)]
+#[command(
+    name = "thingport-demo",
+    version,
+    after_help = "`thingport-demo gateway ARGS` and `thingport-demo foundation ARGS` run either server's own \
+                  command line (see their --help)."
+)]
 struct Args {
     /// Where to keep the demo's certificate, secrets and configuration (default: a new temporary directory).
     #[arg(long)]
