@@ -7,10 +7,16 @@
 //! the command queue (`Options::queue`) holds more; nothing queued is dropped. A [`Handler`]'s service answers go
 //! ahead of new data when the window has room; at most `Options::window` of them wait (beyond, one is dropped and
 //! its caller times out).
+//!
+//! [`Handle::call`] calls a service the server implements (`thingport.time`, `thingport.properties`: the server's
+//! clock and this thing's properties as the server holds them, what a device reads after a reboot) and waits for
+//! the answer; a call not answered within its timeout ends with [`ClientError::Timeout`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thingport_protocol::{
@@ -105,9 +111,25 @@ pub enum ClientError {
     /// Only data frames (properties, events, service calls and responses) can be sent.
     #[error("not a data frame")]
     NotData,
+    /// A service call got no answer within its timeout.
+    #[error("no answer within the timeout")]
+    Timeout,
 }
 
 type Reply = oneshot::Sender<Result<u64, ClientError>>;
+
+/// Service calls of the application waiting for the server's answer, by call id.
+#[derive(Debug, Default)]
+struct Calls {
+    next_id: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<ServiceResult>>>,
+}
+
+impl Calls {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<ServiceResult>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// The application's side of a [`Client`]; cheap to clone.
 #[derive(Debug, Clone)]
@@ -115,6 +137,7 @@ pub struct Handle {
     commands: mpsc::Sender<(Frame, Reply)>,
     acked: watch::Receiver<u64>,
     connected: watch::Receiver<bool>,
+    calls: Arc<Calls>,
 }
 
 impl Handle {
@@ -147,6 +170,29 @@ impl Handle {
     /// Answers a service call the [`Handler`] left open.
     pub async fn respond(&self, call_id: u64, result: ServiceResult) -> Result<u64, ClientError> {
         self.send(Frame::ServiceResponse(ServiceResponse { seq: 0, call_id, result })).await
+    }
+
+    /// Calls a service the server implements (docs/PROTOCOL.md §5.5.1) and waits for its answer, at most
+    /// `timeout`, which is also sent as the call's timeout.
+    pub async fn call(
+        &self,
+        service: impl Into<ByteString>,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<ServiceResult, ClientError> {
+        let call_id = self.calls.next_id.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        self.calls.waiting().insert(call_id, answer);
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let request =
+            ServiceRequest { seq: 0, call_id, timeout_ms, service: service.into(), params };
+        let result = tokio::time::timeout(timeout, async {
+            self.send(Frame::ServiceRequest(request)).await?;
+            answered.await.map_err(|_| ClientError::Stopped)
+        })
+        .await;
+        self.calls.waiting().remove(&call_id);
+        result.unwrap_or(Err(ClientError::Timeout))
     }
 
     /// The highest sequence number the server acknowledged (every frame up to it is stored).
@@ -184,6 +230,7 @@ pub struct Client {
     answers: VecDeque<Frame>,
     acked: watch::Sender<u64>,
     connected: watch::Sender<bool>,
+    calls: Arc<Calls>,
 }
 
 impl Client {
@@ -214,9 +261,15 @@ impl Client {
         let (commands_tx, commands) = mpsc::channel(options.queue.max(1));
         let (acked, acked_rx) = watch::channel(first_seq - 1);
         let (connected, connected_rx) = watch::channel(false);
-        let handle = Handle { commands: commands_tx, acked: acked_rx, connected: connected_rx };
+        let calls = Arc::new(Calls { next_id: AtomicU64::new(1), ..Calls::default() });
+        let handle = Handle {
+            commands: commands_tx,
+            acked: acked_rx,
+            connected: connected_rx,
+            calls: calls.clone(),
+        };
         let answers = VecDeque::new();
-        Ok((Client { options, device, outbox, commands, answers, acked, connected }, handle))
+        Ok((Client { options, device, outbox, commands, answers, acked, connected, calls }, handle))
     }
 
     /// Frames kept and not yet acknowledged.
@@ -327,6 +380,14 @@ impl Client {
                             } else {
                                 self.answers.push_back(Frame::ServiceResponse(answer));
                             }
+                        }
+                    }
+                    Ok(Some(DeviceEvent::Data(Frame::ServiceResponse(response)))) => {
+                        match self.calls.waiting().remove(&response.call_id) {
+                            Some(caller) => {
+                                let _ = caller.send(response.result);
+                            }
+                            None => handler.other(&Frame::ServiceResponse(response)),
                         }
                     }
                     Ok(Some(DeviceEvent::Data(frame))) => handler.other(&frame),

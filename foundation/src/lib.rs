@@ -15,6 +15,7 @@ pub mod json;
 pub mod links;
 pub mod model;
 pub mod ring;
+pub mod services;
 pub mod storage;
 
 use std::collections::HashSet;

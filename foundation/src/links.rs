@@ -13,8 +13,7 @@ use bytes::{Bytes, BytesMut};
 use thingport_protocol::link::LINK_VERSION;
 use thingport_protocol::peer::{CallOutcome, Op};
 use thingport_protocol::{
-    ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame, ServiceErrorCode,
-    ServiceResponse, ServiceResult,
+    ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame, ServiceResponse,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -267,16 +266,19 @@ async fn handle(
                     }
                 }
                 Frame::ServiceRequest(request) => {
-                    // devices may call server services; none are defined yet
-                    let answer = Frame::ServiceResponse(ServiceResponse {
-                        seq: 0,
-                        call_id: request.call_id,
-                        result: ServiceResult::Err {
-                            code: ServiceErrorCode::NOT_FOUND,
-                            message: format!("no server service {}", request.service).into(),
-                        },
-                    });
-                    shared.links.downstream(gateway, session_id, 0, &answer);
+                    // a device calling a server service
+                    let shared = shared.clone();
+                    let gateway = gateway.clone();
+                    let answer = async move {
+                        let result = crate::services::call(&shared.cluster, &thing, &request).await;
+                        let call_id = request.call_id;
+                        let answer =
+                            Frame::ServiceResponse(ServiceResponse { seq: 0, call_id, result });
+                        shared.links.downstream(&gateway, session_id, 0, &answer);
+                    };
+                    if !spawn_bounded(in_flight, answer).await {
+                        return false;
+                    }
                 }
                 _ => {}
             }

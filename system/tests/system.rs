@@ -361,3 +361,91 @@ async fn the_device_sdk_resends_after_a_restart_what_was_never_acknowledged_and_
         let _ = stop.send(());
     }
 }
+
+#[tokio::test]
+async fn a_rebooted_device_reads_what_the_server_holds_for_it_and_the_server_time() {
+    use thingport_device::{Backoff, Client, ClientError, Handle, NoHandler, Options};
+    let system = start().await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let token = thingport_gateway::token::TokenKey::new(support::SECRET)
+        .unwrap()
+        .issue("boiler", now.as_secs() + 3_600);
+    let run = || {
+        let mut options = Options::new(
+            system.endpoint.clone(),
+            "boiler",
+            thingport_protocol::Credential::Token(token.clone().into_bytes().into()),
+        );
+        options.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
+        let (client, handle) = Client::new(options).unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        (tokio::spawn(client.run(NoHandler, stop.clone().cancelled_owned())), handle, stop)
+    };
+    let call = |handle: Handle, service: &'static str, params: Value| async move {
+        within(service, handle.call(service, params, Duration::from_secs(5))).await
+    };
+
+    // the device reports a level, then goes away
+    let (running, handle, stop) = run();
+    let level = PropertyUpdate {
+        name: "level".into(),
+        timestamp_ms: now.as_millis() as u64,
+        quality: Quality::Good,
+        value: Value::Int(5),
+    };
+    let seq = handle.properties(vec![level]).await.unwrap();
+    within("the level acknowledged", handle.wait_acked(seq)).await.unwrap();
+    stop.cancel();
+    running.await.unwrap();
+
+    // while it is away an application sets its setpoint
+    let (status, written) = http(
+        system.api,
+        "PUT",
+        "/v1/things/boiler/properties/setpoint",
+        Some(KEY),
+        Some(json!({"value": 21})),
+    )
+    .await;
+    assert_eq!((status, written["delivered"].clone()), (200, json!(false)), "{written}");
+
+    // back up, it asks the server
+    let (running, handle, stop) = run();
+    let all = call(handle.clone(), "thingport.properties", Value::Null).await.unwrap();
+    let expected = vec![("level".into(), Value::Int(5)), ("setpoint".into(), Value::Int(21))];
+    assert_eq!(all, ServiceResult::Ok(Value::Map(expected)));
+    let some = Value::List(vec![Value::from_static("setpoint"), Value::from_static("absent")]);
+    let one = call(handle.clone(), "thingport.properties", some).await.unwrap();
+    assert_eq!(one, ServiceResult::Ok(Value::Map(vec![("setpoint".into(), Value::Int(21))])));
+    let ServiceResult::Err { code, .. } =
+        call(handle.clone(), "thingport.properties", Value::Int(1)).await.unwrap()
+    else {
+        panic!("parameters that are not a list of names are refused");
+    };
+    assert_eq!(code, thingport_protocol::ServiceErrorCode::INVALID_PARAMS);
+
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let ServiceResult::Ok(Value::Int(server_ms)) =
+        call(handle.clone(), "thingport.time", Value::Null).await.unwrap()
+    else {
+        panic!("the server's time is an INT");
+    };
+    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let server_ms = server_ms as u128;
+    assert!(before.as_millis() <= server_ms && server_ms <= after.as_millis(), "{server_ms}");
+
+    let ServiceResult::Err { code, .. } =
+        call(handle.clone(), "thingport.nothing", Value::Null).await.unwrap()
+    else {
+        panic!("an unknown server service is refused");
+    };
+    assert_eq!(code, thingport_protocol::ServiceErrorCode::NOT_FOUND);
+    // a call nothing can answer in time ends with a timeout (the session has stopped)
+    stop.cancel();
+    running.await.unwrap();
+    let late = handle.call("thingport.time", Value::Null, Duration::from_millis(50)).await;
+    assert!(matches!(late, Err(ClientError::Stopped | ClientError::Timeout)), "{late:?}");
+    for stop in system.stop {
+        let _ = stop.send(());
+    }
+}
