@@ -94,9 +94,19 @@ pub struct Limits {
     pub max_sessions_per_ip: usize,
     /// New connections accepted per second (burst of the same size), all listeners together.
     pub accept_rate: u32,
-    /// Most connections in their handshake (TLS + upgrade + HELLO) at once.
+    /// Most WSS connections accepted and waiting for their first bytes (no TLS state yet) at once.
+    pub max_waiting: usize,
+    /// Most WSS connections from one source IP address waiting for their first bytes.
+    pub max_waiting_per_ip: usize,
+    /// Deadline for a WSS connection's first bytes (the TLS ClientHello), from the accept; the handshake deadline
+    /// applies if it is shorter.
+    #[serde(with = "humantime_serde")]
+    pub first_bytes_timeout: Duration,
+    /// Most connections in their handshake (TLS + upgrade + HELLO) at once, for each transport.
     pub max_handshakes: usize,
-    /// Deadline for TLS + WebSocket upgrade + HELLO together.
+    /// Most connections from one source IP address in their handshake, both transports together.
+    pub max_handshakes_per_ip: usize,
+    /// Deadline for TLS + WebSocket upgrade + HELLO together, from the accept.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Largest device frame, in bytes.
@@ -201,7 +211,11 @@ impl Default for Limits {
             max_sessions: 100_000,
             max_sessions_per_ip: 1_000,
             accept_rate: 2_000,
+            max_waiting: 16_384,
+            max_waiting_per_ip: 1_024,
+            first_bytes_timeout: Duration::from_secs(3),
             max_handshakes: 512,
+            max_handshakes_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
             max_frame: 64 * 1024,
             message_rate: 100,
@@ -291,8 +305,18 @@ impl Config {
         check(self.limits.accept_rate > 0, "limits.accept_rate: must be at least 1");
         check(self.limits.max_handshakes > 0, "limits.max_handshakes: must be at least 1");
         check(
+            self.limits.max_handshakes_per_ip > 0,
+            "limits.max_handshakes_per_ip: must be at least 1",
+        );
+        check(self.limits.max_waiting > 0, "limits.max_waiting: must be at least 1");
+        check(self.limits.max_waiting_per_ip > 0, "limits.max_waiting_per_ip: must be at least 1");
+        check(
             !self.limits.handshake_timeout.is_zero(),
             "limits.handshake_timeout: must be more than 0",
+        );
+        check(
+            !self.limits.first_bytes_timeout.is_zero(),
+            "limits.first_bytes_timeout: must be more than 0",
         );
         check(
             (64..=16 << 20).contains(&self.limits.max_frame),

@@ -1,6 +1,6 @@
-//! Admission control shared by every listener: session caps (global and per source address), an accept-rate
-//! bucket and a cap on concurrent handshakes. A refused connection costs no TLS work on WSS and is refused before
-//! the handshake on QUIC.
+//! Admission control shared by every listener: caps (global and per source address) on connections waiting for
+//! their first bytes, in their handshake and in a session, and an accept-rate bucket. A refused connection costs no
+//! TLS work on WSS and is refused before the handshake on QUIC.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,6 +19,9 @@ pub enum Refusal {
     MaxSessionsPerIp,
     AcceptRate,
     MaxHandshakes,
+    MaxHandshakesPerIp,
+    MaxWaiting,
+    MaxWaitingPerIp,
     Draining,
 }
 
@@ -29,6 +32,9 @@ impl Refusal {
             Refusal::MaxSessionsPerIp => "max_sessions_per_ip",
             Refusal::AcceptRate => "accept_rate",
             Refusal::MaxHandshakes => "max_handshakes",
+            Refusal::MaxHandshakesPerIp => "max_handshakes_per_ip",
+            Refusal::MaxWaiting => "max_waiting",
+            Refusal::MaxWaitingPerIp => "max_waiting_per_ip",
             Refusal::Draining => "draining",
         }
     }
@@ -77,89 +83,199 @@ impl TokenBucket {
     }
 }
 
-/// The gateway's admission state.
+/// Counts per source address, each bounded by `max`.
+#[derive(Debug, Clone)]
+struct PerIp {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max: usize,
+}
+
+/// One count of a [`PerIp`]: released when dropped.
+#[derive(Debug)]
+struct IpCount {
+    ip: IpAddr,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerIp {
+    fn new(max: usize) -> PerIp {
+        PerIp { counts: Arc::default(), max }
+    }
+
+    fn try_count(&self, ip: IpAddr) -> Option<IpCount> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(IpCount { ip, counts: self.counts.clone() })
+    }
+}
+
+impl Drop for IpCount {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The gateway's admission state. A connection passes three stages, each with a global cap and a cap per source
+/// address: *waiting* (WSS only: accepted, no byte received yet — a socket and a small task, no TLS state),
+/// *handshake* (TLS, the WebSocket upgrade and `HELLO`; a pool per transport, so that pending TCP handshakes never
+/// refuse QUIC) and *session* (from the handshake's start to the close).
 #[derive(Debug)]
 pub struct Admission {
-    sessions: Arc<Semaphore>,
-    handshakes: Arc<Semaphore>,
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    max_per_ip: usize,
     accept: Mutex<TokenBucket>,
+    waiting: Arc<Semaphore>,
+    waiting_per_ip: PerIp,
+    handshakes: [Arc<Semaphore>; 2],
+    handshakes_per_ip: PerIp,
+    max_handshakes: usize,
+    sessions: Arc<Semaphore>,
+    sessions_per_ip: PerIp,
 }
 
 /// Held for the life of a connection: releases its session slot and per-address count when dropped.
 #[derive(Debug)]
 pub struct SessionPermit {
     _slot: OwnedSemaphorePermit,
-    ip: IpAddr,
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Drop for SessionPermit {
-    fn drop(&mut self) {
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
+    _ip: IpCount,
 }
 
 /// Held while a connection is in its handshake.
-pub type HandshakePermit = OwnedSemaphorePermit;
+#[derive(Debug)]
+pub struct HandshakePermit {
+    _slot: OwnedSemaphorePermit,
+    _ip: IpCount,
+    _gauge: Gauged,
+}
+
+/// Held while a WSS connection waits for its first bytes.
+#[derive(Debug)]
+pub struct WaitingPermit {
+    _slot: OwnedSemaphorePermit,
+    _ip: IpCount,
+    _gauge: Gauged,
+}
+
+/// Counts one in a gauge while it lives.
+#[derive(Debug)]
+struct Gauged(&'static str, &'static str);
+
+impl Gauged {
+    fn new(name: &'static str, transport: &'static str) -> Gauged {
+        ::metrics::gauge!(name, "transport" => transport).increment(1.0);
+        Gauged(name, transport)
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        ::metrics::gauge!(self.0, "transport" => self.1).decrement(1.0);
+    }
+}
+
+fn slot(semaphore: &Arc<Semaphore>, full: Refusal) -> Result<OwnedSemaphorePermit, Refusal> {
+    semaphore.clone().try_acquire_owned().map_err(|e| match e {
+        tokio::sync::TryAcquireError::Closed => Refusal::Draining,
+        tokio::sync::TryAcquireError::NoPermits => full,
+    })
+}
+
+fn transport_index(transport: &'static str) -> usize {
+    usize::from(transport == "quic")
+}
 
 impl Admission {
     pub fn new(limits: &config::Limits) -> Self {
         Admission {
-            sessions: Arc::new(Semaphore::new(limits.max_sessions)),
-            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
-            per_ip: Arc::default(),
-            max_per_ip: limits.max_sessions_per_ip,
             accept: Mutex::new(TokenBucket::new(
                 limits.accept_rate,
                 limits.accept_rate,
                 Instant::now(),
             )),
+            waiting: Arc::new(Semaphore::new(limits.max_waiting)),
+            waiting_per_ip: PerIp::new(limits.max_waiting_per_ip),
+            handshakes: [
+                Arc::new(Semaphore::new(limits.max_handshakes)),
+                Arc::new(Semaphore::new(limits.max_handshakes)),
+            ],
+            handshakes_per_ip: PerIp::new(limits.max_handshakes_per_ip),
+            max_handshakes: limits.max_handshakes,
+            sessions: Arc::new(Semaphore::new(limits.max_sessions)),
+            sessions_per_ip: PerIp::new(limits.max_sessions_per_ip),
         }
     }
 
-    /// Admits a new connection from `ip`, or says why not (and counts the refusal).
+    /// Lets a new WSS connection from `ip` wait for its first bytes, or says why not (and counts the refusal).
+    pub fn wait(&self, ip: IpAddr) -> Result<WaitingPermit, Refusal> {
+        let result = slot(&self.waiting, Refusal::MaxWaiting).and_then(|slot| {
+            let ip = self.waiting_per_ip.try_count(ip).ok_or(Refusal::MaxWaitingPerIp)?;
+            Ok(WaitingPermit { _slot: slot, _ip: ip, _gauge: Gauged::new(metrics::WAITING, "wss") })
+        });
+        if let Err(refusal) = result {
+            metrics::refused("wss", refusal.reason());
+        }
+        result
+    }
+
+    /// Admits a connection from `ip` into its handshake, or says why not (and counts the refusal).
     pub fn admit(
         &self,
         ip: IpAddr,
         transport: &'static str,
     ) -> Result<(SessionPermit, HandshakePermit), Refusal> {
-        let result = self.try_admit(ip);
+        let result = self.try_admit(ip, transport);
         if let Err(refusal) = result {
             metrics::refused(transport, refusal.reason());
         }
         result
     }
 
-    fn try_admit(&self, ip: IpAddr) -> Result<(SessionPermit, HandshakePermit), Refusal> {
+    fn try_admit(
+        &self,
+        ip: IpAddr,
+        transport: &'static str,
+    ) -> Result<(SessionPermit, HandshakePermit), Refusal> {
+        // the per-address caps first: one address's excess spends nothing shared, not even an accept token
+        let handshake_ip =
+            self.handshakes_per_ip.try_count(ip).ok_or(Refusal::MaxHandshakesPerIp)?;
+        let session_ip = self.sessions_per_ip.try_count(ip).ok_or(Refusal::MaxSessionsPerIp)?;
+        let handshake = slot(&self.handshakes[transport_index(transport)], Refusal::MaxHandshakes)?;
         if !self.accept.lock().unwrap_or_else(|e| e.into_inner()).try_take(Instant::now()) {
             return Err(Refusal::AcceptRate);
         }
-        let handshake =
-            self.handshakes.clone().try_acquire_owned().map_err(|_| Refusal::MaxHandshakes)?;
-        let slot = self.sessions.clone().try_acquire_owned().map_err(|_| Refusal::MaxSessions)?;
-        {
-            let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let count = per_ip.entry(ip).or_insert(0);
-            if *count >= self.max_per_ip {
-                return Err(Refusal::MaxSessionsPerIp);
-            }
-            *count += 1;
-        }
-        Ok((SessionPermit { _slot: slot, ip, per_ip: self.per_ip.clone() }, handshake))
+        let session = slot(&self.sessions, Refusal::MaxSessions)?;
+        Ok((
+            SessionPermit { _slot: session, _ip: session_ip },
+            HandshakePermit {
+                _slot: handshake,
+                _ip: handshake_ip,
+                _gauge: Gauged::new(metrics::HANDSHAKES_ACTIVE, transport),
+            },
+        ))
+    }
+
+    /// Whether more than half of a transport's handshake slots are taken: QUIC then asks new clients to prove
+    /// their address with a Retry before any handshake state is kept.
+    pub fn busy(&self, transport: &'static str) -> bool {
+        let free = self.handshakes[transport_index(transport)].available_permits();
+        self.max_handshakes.saturating_sub(free) * 2 > self.max_handshakes
     }
 
     /// Stops admitting anything (drain).
     pub fn close(&self) {
+        self.waiting.close();
         self.sessions.close();
-        self.handshakes.close();
+        for handshakes in &self.handshakes {
+            handshakes.close();
+        }
     }
 }
 
@@ -192,6 +308,47 @@ mod tests {
         let _third = admission.admit(b, "quic").unwrap();
         assert_eq!(admission.admit(b, "quic").unwrap_err(), Refusal::MaxSessions);
         drop(first);
+        assert!(admission.admit(a, "wss").is_ok());
+    }
+
+    #[test]
+    fn waiting_connections_are_capped_apart_from_handshakes() {
+        let limits = config::Limits {
+            max_waiting: 3,
+            max_waiting_per_ip: 2,
+            max_handshakes: 1,
+            ..config::Limits::default()
+        };
+        let admission = Admission::new(&limits);
+        let a: IpAddr = [127, 0, 0, 2].into();
+        let b: IpAddr = [127, 0, 0, 3].into();
+        let _w1 = admission.wait(a).unwrap();
+        let _w2 = admission.wait(a).unwrap();
+        assert_eq!(admission.wait(a).unwrap_err(), Refusal::MaxWaitingPerIp);
+        let _w3 = admission.wait(b).unwrap();
+        assert_eq!(admission.wait(b).unwrap_err(), Refusal::MaxWaiting);
+        // waiting connections hold no handshake slot, and a WSS handshake none of QUIC's
+        let _wss = admission.admit(b, "wss").unwrap();
+        assert_eq!(admission.admit(a, "wss").unwrap_err(), Refusal::MaxHandshakes);
+        assert!(admission.busy("wss"));
+        assert!(!admission.busy("quic"));
+        let _quic = admission.admit(a, "quic").unwrap();
+        admission.close();
+        assert_eq!(admission.wait(a).unwrap_err(), Refusal::Draining);
+    }
+
+    #[test]
+    fn one_address_cannot_take_every_handshake_slot() {
+        let limits = config::Limits { max_handshakes_per_ip: 2, ..config::Limits::default() };
+        let admission = Admission::new(&limits);
+        let a: IpAddr = [127, 0, 0, 2].into();
+        let first = admission.admit(a, "wss").unwrap();
+        let _second = admission.admit(a, "quic").unwrap();
+        assert_eq!(admission.admit(a, "wss").unwrap_err(), Refusal::MaxHandshakesPerIp);
+        assert!(admission.admit([127, 0, 0, 3].into(), "wss").is_ok());
+        // the handshake over (its permit dropped), the session keeps its slot but frees the handshake count
+        let (_session, handshake) = first;
+        drop(handshake);
         assert!(admission.admit(a, "wss").is_ok());
     }
 }

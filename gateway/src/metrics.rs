@@ -3,6 +3,8 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `thingport_gateway_sessions_active` | gauge | `transport` |
+//! | `thingport_gateway_connections_waiting` | gauge | `transport` (`wss`) | accepted, no byte received yet |
+//! | `thingport_gateway_handshakes_active` | gauge | `transport` | in TLS, upgrade or `HELLO` |
 //! | `thingport_gateway_handshakes_total` | counter | `transport`, `result` (`ok` or a refusal reason) |
 //! | `thingport_gateway_refused_total` | counter | `transport`, `reason` |
 //! | `thingport_gateway_frames_total` | counter | `direction` (`upstream`, `downstream`) |
@@ -24,6 +26,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const SESSIONS_ACTIVE: &str = "thingport_gateway_sessions_active";
 pub const HANDSHAKES: &str = "thingport_gateway_handshakes_total";
+pub const WAITING: &str = "thingport_gateway_connections_waiting";
+pub const HANDSHAKES_ACTIVE: &str = "thingport_gateway_handshakes_active";
 pub const REFUSED: &str = "thingport_gateway_refused_total";
 pub const FRAMES: &str = "thingport_gateway_frames_total";
 pub const BYTES: &str = "thingport_gateway_bytes_total";
@@ -79,6 +83,11 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open, by transport");
     describe_counter!(HANDSHAKES, "Device handshakes finished, by transport and result");
+    describe_gauge!(
+        WAITING,
+        "Connections accepted and waiting for their first bytes, by transport"
+    );
+    describe_gauge!(HANDSHAKES_ACTIVE, "Device handshakes in progress, by transport");
     describe_counter!(REFUSED, "Connections or sessions refused, by transport and reason");
     describe_counter!(FRAMES, "Device frames forwarded, by direction");
     describe_counter!(BYTES, "Device frame bytes forwarded, by direction");

@@ -52,6 +52,18 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
+        // under load, a client proves its address with a Retry (stateless) before it may take a handshake slot
+        let incoming = if !incoming.remote_address_validated() && shared.admission.busy("quic") {
+            match incoming.retry() {
+                Ok(()) => {
+                    metrics::handshake("quic", "retry");
+                    continue;
+                }
+                Err(cannot) => cannot.into_incoming(),
+            }
+        } else {
+            incoming
+        };
         // refused before the handshake: one CONNECTION_CLOSE, no crypto
         let Ok((permit, handshake)) =
             shared.admission.admit(incoming.remote_address().ip(), "quic")

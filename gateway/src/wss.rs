@@ -44,14 +44,27 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
             }
         };
         // refused before any TLS work: the socket is simply closed
-        let Ok((permit, handshake)) = shared.admission.admit(peer.ip(), "wss") else {
+        let Ok(waiting) = shared.admission.wait(peer.ip()) else {
             continue;
         };
         let at = Instant::now();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let deadline =
-                tokio::time::Instant::from_std(at + shared.config.limits.handshake_timeout);
+            // until its first bytes arrive a connection is a socket and this small task, with its own short
+            // deadline, and takes no handshake slot: idle connections cannot lock devices out
+            let limits = &shared.config.limits;
+            let first_bytes = limits.first_bytes_timeout.min(limits.handshake_timeout);
+            let first_bytes = tokio::time::Instant::from_std(at + first_bytes);
+            // `peek`, not `readable`: readiness may be reported before any byte is there
+            if tokio::time::timeout_at(first_bytes, stream.peek(&mut [0u8; 1])).await.is_err() {
+                metrics::handshake("wss", "first_bytes_timeout");
+                return;
+            }
+            drop(waiting);
+            let Ok((permit, handshake)) = shared.admission.admit(peer.ip(), "wss") else {
+                return;
+            };
+            let deadline = tokio::time::Instant::from_std(at + limits.handshake_timeout);
             // boxed: the handshake's state is large and short-lived, and would otherwise stay in the task's
             // allocation for the whole session
             let upgraded =

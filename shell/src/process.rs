@@ -72,6 +72,7 @@ where
         Ok(config) => config,
         Err(code) => return code,
     };
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -91,6 +92,15 @@ where
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection is a descriptor, and the soft limit
+/// (often 1,024) is far below what the limits in the configuration allow. Logs the limit in force.
+pub fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "the open files limit could not be raised"),
     }
 }
 
