@@ -136,6 +136,10 @@ pub struct Session {
     /// Reconnect hint in `GOAWAY`.
     #[serde(with = "humantime_serde")]
     pub reconnect_hint: Duration,
+    /// After closing a WSS session, how long the gateway reads (and discards) what the device still sends, so
+    /// that no reset destroys the `ERROR` and close frame on their way to it.
+    #[serde(with = "humantime_serde")]
+    pub close_linger: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -235,6 +239,7 @@ impl Default for Session {
             send_queue_bytes: 256 * 1024,
             drain_timeout: Duration::from_secs(10),
             reconnect_hint: Duration::from_secs(2),
+            close_linger: Duration::from_secs(2),
         }
     }
 }

@@ -80,7 +80,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
                     return;
                 }
             };
-            let io = WssIo { ws };
+            let io = WssIo { ws, linger: shared.config.session.close_linger };
             let accepted =
                 Accepted { transport: Transport::Wss, peer, at, cert_names, permit, handshake };
             // a task of its own: this handshake task's allocation (sized for the handshake) is freed, and the
@@ -204,6 +204,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeaderCap<S> {
 
 struct WssIo {
     ws: Ws,
+    linger: Duration,
 }
 
 impl DeviceIo for WssIo {
@@ -253,8 +254,22 @@ impl DeviceIo for WssIo {
         self.ws.flush().await.map_err(|e| IoError::Broken(e.to_string()))
     }
 
+    /// Sends the close frame, then half-closes (TLS `close_notify` and TCP FIN) and reads what the device still
+    /// sends, discarding it unread, until it closes its side or `linger` passes. A socket closed with unread data
+    /// answers with a reset, and the device's stack would drop the `ERROR` and close frame still in flight to it.
     async fn close(&mut self, code: CloseCode) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let frame = CloseFrame { code: code.websocket().into(), reason: "".into() };
         let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
+        let tls = &mut self.ws.get_mut().inner;
+        let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+        // the raw TCP bytes: nothing of them is needed, so they are not decrypted
+        let tcp = tls.get_mut().0;
+        let _ = tokio::time::timeout(self.linger, async {
+            // on the heap: a buffer in this future would enlarge every session task's allocation
+            let mut discard = vec![0u8; 4096];
+            while let Ok(1..) = tcp.read(&mut discard).await {}
+        })
+        .await;
     }
 }

@@ -11,6 +11,9 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use thingport_gateway::session::CloseCode;
+
 use support::{Harness, device_config, within};
 use thingport_device::{Closed, DeviceError, FrameConn, Transport};
 use thingport_loadtest::worker::WorkerEvent;
@@ -305,6 +308,29 @@ async fn malformed_frames_end_the_session_with_a_readable_error() {
     };
     assert_eq!(error.code, ErrorCode::MALFORMED_FRAME);
     assert_eq!(within("close", conn.recv()).await.unwrap(), Err(Closed::Code(1003)));
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_device_still_sending_when_it_breaks_a_rule_reads_the_error_and_the_close() {
+    let harness = Harness::start(1, |_| {}).await;
+    let mut conn = FrameConn::connect(&harness.endpoint(Transport::Wss)).await.unwrap();
+    // a frame the server refuses, then a backlog of 8 MB it will never read as frames: what a device resending
+    // after a reconnect looks like. The server must not reset the connection under it.
+    let mut frames = vec![Bytes::from_static(&[0x42])];
+    frames.extend(std::iter::repeat_n(Bytes::from(vec![0x03; 1024]), 8 * 1024));
+    let sent = within("the backlog sent", conn.send(&frames)).await;
+    assert!(sent.is_ok(), "the server reset the connection: {sent:?}");
+    let reply = within("error", conn.recv()).await.unwrap().unwrap();
+    let Frame::Error(error) = Frame::decode(reply, &Default::default()).unwrap() else {
+        panic!("not an ERROR")
+    };
+    assert_eq!(error.code, ErrorCode::MALFORMED_FRAME);
+    let closed = within("close", conn.recv()).await.unwrap();
+    assert_eq!(
+        closed,
+        Err(Closed::Code(u32::from(CloseCode::Error(ErrorCode::MALFORMED_FRAME).websocket())))
+    );
     harness.stop().await.unwrap();
 }
 
