@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use thingport_protocol::peer::{
     BindingRecord, EventRecord as EventWire, Op, PropertyRecord, ThingRecord, ThingSummary,
 };
-use thingport_protocol::{ByteString, Frame, Limits, Quality, Value};
+use thingport_protocol::{ByteString, Frame, Limits, PropertyUpdate, Quality, Value};
 
 use crate::model::{Binding, Definition, PropertyState, ThingState, Version};
 use crate::ring::store::Partition;
@@ -90,7 +90,7 @@ pub fn apply(
         Op::Device { incarnation, epoch_ms, .. } => match frame {
             Some(Frame::Properties(batch)) => {
                 let mut values = Vec::with_capacity(batch.updates.len());
-                for u in batch.updates {
+                for u in in_wire_order(batch.updates) {
                     let version = Version {
                         timestamp_ms: u.timestamp_ms,
                         incarnation: *incarnation,
@@ -165,6 +165,19 @@ pub fn apply(
 }
 
 /// Applies a property update and says what the store keeps of it.
+/// A batch's updates applied in wire order (PROTOCOL.md §5.3): of two updates of one property with one timestamp
+/// the later replaces the earlier, which is never stored — a property has one value per instant and frame.
+fn in_wire_order(updates: Vec<PropertyUpdate>) -> Vec<PropertyUpdate> {
+    let mut kept: Vec<PropertyUpdate> = Vec::with_capacity(updates.len());
+    for u in updates {
+        match kept.iter().position(|k| k.name == u.name && k.timestamp_ms == u.timestamp_ms) {
+            Some(i) => kept[i] = u,
+            None => kept.push(u),
+        }
+    }
+    kept
+}
+
 fn stored(thing: &mut ThingState, property: ByteString, state: PropertyState) -> StoredValue {
     let definition = thing.definition(&property);
     let value = StoredValue {
@@ -306,7 +319,7 @@ pub fn summary(name: &str, thing: &ThingState) -> ThingSummary {
 
 #[cfg(test)]
 mod tests {
-    use thingport_protocol::{Event, Properties, PropertyUpdate};
+    use thingport_protocol::{Event, Properties};
 
     use super::*;
 
@@ -625,5 +638,41 @@ mod tests {
         let remove = Op::Remove { thing: "t".into(), property: Some("level".into()), now_ms: 6 };
         run(&mut partition, &remove, &limits, false).unwrap();
         assert!(partition["t"].properties.is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_applied_in_wire_order() {
+        let limits = Limits::DEFAULT;
+        let mut partition = Partition::new();
+        let update = |name: &str, timestamp_ms: u64, value: i64| PropertyUpdate {
+            name: name.into(),
+            timestamp_ms,
+            quality: Quality::Good,
+            value: Value::Int(value),
+        };
+        let batch = Frame::Properties(Properties {
+            seq: 1,
+            updates: vec![
+                update("level", 100, 1),
+                update("flow", 100, 7),
+                update("level", 100, 2),
+                update("level", 90, 3),
+            ],
+        });
+        let op = Op::Device {
+            thing: "t".into(),
+            create: true,
+            now_ms: 1,
+            incarnation: 1,
+            epoch_ms: 0,
+            frame: batch.to_bytes(),
+        };
+        let changes = run(&mut partition, &op, &limits, false).unwrap();
+        // the later update of level at 100 replaced the earlier; the older one at 90 is history only
+        assert_eq!(partition["t"].properties[&ByteString::from("level")].value, Value::Int(2));
+        let Change::Values { values, .. } = &changes[0] else { panic!("values first") };
+        let stored: Vec<(&str, u64, bool)> =
+            values.iter().map(|v| (&*v.property, v.timestamp_ms, v.current)).collect();
+        assert_eq!(stored, [("level", 100, true), ("flow", 100, true), ("level", 90, false)]);
     }
 }
