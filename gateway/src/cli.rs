@@ -125,10 +125,11 @@ fn gen_cert(cert: &Path, key: &Path, names: &[String]) -> Result<()> {
     write_new(key, key_pem.as_bytes(), 0o600)?;
     write_new(cert, cert_pem.as_bytes(), 0o644)?;
     println!(
-        "wrote {} and {} (ECDSA P-256, self-signed for {})",
+        "wrote {} and {} (ECDSA P-256, self-signed for {}, valid {} days)",
         cert.display(),
         key.display(),
-        names.join(", ")
+        names.join(", "),
+        tls::SELF_SIGNED_DAYS
     );
     Ok(())
 }

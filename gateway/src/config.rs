@@ -257,7 +257,8 @@ impl Config {
     }
 
     /// Every problem of a parsed configuration, each on its own line; empty when it is usable. Files are checked
-    /// for existence here; their contents are checked when loaded.
+    /// for existence here, and the certificate and key are loaded (a chain and a key that belong together); the
+    /// other files' contents are checked when loaded.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut check = |ok: bool, problem: &str| {
@@ -273,6 +274,12 @@ impl Config {
             &format!("tls.cert: no file at {}", self.tls.cert.display()),
         );
         check(self.tls.key.is_file(), &format!("tls.key: no file at {}", self.tls.key.display()));
+        if self.tls.cert.is_file() && self.tls.key.is_file() {
+            // what a reload would find: `systemctl reload` runs `check-config` first and fails on this
+            let loaded = crate::tls::ReloadableCert::load(&self.tls.cert, &self.tls.key);
+            let problem = loaded.as_ref().err().map(|e| format!("tls.cert, tls.key: {e:#}"));
+            check(loaded.is_ok(), problem.as_deref().unwrap_or_default());
+        }
         if let Some(ca) = &self.tls.client_ca {
             check(ca.is_file(), &format!("tls.client_ca: no file at {}", ca.display()));
         }

@@ -140,10 +140,23 @@ impl ServerTls {
 
 /// A self-signed ECDSA P-256 certificate for `names` (DNS names or IP addresses), as PEM (certificate, key).
 pub fn self_signed(names: &[String]) -> Result<(String, String)> {
-    let certified =
-        rcgen::generate_simple_self_signed(names.to_vec()).context("generating the certificate")?;
-    Ok((certified.cert.pem(), certified.signing_key.serialize_pem()))
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).context("certificate names")?;
+    let mut subject = rcgen::DistinguishedName::new();
+    let first = names.first().map_or("localhost", String::as_str);
+    subject.push(rcgen::DnType::CommonName, format!("thingport gateway {first}"));
+    subject.push(rcgen::DnType::OrganizationName, "thingport (self-signed)");
+    params.distinguished_name = subject;
+    let now = time::OffsetDateTime::now_utc();
+    // an hour back for clocks a little behind; replace it (or renew it) within the validity
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(SELF_SIGNED_DAYS);
+    let key = rcgen::KeyPair::generate().context("generating the key")?;
+    let cert = params.self_signed(&key).context("generating the certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
+
+/// How long a certificate from [`self_signed`] is valid: three years.
+pub const SELF_SIGNED_DAYS: i64 = 3 * 365;
 
 /// Names a client certificate gives its holder: DNS subject alternative names, then the subject common name.
 pub fn client_cert_names(der: &CertificateDer<'_>) -> Vec<String> {

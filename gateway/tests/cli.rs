@@ -67,6 +67,22 @@ fn a_bad_configuration_lists_every_problem_and_exits_64() {
     let out = gateway().args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8(out.stderr).unwrap().contains("line 2"));
+    // a certificate that would be refused (what `systemctl reload` checks before it signals the gateway)
+    let (cert, key) = support::write_cert(dir.path(), "server");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, support::SECRET).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[tls]\ncert = {cert:?}\nkey = {key:?}\n[auth]\nsecret_file = {secret:?}\n[upstream]\nfoundations = [\"127.0.0.1:1\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = gateway().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("tls.cert, tls.key:"), "{stderr}");
 }
 
 #[test]
@@ -82,6 +98,16 @@ fn secrets_certificates_and_tokens() {
         gateway().args(["gen-cert", "--cert"]).arg(&cert).arg("--key").arg(&key).status().unwrap();
     assert!(status.success());
     thingport_gateway::tls::ReloadableCert::load(&cert, &key).unwrap();
+    // named for what it is, and valid for three years from now, not for ever
+    let der = support::read_cert(&cert);
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let subject = parsed.subject().to_string();
+    assert!(subject.contains("CN=thingport gateway localhost"), "{subject}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let validity = parsed.validity();
+    assert!(validity.not_before.timestamp() <= now as i64);
+    let days = (validity.not_after.timestamp() - now as i64) / 86_400;
+    assert!((1_090..=1_095).contains(&days), "valid for {days} days");
     let out = gateway()
         .args(["token", "issue", "--thing", "pump-1", "--ttl", "30d", "--secret-file"])
         .arg(&secret)
