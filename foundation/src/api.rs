@@ -633,13 +633,26 @@ struct PropertyWrite {
     value: JsonValue,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteQuery {
+    /// How long to wait for the device to acknowledge the write, ms.
+    wait_ms: Option<u64>,
+}
+
+/// How long a property write waits for the device's acknowledgement unless `wait_ms` says otherwise.
+const WRITE_WAIT: Duration = Duration::from_secs(2);
+
 /// Stores a value written by an application and delivers it to the device if it is connected.
 async fn put_property(
     State(shared): State<Arc<Shared>>,
     names: Result<Path<(String, String)>, PathRejection>,
+    wait: Result<Query<WriteQuery>, QueryRejection>,
     write: Result<Json<PropertyWrite>, JsonRejection>,
 ) -> Response {
     let (thing, name) = part!(path(names));
+    let wait = part!(query(wait)).wait_ms.map_or(WRITE_WAIT, Duration::from_millis);
+    let wait = wait.min(Duration::from_secs(60));
     let write = part!(body(write));
     let value = match from_json(&write.value) {
         Ok(value) => value,
@@ -683,8 +696,19 @@ async fn put_property(
         Ok(t) => t.binding,
         Err(response) => return response,
     };
-    let delivered =
-        binding.is_some_and(|b| shared.links.downstream(&b.gateway, b.session_id, 0, &write));
+    let delivered = match binding {
+        Some(b) => {
+            // the reference asks the gateway to say whether the device acknowledged the write
+            let (reference, outcome) = shared.cluster.calls.start();
+            let _waiting = Waiting { calls: &shared.cluster.calls, id: reference };
+            shared.links.downstream(&b.gateway, b.session_id, reference, &write)
+                && matches!(
+                    tokio::time::timeout(wait, outcome).await,
+                    Ok(Ok(CallOutcome::Delivered))
+                )
+        }
+        None => false,
+    };
     Json(json!({ "stored": true, "delivered": delivered })).into_response()
 }
 
@@ -742,7 +766,8 @@ async fn call_service(
         Ok(Ok(CallOutcome::Undeliverable(code))) => {
             error(StatusCode::SERVICE_UNAVAILABLE, format!("the gateway could not deliver the call: {code}"))
         }
-        Ok(Err(_)) | Err(_) => {
+        // a delivery report belongs to a property write, never to a call
+        Ok(Ok(CallOutcome::Delivered)) | Ok(Err(_)) | Err(_) => {
             error(StatusCode::GATEWAY_TIMEOUT, format!("no answer from {thing} within {} ms", timeout.as_millis()))
         }
     }

@@ -1,4 +1,5 @@
-//! Service calls started through the API and waiting for their device's answer.
+//! Service calls and property writes started through the API and waiting for their device's answer (a
+//! `SERVICE_RESPONSE`, or the acknowledgement of a write).
 //!
 //! A call id carries the starting worker's tag in its top 20 bits: the device's answer reaches whichever worker
 //! the gateway picks, and that worker sends it on to the worker with the tag (`Cluster::complete_call`).
@@ -18,6 +19,8 @@ pub enum CallOutcome {
     Answered(ServiceResult),
     /// The gateway could not deliver the request (the device left, its queue was full).
     Undeliverable(thingport_protocol::ErrorCode),
+    /// The device acknowledged the property write.
+    Delivered,
 }
 
 /// The tag of a worker, from its member key.

@@ -284,6 +284,12 @@ async fn handle(
             }
             reply(tx, LinkFrame::Stored { session_id, seq })
         }
+        LinkFrame::Delivered { reference, .. } => {
+            let cluster = cluster.clone();
+            let outcome = CallOutcome::Delivered;
+            spawn_bounded(in_flight, async move { cluster.complete_call(reference, outcome).await })
+                .await
+        }
         LinkFrame::Undeliverable { reference, code, .. } => {
             let cluster = cluster.clone();
             let outcome = CallOutcome::Undeliverable { code: code.0 };

@@ -4,14 +4,15 @@
 //!
 //! The protocol rules live in [`thingport_protocol::ServerSession`]; this module is the I/O around it.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use thingport_protocol::{
-    ByteString, Credential, ErrorCode, Frame, GoawayReason, Hello, LinkFrame, SendError,
-    ServerEvent, ServerSession, Transport,
+    ByteString, Credential, DataHeader, ErrorCode, Frame, FrameType, GoawayReason, Hello,
+    LinkFrame, SendError, ServerEvent, ServerSession, Transport,
 };
 use tokio::time::Instant as TokioInstant;
 
@@ -175,8 +176,13 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
         ),
         out: Vec::new(),
         draining: None,
+        awaiting: VecDeque::new(),
     };
     let close = driver.run(&mut io).await;
+    // sent, never acknowledged: not delivered
+    for (_, link, reference) in driver.awaiting.drain(..) {
+        shared.pool.undeliverable(link, session_id, reference, ErrorCode::UNAVAILABLE);
+    }
     io.close(close).await;
 
     shared.registry.remove(session_id);
@@ -340,6 +346,9 @@ struct Driver<'a> {
     /// Set by `GOAWAY`: the session closes once nothing is in flight and this instant has passed, so frames the
     /// device sent before the `GOAWAY` reached it are still received and acknowledged.
     draining: Option<TokioInstant>,
+    /// Property writes sent to the device and not yet acknowledged, whose worker waits to hear (`DELIVERED`):
+    /// (server sequence number, link, reference), in sequence order; at most the send window.
+    awaiting: VecDeque<(u64, usize, u64)>,
 }
 
 /// How long a draining session keeps reading after `GOAWAY` before it may close.
@@ -424,8 +433,13 @@ impl Driver<'_> {
             self.session.stored(seq);
         }
         for item in delivered.downstream {
+            let write =
+                item.reference != 0 && item.frame.first() == Some(&(FrameType::Properties as u8));
             match self.session.stamp(&item.frame) {
                 Ok(stamped) => {
+                    if write && let Ok(Some(header)) = DataHeader::peek(&stamped) {
+                        self.awaiting.push_back((header.seq, item.link, item.reference));
+                    }
                     ::metrics::counter!(metrics::FRAMES, "direction" => "downstream").increment(1);
                     ::metrics::counter!(metrics::BYTES, "direction" => "downstream")
                         .increment(stamped.len() as u64);
@@ -537,6 +551,15 @@ impl Driver<'_> {
                     }
                 }
                 self.forward(seq, raw).await
+            }
+            Ok(Some(ServerEvent::Acked { seq })) => {
+                while let Some(&(sent, link, reference)) = self.awaiting.front()
+                    && sent <= seq
+                {
+                    self.awaiting.pop_front();
+                    self.shared.pool.delivered(link, self.session_id, reference);
+                }
+                Step::Continue
             }
             Ok(_) => Step::Continue,
             // §5.11: the receiver of an ERROR does not reply

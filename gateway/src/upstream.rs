@@ -262,6 +262,11 @@ impl Pool {
         (0..n).any(|i| self.links[(start + i) % n].send_control(frame.clone()))
     }
 
+    /// Tells the worker behind `link` that the device acknowledged the property write of `reference`.
+    pub fn delivered(&self, link: usize, session_id: u64, reference: u64) {
+        self.send_control_on(link, LinkFrame::Delivered { session_id, reference });
+    }
+
     /// Tells the worker behind `link` that a `DOWNSTREAM` frame was not delivered.
     pub fn undeliverable(&self, link: usize, session_id: u64, reference: u64, code: ErrorCode) {
         self.send_control_on(link, LinkFrame::Undeliverable { session_id, reference, code });

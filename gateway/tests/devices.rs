@@ -125,6 +125,76 @@ async fn worker_initiated_service_call_reaches_the_device_and_its_answer_returns
 }
 
 #[tokio::test]
+async fn a_property_write_is_reported_delivered_once_the_device_acknowledges_it() {
+    let harness = Harness::start(1, |_| {}).await;
+    let mut events = harness.workers[0].subscribe();
+    let mut device = harness.device("valve-8");
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
+    let session_id = within("open", async {
+        loop {
+            if let Ok(WorkerEvent::Open { session_id, .. }) = events.recv().await {
+                return session_id;
+            }
+        }
+    })
+    .await;
+    let write = |value: i64| {
+        Frame::Properties(Properties {
+            seq: 0,
+            updates: vec![PropertyUpdate {
+                name: "setpoint".into(),
+                timestamp_ms: 1_000,
+                quality: Quality::Good,
+                value: Value::Int(value),
+            }],
+        })
+    };
+    assert!(harness.workers[0].send_downstream(session_id, 300, &write(1)));
+    let received = within("the write at the device", async {
+        loop {
+            if let DeviceEvent::Data(Frame::Properties(p)) = device.next_event().await.unwrap() {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert_eq!(received.updates[0].value, Value::Int(1));
+    device.flush().await.unwrap(); // its acknowledgement
+    let delivered = within("DELIVERED at the worker", async {
+        loop {
+            match events.recv().await {
+                Ok(WorkerEvent::Delivered { session_id, reference }) => {
+                    return (session_id, reference);
+                }
+                Ok(WorkerEvent::Undeliverable { .. }) => panic!("reported undeliverable"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(delivered, (session_id, 300));
+    // a write the device never acknowledges: undeliverable when its session ends
+    assert!(harness.workers[0].send_downstream(session_id, 301, &write(2)));
+    within("the second write sent", async {
+        while !matches!(device.recv_event().await.unwrap(), Some(DeviceEvent::Data(_))) {}
+    })
+    .await;
+    device.abort();
+    let undelivered = within("UNDELIVERABLE at the worker", async {
+        loop {
+            match events.recv().await {
+                Ok(WorkerEvent::Undeliverable { reference, .. }) => return reference,
+                Ok(WorkerEvent::Delivered { .. }) => panic!("reported delivered"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(undelivered, 301);
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn frames_for_an_unknown_session_are_reported_undeliverable() {
     let harness = Harness::start(1, |_| {}).await;
     let mut events = harness.workers[0].subscribe();

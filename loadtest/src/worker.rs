@@ -38,6 +38,11 @@ pub enum WorkerEvent {
         reference: u64,
         code: ErrorCode,
     },
+    /// The device acknowledged the property write sent with this reference.
+    Delivered {
+        session_id: u64,
+        reference: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -185,6 +190,10 @@ fn handle(
         }
         LinkFrame::Undeliverable { session_id, reference, code } => {
             let _ = events.send(WorkerEvent::Undeliverable { session_id, reference, code });
+            None
+        }
+        LinkFrame::Delivered { session_id, reference } => {
+            let _ = events.send(WorkerEvent::Delivered { session_id, reference });
             None
         }
         LinkFrame::Upstream { session_id, thing, frame, .. } => {

@@ -15,7 +15,7 @@ use crate::varint;
 use crate::wire::{Reader, len_prefixed_len, put_len_prefixed};
 
 /// Version of the link format.
-pub const LINK_VERSION: u8 = 3;
+pub const LINK_VERSION: u8 = 4;
 
 /// Bytes a routing header adds at most to a device frame: type, session id, incarnation, thing name at its length
 /// limit.
@@ -42,6 +42,7 @@ pub enum LinkType {
     Goaway = 0x0c,
     Rejected = 0x0d,
     Bound = 0x0e,
+    Delivered = 0x0f,
 }
 
 impl LinkType {
@@ -61,6 +62,7 @@ impl LinkType {
             0x0c => LinkType::Goaway,
             0x0d => LinkType::Rejected,
             0x0e => LinkType::Bound,
+            0x0f => LinkType::Delivered,
             other => return Err(DecodeError::UnknownFrameType(other)),
         })
     }
@@ -154,6 +156,12 @@ pub enum LinkFrame {
         session_id: u64,
         open: bool,
     },
+    /// Gateway → worker: the device acknowledged the `PROPERTIES` frame that a `Downstream` with this non-zero
+    /// `reference` carried (a property write reached the device's application).
+    Delivered {
+        session_id: u64,
+        reference: u64,
+    },
 }
 
 impl LinkFrame {
@@ -173,6 +181,7 @@ impl LinkFrame {
             LinkFrame::Goaway => LinkType::Goaway,
             LinkFrame::Rejected { .. } => LinkType::Rejected,
             LinkFrame::Bound { .. } => LinkType::Bound,
+            LinkFrame::Delivered { .. } => LinkType::Delivered,
         }
     }
 
@@ -211,6 +220,7 @@ impl LinkFrame {
                 v(*session_id) + v(*seq) + v(code.0.into())
             }
             LinkFrame::Bound { session_id, .. } => v(*session_id) + 1,
+            LinkFrame::Delivered { session_id, reference } => v(*session_id) + v(*reference),
         }
     }
 
@@ -270,6 +280,10 @@ impl LinkFrame {
             LinkFrame::Bound { session_id, open } => {
                 varint::put(dst, *session_id);
                 dst.put_u8(u8::from(*open));
+            }
+            LinkFrame::Delivered { session_id, reference } => {
+                varint::put(dst, *session_id);
+                varint::put(dst, *reference);
             }
         }
     }
@@ -384,6 +398,9 @@ impl LinkFrame {
                     }
                 },
             },
+            LinkType::Delivered => {
+                LinkFrame::Delivered { session_id: r.varint()?, reference: r.varint()? }
+            }
         };
         r.finish()?;
         Ok(frame)

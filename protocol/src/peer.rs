@@ -197,6 +197,8 @@ pub enum CallOutcome {
     Answered { frame: Bytes },
     /// The gateway could not deliver the request; the error code.
     Undeliverable { code: u16 },
+    /// The device acknowledged the property write (link `DELIVERED`).
+    Delivered,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -165,8 +165,8 @@ fn link_frames_carry_only_bounded_nonempty_device_frames() {
         Err(DecodeError::InvalidField { what: "saturated", value: 2 })
     );
     assert_eq!(
-        LinkFrame::decode(Bytes::from_static(&[0x0f]), &limits),
-        Err(DecodeError::UnknownFrameType(0x0f))
+        LinkFrame::decode(Bytes::from_static(&[0x10]), &limits),
+        Err(DecodeError::UnknownFrameType(0x10))
     );
     assert_eq!(
         LinkFrame::decode(Bytes::from_static(&[0x0e, 1, 2]), &limits),

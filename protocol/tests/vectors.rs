@@ -207,6 +207,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
             "Link BOUND (with its length prefix): the OPEN of session 5 is handled.",
             Link(LinkFrame::Bound { session_id: 5, open: true }),
         ),
+        (
+            "link-delivered",
+            "Link DELIVERED (with its length prefix): the device of session 5 acknowledged the property write of reference 300.",
+            Link(LinkFrame::Delivered { session_id: 5, reference: 300 }),
+        ),
     ]
 }
 

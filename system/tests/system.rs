@@ -103,16 +103,12 @@ async fn device_data_reaches_the_api_and_the_api_reaches_the_device() {
     let (_, thing) = http(system.api, "GET", "/v1/things/pump-1", Some(KEY), None).await;
     assert_eq!(thing["properties"]["mode"]["quality"], json!("uncertain"));
 
-    // a write from the application is delivered to the device
-    let (status, written) = http(
-        system.api,
-        "PUT",
-        "/v1/things/pump-1/properties/setpoint",
-        Some(KEY),
-        Some(json!({"value": 42})),
-    )
-    .await;
-    assert_eq!((status, written["delivered"].clone()), (200, json!(true)));
+    // a write from the application is delivered to the device: the answer waits for its acknowledgement
+    let api = system.api;
+    let put = tokio::spawn(async move {
+        let path = "/v1/things/pump-1/properties/setpoint";
+        http(api, "PUT", path, Some(KEY), Some(json!({"value": 42}))).await
+    });
     let write = within("property write", async {
         loop {
             if let DeviceEvent::Data(Frame::Properties(p)) = pump.next_event().await.unwrap() {
@@ -122,6 +118,9 @@ async fn device_data_reaches_the_api_and_the_api_reaches_the_device() {
     })
     .await;
     assert_eq!((&*write.updates[0].name, &write.updates[0].value), ("setpoint", &Value::Int(42)));
+    pump.flush().await.unwrap(); // the acknowledgement
+    let (status, written) = within("the write's answer", put).await.unwrap();
+    assert_eq!((status, written["delivered"].clone()), (200, json!(true)));
 
     // a service call from the application is answered by the device
     let api = system.api;
@@ -213,15 +212,11 @@ async fn requests_a_device_could_not_decode_are_refused_and_the_session_survives
     .await;
     assert_eq!(status, 400, "a service name over the limit");
     // the session is untouched: a valid write still arrives
-    let (status, written) = http(
-        system.api,
-        "PUT",
-        "/v1/things/pump-2/properties/ok",
-        Some(KEY),
-        Some(json!({"value": true})),
-    )
-    .await;
-    assert_eq!((status, written["delivered"].clone()), (200, json!(true)));
+    let api = system.api;
+    let put = tokio::spawn(async move {
+        http(api, "PUT", "/v1/things/pump-2/properties/ok", Some(KEY), Some(json!({"value": true})))
+            .await
+    });
     within("the valid write", async {
         loop {
             if let DeviceEvent::Data(Frame::Properties(p)) = pump.next_event().await.unwrap() {
@@ -231,6 +226,44 @@ async fn requests_a_device_could_not_decode_are_refused_and_the_session_survives
         }
     })
     .await;
+    pump.flush().await.unwrap();
+    let (status, written) = within("the write's answer", put).await.unwrap();
+    assert_eq!((status, written["delivered"].clone()), (200, json!(true)));
+    for stop in system.stop {
+        let _ = stop.send(());
+    }
+}
+
+#[tokio::test]
+async fn a_write_the_device_does_not_acknowledge_is_not_reported_delivered() {
+    let system = start().await;
+    // connected, but it never reads (and so never acknowledges) what the server sends
+    let mut pump = device("pump-3");
+    within("connect", pump.connect(&system.endpoint)).await.unwrap();
+    let reading = PropertyUpdate {
+        name: "level".into(),
+        timestamp_ms: 1_000,
+        quality: Quality::Good,
+        value: Value::Int(1),
+    };
+    pump.send(Frame::Properties(Properties { seq: 0, updates: vec![reading] })).await.unwrap();
+    within("the reading acknowledged", async {
+        while !matches!(pump.next_event().await.unwrap(), DeviceEvent::Acked { seq: 1 }) {}
+    })
+    .await;
+    let (status, written) = http(
+        system.api,
+        "PUT",
+        "/v1/things/pump-3/properties/setpoint?wait_ms=300",
+        Some(KEY),
+        Some(json!({"value": 1})),
+    )
+    .await;
+    assert_eq!((status, written), (200, json!({"stored": true, "delivered": false})));
+    // and a device that is gone: nothing to wait for
+    pump.disconnect().await;
+    let (_, thing) = http(system.api, "GET", "/v1/things/pump-3", Some(KEY), None).await;
+    assert_eq!(thing["properties"]["setpoint"]["value"], json!(1), "stored all the same");
     for stop in system.stop {
         let _ = stop.send(());
     }

@@ -489,6 +489,7 @@ impl Cluster {
                 _ => None,
             },
             CallWire::Undeliverable { code } => Some(CallOutcome::Undeliverable(ErrorCode(code))),
+            CallWire::Delivered => Some(CallOutcome::Delivered),
         }
     }
 

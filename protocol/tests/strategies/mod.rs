@@ -192,5 +192,7 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
         Just(LinkFrame::Goaway),
         (any::<u64>(), any::<bool>())
             .prop_map(|(session_id, open)| LinkFrame::Bound { session_id, open }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(session_id, reference)| LinkFrame::Delivered { session_id, reference }),
     ]
 }
