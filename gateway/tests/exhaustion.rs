@@ -180,3 +180,36 @@ async fn a_connection_that_sends_nothing_is_cut_at_the_first_bytes_deadline() {
     assert!(metrics.contains("result=\"first_bytes_timeout\""), "the cut is counted:\n{metrics}");
     harness.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn quic_under_handshake_load_asks_for_a_retry_and_still_admits_a_device() {
+    let harness = Harness::start(1, |c| c.limits.max_handshakes = 3).await;
+    // two QUIC connections up but silent (no stream): each holds a QUIC handshake slot, over half of them
+    let mut silent = Vec::new();
+    let quic = harness.endpoint(Transport::Quic);
+    for _ in 0..2 {
+        let conn = thingport_device::FrameConn::connect(&quic);
+        silent.push(within("a silent QUIC connection", conn).await.unwrap());
+    }
+    within("the handshakes counted", async {
+        loop {
+            let (_, metrics) = harness.admin_get("/metrics").await;
+            if gauge(&metrics, "thingport_gateway_handshakes_active{transport=\"quic\"}") >= 2.0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // a device now proves its address with a Retry first, then is admitted to the last slot
+    within("a QUIC device", first_round_trip(&harness, "retried", Transport::Quic)).await;
+    let (_, metrics) = harness.admin_get("/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l.contains("result=\"retry\"") && l.contains("transport=\"quic\"")),
+        "the Retry is counted:\n{metrics}"
+    );
+    // WSS has its own pool: QUIC's load does not refuse it
+    within("a WSS device", first_round_trip(&harness, "wss-beside", Transport::Wss)).await;
+    drop(silent);
+    harness.stop().await.unwrap();
+}
