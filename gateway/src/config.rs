@@ -219,7 +219,7 @@ impl Default for Limits {
             max_waiting_per_ip: 1_024,
             first_bytes_timeout: Duration::from_secs(3),
             max_handshakes: 512,
-            max_handshakes_per_ip: 64,
+            max_handshakes_per_ip: 32,
             handshake_timeout: Duration::from_secs(10),
             max_frame: 64 * 1024,
             message_rate: 100,

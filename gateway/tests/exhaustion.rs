@@ -24,16 +24,18 @@ const HOLDERS: u8 = 10;
 const PER_HOLDER: usize = 1_000;
 const HOLD_ENV: &str = "THINGPORT_TEST_HOLD";
 
-/// Not a test: the body of a helper process. It connects `count` TCP sockets from `source` to `target`, says so on
-/// stdout, and holds them silently until its stdin closes.
+/// Not a test: the body of a helper process. It connects `count` TCP sockets from `source` to `target` — `silent`,
+/// or `trickle`: sending the first byte of a ClientHello and nothing more —, says so on stdout, and holds them until
+/// its stdin closes.
 #[test]
-#[ignore = "a helper process of ten_thousand_idle_connections_leave_a_device_a_fast_round_trip"]
+#[ignore = "a helper process of ten_thousand_idle_or_trickling_connections_leave_a_device_a_fast_round_trip"]
 fn hold_idle_connections() {
     let Ok(spec) = std::env::var(HOLD_ENV) else { return };
     let mut parts = spec.split(' ');
     let target: SocketAddr = parts.next().unwrap().parse().unwrap();
     let source: IpAddr = parts.next().unwrap().parse().unwrap();
     let count: usize = parts.next().unwrap().parse().unwrap();
+    let trickle = parts.next() == Some("trickle");
     rlimit::increase_nofile_limit(u64::MAX).unwrap();
     let mut held = Vec::with_capacity(count);
     for _ in 0..count {
@@ -41,6 +43,10 @@ fn hold_idle_connections() {
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
         socket.connect(&target.into()).unwrap();
+        if trickle {
+            // the gateway may already have closed it (a cap): that is its answer, not an error here
+            let _ = socket.send(&[0x16]);
+        }
         held.push(socket);
     }
     println!("held {count}");
@@ -59,12 +65,12 @@ impl Drop for Holders {
     }
 }
 
-fn hold(target: SocketAddr) -> Holders {
+fn hold(target: SocketAddr, mode: &str) -> Holders {
     let mut holders = Holders(Vec::new());
     for i in 0..HOLDERS {
         let child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "hold_idle_connections", "--ignored", "--nocapture", "--quiet"])
-            .env(HOLD_ENV, format!("{target} 127.0.0.{} {PER_HOLDER}", i + 2))
+            .env(HOLD_ENV, format!("{target} 127.0.0.{} {PER_HOLDER} {mode}", i + 2))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -118,7 +124,7 @@ async fn first_round_trip(harness: &Harness, thing: &str, transport: Transport) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_idle_connections_leave_a_device_a_fast_round_trip() {
+async fn ten_thousand_idle_or_trickling_connections_leave_a_device_a_fast_round_trip() {
     rlimit::increase_nofile_limit(u64::MAX).unwrap();
     let harness = Harness::start(1, |c| {
         // long enough that every idle connection is still held while the device connects
@@ -129,7 +135,7 @@ async fn ten_thousand_idle_connections_leave_a_device_a_fast_round_trip() {
     let rss_before = rss_kib();
     let holders = tokio::task::spawn_blocking({
         let target = harness.addrs.wss.unwrap();
-        move || hold(target)
+        move || hold(target, "silent")
     })
     .await
     .unwrap();
@@ -161,6 +167,42 @@ async fn ten_thousand_idle_connections_leave_a_device_a_fast_round_trip() {
     );
     drop(holders);
     harness.stop().await.unwrap();
+
+    // the same 10,000 trickling: each has sent a byte and wants a handshake slot. One address gets at most
+    // limits.max_handshakes_per_ip of them (the rest are closed at once), so ten addresses cannot fill the pool.
+    let harness =
+        Harness::start(1, |c| c.limits.handshake_timeout = Duration::from_secs(120)).await;
+    let per_ip = harness_limits().max_handshakes_per_ip as f64;
+    let holders = tokio::task::spawn_blocking({
+        let target = harness.addrs.wss.unwrap();
+        move || hold(target, "trickle")
+    })
+    .await
+    .unwrap();
+    within("each address at its handshake cap", async {
+        loop {
+            let (_, metrics) = harness.admin_get("/metrics").await;
+            let refused = "thingport_gateway_refused_total{transport=\"wss\",reason=\"max_handshakes_per_ip\"}";
+            if gauge(&metrics, "thingport_gateway_handshakes_active{transport=\"wss\"}")
+                >= f64::from(HOLDERS) * per_ip
+                && gauge(&metrics, refused) >= total - f64::from(HOLDERS) * per_ip
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let wss =
+        within("a WSS device", first_round_trip(&harness, "legit-wss-2", Transport::Wss)).await;
+    eprintln!("with {total} trickling connections: first round trip WSS {wss:?}");
+    assert!(wss < Duration::from_secs(1), "WSS first round trip took {wss:?}");
+    drop(holders);
+    harness.stop().await.unwrap();
+}
+
+fn harness_limits() -> thingport_gateway::config::Limits {
+    thingport_gateway::config::Limits::default()
 }
 
 #[tokio::test]
