@@ -104,12 +104,7 @@ macro_rules! part {
 /// too large a frame), so that a bad API request never ends a device's session. Leaves room for the sequence
 /// number the gateway stamps (`docs/PROTOCOL.md` §8).
 fn undeliverable(frame: &Frame) -> Option<Response> {
-    let limits = thingport_protocol::Limits {
-        max_frame: thingport_protocol::Limits::DEFAULT.max_frame
-            - thingport_protocol::varint::MAX_LEN,
-        ..thingport_protocol::Limits::DEFAULT
-    };
-    Frame::decode(frame.to_bytes(), &limits)
+    crate::services::device_can_decode(frame)
         .err()
         .map(|e| error(StatusCode::BAD_REQUEST, format!("a device could not accept this: {e}")))
 }

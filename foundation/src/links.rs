@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use thingport_protocol::link::LINK_VERSION;
 use thingport_protocol::peer::{CallOutcome, Op};
 use thingport_protocol::{
-    ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame, ServiceResponse,
+    ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -271,9 +271,7 @@ async fn handle(
                     let gateway = gateway.clone();
                     let answer = async move {
                         let result = crate::services::call(&shared.cluster, &thing, &request).await;
-                        let call_id = request.call_id;
-                        let answer =
-                            Frame::ServiceResponse(ServiceResponse { seq: 0, call_id, result });
+                        let answer = crate::services::response(request.call_id, result);
                         shared.links.downstream(&gateway, session_id, 0, &answer);
                     };
                     if !spawn_bounded(in_flight, answer).await {

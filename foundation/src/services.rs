@@ -2,7 +2,10 @@
 //! an application tells it anything — the server's clock and its own thing's properties as the server holds them
 //! (setpoints and desired state an application wrote while it was away).
 
-use thingport_protocol::{ByteString, ServiceErrorCode, ServiceRequest, ServiceResult, Value};
+use thingport_protocol::{
+    ByteString, DecodeError, Frame, Limits, ServiceErrorCode, ServiceRequest, ServiceResponse,
+    ServiceResult, Value, varint,
+};
 
 use crate::links::now_ms;
 use crate::ring::{Cluster, RingError};
@@ -65,6 +68,33 @@ pub async fn call(cluster: &Cluster, thing: &str, request: &ServiceRequest) -> S
             code: ServiceErrorCode::NOT_FOUND,
             message: format!("no server service {other}").into(),
         },
+    }
+}
+
+/// Whether a device decodes `frame` under the protocol's default limits, with room for the sequence number its
+/// gateway stamps on it.
+pub fn device_can_decode(frame: &Frame) -> Result<(), DecodeError> {
+    let limits =
+        Limits { max_frame: Limits::DEFAULT.max_frame - varint::MAX_LEN, ..Limits::DEFAULT };
+    Frame::decode(frame.to_bytes(), &limits).map(|_| ())
+}
+
+/// The answer to a call, as a frame a device can decode: a result too large for one frame is answered `FAILED`.
+pub fn response(call_id: u64, result: ServiceResult) -> Frame {
+    let answer = Frame::ServiceResponse(ServiceResponse { seq: 0, call_id, result });
+    match device_can_decode(&answer) {
+        Ok(()) => answer,
+        Err(e) => Frame::ServiceResponse(ServiceResponse {
+            seq: 0,
+            call_id,
+            result: ServiceResult::Err {
+                code: ServiceErrorCode::FAILED,
+                message: format!(
+                    "the result does not fit in a frame ({e}); ask for fewer properties"
+                )
+                .into(),
+            },
+        }),
     }
 }
 

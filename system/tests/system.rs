@@ -473,6 +473,29 @@ async fn a_rebooted_device_reads_what_the_server_holds_for_it_and_the_server_tim
         panic!("an unknown server service is refused");
     };
     assert_eq!(code, thingport_protocol::ServiceErrorCode::NOT_FOUND);
+
+    // more than one frame holds: refused with a reason, and one property at a time still works
+    for i in 0..5 {
+        let path = format!("/v1/things/boiler/properties/note{i}");
+        let (status, _) =
+            http(system.api, "PUT", &path, Some(KEY), Some(json!({"value": "x".repeat(15_000)})))
+                .await;
+        assert_eq!(status, 200);
+    }
+    let ServiceResult::Err { code, message } =
+        call(handle.clone(), "thingport.properties", Value::Null).await.unwrap()
+    else {
+        panic!("75 KB of properties do not fit in one 64 KB frame");
+    };
+    assert_eq!(code, thingport_protocol::ServiceErrorCode::FAILED);
+    assert!(message.contains("fewer properties"), "{message}");
+    let one = Value::List(vec![Value::from_static("note0")]);
+    let ServiceResult::Ok(Value::Map(entries)) =
+        call(handle.clone(), "thingport.properties", one).await.unwrap()
+    else {
+        panic!("one property fits");
+    };
+    assert_eq!(entries.len(), 1);
     // a call nothing can answer in time ends with a timeout (the session has stopped)
     stop.cancel();
     running.await.unwrap();
