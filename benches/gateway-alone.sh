@@ -53,6 +53,7 @@ foundations = ["$WORKER"]
 max_sessions_per_ip = 100000
 accept_rate = 20000
 max_handshakes = 4096
+max_handshakes_per_ip = 4096
 message_rate = 1000
 [admin]
 address = "127.0.0.1:0"
@@ -60,7 +61,7 @@ TOML
 env ${GW_ENV:-} RUST_LOG=warn,thingport_gateway=info taskset -c 1 $B/thingport-gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 &
 GW=$!
 PIDS+=($GW)
-until grep -q "listening" "$WORK/gateway.log"; do sleep 0.1; done
+until grep -q "\"admin\":" "$WORK/gateway.log"; do sleep 0.1; done  # the JSON line of bound addresses
 addr_of() { grep -o "\"$1\":\"[0-9.:]*\"" "$WORK/gateway.log" | head -1 | cut -d'"' -f4; }  # from the JSON line of bound addresses
 TARGET=$(addr_of wss)
 ADMIN=$(addr_of admin)

@@ -60,6 +60,7 @@ foundations = [${FOUNDATIONS%, }]
 max_sessions_per_ip = 100000
 accept_rate = 20000
 max_handshakes = 4096
+max_handshakes_per_ip = 4096
 message_rate = 1000
 [session]
 drain_timeout = "5s"

@@ -63,6 +63,7 @@ foundations = ["127.0.0.1:7591"]
 max_sessions_per_ip = 100000
 accept_rate = 20000
 max_handshakes = 4096
+max_handshakes_per_ip = 4096
 message_rate = 1000
 [admin]
 address = "127.0.0.1:9591"
