@@ -5,10 +5,11 @@
 # The gateway runs on core 1 and everything else on core 0, as BENCHMARKS.md says.
 #
 #   benches/gateway-alone.sh [--idle N] [--transport wss|quic] [--devices D] [--rate R] [--seconds S]
+#                            [--settle S] [--flush-delay D (upstream.flush_delay, e.g. 1ms)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IDLE=9000 TRANSPORT=wss DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30
+IDLE=9000 TRANSPORT=wss DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30 FLUSH_DELAY=0s
 while [ $# -gt 0 ]; do
   case "$1" in
     --idle) IDLE=$2; shift 2 ;;
@@ -17,6 +18,7 @@ while [ $# -gt 0 ]; do
     --rate) RATE=$2; shift 2 ;;
     --seconds) SECONDS_=$2; shift 2 ;;
     --settle) SETTLE=$2; shift 2 ;;
+    --flush-delay) FLUSH_DELAY=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
@@ -49,6 +51,7 @@ key = "$WORK/key.pem"
 secret_file = "$WORK/secret"
 [upstream]
 foundations = ["$WORKER"]
+flush_delay = "$FLUSH_DELAY"
 [limits]
 max_sessions_per_ip = 100000
 accept_rate = 20000

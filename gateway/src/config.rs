@@ -63,6 +63,9 @@ pub struct Auth {
     pub revocation_file: Option<PathBuf>,
 }
 
+/// Largest write a link makes at once.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Upstream {
@@ -83,6 +86,12 @@ pub struct Upstream {
     /// Link heartbeat interval; a link silent for 3 intervals is closed and its frames retried elsewhere.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// How long a link's writer may hold the first frame of a write while more arrive, so that one write carries
+    /// many frames; 0 writes as soon as the queue is empty. Timers count whole milliseconds.
+    #[serde(with = "humantime_serde")]
+    pub flush_delay: Duration,
+    /// A write goes out at once when it holds this many bytes, whatever `flush_delay` says.
+    pub flush_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -205,6 +214,8 @@ impl Default for Upstream {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             heartbeat: Duration::from_secs(2),
+            flush_delay: Duration::ZERO,
+            flush_bytes: 32 * 1024,
         }
     }
 }
@@ -309,6 +320,14 @@ impl Config {
             "upstream.reconnect_min: must not exceed reconnect_max",
         );
         check(!self.upstream.heartbeat.is_zero(), "upstream.heartbeat: must be more than 0");
+        check(
+            self.upstream.flush_delay <= Duration::from_millis(100),
+            "upstream.flush_delay: must be at most 100ms",
+        );
+        check(
+            (1..=MAX_BATCH_BYTES).contains(&self.upstream.flush_bytes),
+            "upstream.flush_bytes: must be 1 to 262144",
+        );
         check(self.limits.max_sessions > 0, "limits.max_sessions: must be at least 1");
         check(
             self.limits.max_sessions_per_ip > 0,

@@ -34,8 +34,7 @@ use crate::config;
 use crate::metrics;
 use crate::registry::{Downstream, Push, Registry};
 
-/// Largest batch a link writes at once.
-const MAX_BATCH_BYTES: usize = 256 * 1024;
+use crate::config::MAX_BATCH_BYTES;
 
 const DOWN: u8 = 0;
 const UP: u8 = 1;
@@ -523,6 +522,68 @@ async fn read_loop(
     }
 }
 
+/// When a link's writer writes: at once when `bytes` are gathered, else when the first frame has waited `delay`.
+#[derive(Debug, Clone, Copy)]
+struct Flush {
+    delay: Duration,
+    bytes: usize,
+}
+
+/// What one write carries.
+#[derive(Debug, PartialEq)]
+struct Batch {
+    frames: usize,
+    data_bytes: usize,
+}
+
+/// Encodes `first` and what follows it in the queue into `buf`, under the flush policy: frames that are queued are
+/// taken at once; then, until `policy.delay` has passed since `first` was taken (or `policy.bytes` are gathered),
+/// frames that arrive are waited for and taken too.
+async fn gather(
+    rx: &mut mpsc::Receiver<Outbound>,
+    first: Outbound,
+    buf: &mut BytesMut,
+    policy: Flush,
+) -> Batch {
+    let deadline = tokio::time::Instant::now() + policy.delay;
+    // The sender that woke this task is still running, and others may be ready behind it: go to the back of the
+    // run queue once so their frames join this write. (A woken task otherwise runs next, which made every write
+    // carry a single frame.)
+    if rx.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let mut batch = Batch { frames: 0, data_bytes: 0 };
+    let mut item = Some(first);
+    loop {
+        while let Some(outbound) = item {
+            match outbound {
+                Outbound::Data(p) => {
+                    link::put_upstream_header(
+                        buf,
+                        p.session_id,
+                        p.incarnation,
+                        &p.thing,
+                        p.frame.len(),
+                    );
+                    buf.extend_from_slice(&p.frame);
+                    batch.data_bytes += p.frame.len();
+                }
+                Outbound::Control(frame) => frame.encode_framed(buf),
+            }
+            batch.frames += 1;
+            item = if buf.len() < MAX_BATCH_BYTES { rx.try_recv().ok() } else { None };
+        }
+        if buf.len() >= policy.bytes.min(MAX_BATCH_BYTES) || policy.delay.is_zero() {
+            return batch;
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(next)) => item = Some(next),
+            // the queue closed, or the first frame has waited long enough
+            Ok(None) | Err(_) => return batch,
+        }
+    }
+}
+
 async fn write_loop(
     pool: Arc<Pool>,
     link: Arc<Link>,
@@ -542,33 +603,12 @@ async fn write_loop(
             }
         };
         let Some(first) = first else { return rx };
-        // The sender that woke this task is still running, and others may be ready behind it: go to the back of
-        // the run queue once so their frames join this write. (A woken task otherwise runs next, which made
-        // every write carry a single frame.)
-        if rx.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        let mut frames = 0usize;
-        let mut data_bytes = 0usize;
-        let mut item = Some(first);
-        while let Some(outbound) = item {
-            match outbound {
-                Outbound::Data(p) => {
-                    link::put_upstream_header(
-                        &mut buf,
-                        p.session_id,
-                        p.incarnation,
-                        &p.thing,
-                        p.frame.len(),
-                    );
-                    buf.extend_from_slice(&p.frame);
-                    data_bytes += p.frame.len();
-                }
-                Outbound::Control(frame) => frame.encode_framed(&mut buf),
-            }
-            frames += 1;
-            item = if buf.len() < MAX_BATCH_BYTES { rx.try_recv().ok() } else { None };
-        }
+        let policy = Flush { delay: pool.config.flush_delay, bytes: pool.config.flush_bytes };
+        let gathered = tokio::select! {
+            _ = stop.cancelled() => return rx,
+            gathered = gather(&mut rx, first, &mut buf, policy) => gathered,
+        };
+        let Batch { frames, data_bytes } = gathered;
         let written = tokio::select! {
             _ = stop.cancelled() => return rx,
             r = writer.write_all(&buf) => r,
@@ -586,5 +626,58 @@ async fn write_loop(
         if link.queued.load(Ordering::Relaxed) < pool.high_water {
             pool.ready.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u64) -> Outbound {
+        Outbound::Control(LinkFrame::Ping { nonce: n })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_waits_at_most_the_flush_delay_for_more_frames() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut buf = BytesMut::new();
+        // tokio's timers count whole milliseconds
+        let policy = Flush { delay: Duration::from_millis(5), bytes: 1 << 20 };
+        let started = tokio::time::Instant::now();
+        let sender = tokio::spawn(async move {
+            for n in 1..=3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                tx.send(frame(n)).await.unwrap();
+            }
+            // after the deadline: the next write's
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send(frame(4)).await.unwrap();
+        });
+        let batch = gather(&mut rx, frame(0), &mut buf, policy).await;
+        assert_eq!(batch.frames, 4, "the first and the three that came within the delay");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(5),
+            "written when the first had waited the delay"
+        );
+        buf.clear();
+        let next = rx.recv().await.unwrap();
+        assert_eq!(gather(&mut rx, next, &mut buf, policy).await.frames, 1);
+        sender.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_goes_at_once_when_it_holds_flush_bytes_or_the_delay_is_zero() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut buf = BytesMut::new();
+        tx.send(frame(1)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let policy = Flush { delay: Duration::from_secs(1), bytes: 4 };
+        assert_eq!(gather(&mut rx, frame(0), &mut buf, policy).await.frames, 2);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        buf.clear();
+        let policy = Flush { delay: Duration::ZERO, bytes: 1 << 20 };
+        assert_eq!(gather(&mut rx, frame(0), &mut buf, policy).await.frames, 1);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }
