@@ -84,10 +84,13 @@ check() {
     shift
     if "$@"; then echo "ok: $what"; else echo "FAILED: $what"; failures=$((failures + 1)); fi
 }
-# waits up to 30 s for a command to succeed
+# tries a command until it succeeds, for up to 30 s
 eventually() {
-    for _ in $(seq 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    return 1
+    local end=$((SECONDS + 30))
+    until "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$end" ] || return 1
+        sleep 0.1
+    done
 }
 units=(thingport.target thingport-gateway.service thingport-foundation@1.service)
 active() { in_ct systemctl is-active --quiet "${units[@]}"; }
@@ -96,9 +99,11 @@ api() { in_ct curl -sf -H "x-api-key: $(in_ct cat /etc/thingport/api-keys)" "$@"
 device_acked() {
     in_ct sh -c 'thingport-gateway token issue --thing booted- --count 1 --secret-file /etc/thingport/provisioning.key \
         > /root/tokens && thingport-loadtest run --target 127.0.0.1:8443 --ca /etc/thingport/tls/cert.pem \
-        --tokens /root/tokens --rate 10 --duration 2s --json --quiet' >"$work/device.json" &&
-        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); sys.exit(0 if r["acked"] > 0 and r["acked"] == r["sent"] else 1)' \
-            "$work/device.json"
+        --tokens /root/tokens --rate 10 --duration 2s --json --quiet' >"$work/device.json" || return 1
+    local sent acked
+    sent=$(grep -o '"sent":[0-9]*' "$work/device.json" | cut -d: -f2)
+    acked=$(grep -o '"acked":[0-9]*' "$work/device.json" | cut -d: -f2)
+    [ "${acked:-0}" -gt 0 ] && [ "$acked" = "$sent" ]
 }
 
 echo "== install (apt)"

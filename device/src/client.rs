@@ -261,7 +261,10 @@ impl Client {
         let (commands_tx, commands) = mpsc::channel(options.queue.max(1));
         let (acked, acked_rx) = watch::channel(first_seq - 1);
         let (connected, connected_rx) = watch::channel(false);
-        let calls = Arc::new(Calls { next_id: AtomicU64::new(1), ..Calls::default() });
+        // a random start: frames kept in the outbox from before a reboot carry the call ids of that run, and a late
+        // answer to one of them must not complete a new call
+        let first_call = fastrand::u64(1..1 << 62);
+        let calls = Arc::new(Calls { next_id: AtomicU64::new(first_call), ..Calls::default() });
         let handle = Handle {
             commands: commands_tx,
             acked: acked_rx,
@@ -327,8 +330,8 @@ impl Client {
                     command = self.commands.recv(), if self.device.session.can_send() && !handles_gone => {
                         match command {
                             Some((frame, reply)) => {
-                            let _ = reply.send(self.queue(frame));
-                        }
+                                let _ = reply.send(self.queue(frame));
+                            }
                             None => handles_gone = true,
                         }
                     }

@@ -692,6 +692,11 @@ async fn put_property(
         Err(response) => return response,
     };
     let delivered = match binding {
+        // not waiting: sent without a reference, so the gateway reports nothing back
+        Some(b) if wait.is_zero() => {
+            shared.links.downstream(&b.gateway, b.session_id, 0, &write);
+            false
+        }
         Some(b) => {
             // the reference asks the gateway to say whether the device acknowledged the write
             let (reference, outcome) = shared.cluster.calls.start();

@@ -326,7 +326,7 @@ impl Config {
         );
         check(
             (1..=MAX_BATCH_BYTES).contains(&self.upstream.flush_bytes),
-            "upstream.flush_bytes: must be 1 to 262144",
+            &format!("upstream.flush_bytes: must be 1 to {MAX_BATCH_BYTES}"),
         );
         check(self.limits.max_sessions > 0, "limits.max_sessions: must be at least 1");
         check(

@@ -16,4 +16,4 @@ pub mod config;
 mod process;
 
 pub use config::ServerConfig;
-pub use process::{Command, EX_USAGE, Process, init_logging, load_or_exit, raise_open_files_limit};
+pub use process::{Command, EX_USAGE, Process, init_logging, load_or_exit};

@@ -97,7 +97,7 @@ where
 
 /// Raises the soft limit on open files to the hard limit: every connection is a descriptor, and the soft limit
 /// (often 1,024) is far below what the limits in the configuration allow. Logs the limit in force.
-pub fn raise_open_files_limit() {
+fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(e) => tracing::warn!(error = %e, "the open files limit could not be raised"),

@@ -379,6 +379,26 @@ async fn the_device_sdk_resends_after_a_restart_what_was_never_acknowledged_and_
     })
     .await;
     assert_eq!(write, "write setpoint = Int(7)");
+    // wait_ms=0: answered at once, not claimed delivered, and delivered all the same
+    let (status, written) = http(
+        system.api,
+        "PUT",
+        "/v1/things/sdk-1/properties/setpoint?wait_ms=0",
+        Some(KEY),
+        Some(json!({"value": 8})),
+    )
+    .await;
+    assert_eq!((status, written["delivered"].clone()), (200, json!(false)));
+    let write = within("the unwaited write reaches the handler", async {
+        loop {
+            let event = seen.recv().await.unwrap();
+            if event.starts_with("write") {
+                return event;
+            }
+        }
+    })
+    .await;
+    assert_eq!(write, "write setpoint = Int(8)");
     let (status, result) = http(
         system.api,
         "POST",

@@ -162,6 +162,11 @@ async fn demo(args: Args) -> Result<()> {
     config.tls.key = key.clone();
     config.auth.secret_file = secret.clone();
     config.upstream.foundations = workers.iter().map(|w| w.link).collect();
+    // every device of a demo (and of a load test against it) comes from loopback: caps per source address
+    // would only refuse them
+    config.limits.max_sessions_per_ip = config.limits.max_sessions;
+    config.limits.max_handshakes_per_ip = config.limits.max_handshakes;
+    config.limits.max_waiting_per_ip = config.limits.max_waiting;
     let problems = config.validate();
     anyhow::ensure!(problems.is_empty(), "demo configuration: {problems:?}");
     let gateway = thingport_gateway::Gateway::bind(config).await?;
