@@ -4,22 +4,34 @@
 # API, a reconnect storm, a drain (the gateway is sent SIGTERM mid-run and started again; devices follow GOAWAY and
 # reconnect), and `kill -9` of a worker mid-run.
 #
-#   benches/scenarios.sh [--devices 1000] [--rate 10] [--seconds 60] [--workers 3]
+#   benches/scenarios.sh [--devices 1000] [--rate 10] [--seconds 60] [--workers 3] [--only telemetry]
+#                        [--bin-dir DIR]
+#
+# --only telemetry runs the telemetry scenario alone; --bin-dir takes the servers and the load generator from DIR
+# (another build, to compare two commits in one session) instead of building this tree. After the telemetry run
+# the script prints the CPU time each server process used during it and what each worker passed on to another
+# worker's partition (`thingport_foundation_frames_forwarded_total`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICES=1000 RATE=10 SECONDS_=60 WORKERS=3
+DEVICES=1000 RATE=10 SECONDS_=60 WORKERS=3 ONLY="" BIN_DIR=
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) DEVICES=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --seconds) SECONDS_=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --bin-dir) BIN_DIR=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
 ulimit -n 20000
-cargo build --release -q -p thingport-gateway -p thingport-foundation -p thingport-loadtest
-B=$PWD/target/release
+if [ -n "$BIN_DIR" ]; then
+  B=$(cd "$BIN_DIR" && pwd)
+else
+  cargo build --release -q -p thingport-gateway -p thingport-foundation -p thingport-loadtest
+  B=$PWD/target/release
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
@@ -93,7 +105,21 @@ run() {
     --devices "$DEVICES" --ramp 2000 --quiet "$@"
 }
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); gateway and $WORKERS foundation workers on core 1, load on core 0"
+# CPU seconds (user + system) a process has used
+cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat"; }
+SERVERS=("gateway:$GW")
+for i in $(seq 1 "$WORKERS"); do SERVERS+=("foundation-$i:${WORKER_PID[$i]}"); done
+declare -A CPU_BEFORE
+for s in "${SERVERS[@]}"; do CPU_BEFORE[$s]=$(cpu "${s#*:}"); done
 run "telemetry: $DEVICES devices x $RATE/s for ${SECONDS_}s" --scenario telemetry --rate "$RATE" --duration "${SECONDS_}s"
+for s in "${SERVERS[@]}"; do
+  echo "cpu during telemetry: ${s%%:*} $(awk -v a="${CPU_BEFORE[$s]}" -v b="$(cpu "${s#*:}")" 'BEGIN { printf "%.2f", b - a }') s"
+done
+for i in $(seq 1 "$WORKERS"); do
+  echo "foundation-$i passed on: $(curl -s "http://127.0.0.1:$((9190 + i))/metrics" |
+    awk '/^thingport_foundation_frames_forwarded_total / { n = $2 } END { print n + 0 }') frames"
+done
+[ "$ONLY" = telemetry ] && exit 0
 run "service calls through the API: 200/s for 20s" --scenario service --api 127.0.0.1:8191 --api-key bench-key \
   --call-rate 200 --duration 20s
 run "reconnect storm: 30% of $DEVICES devices drop and reconnect mid-run" --scenario reconnect --rate 1 \

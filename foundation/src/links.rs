@@ -3,14 +3,20 @@
 //! `REJECTED`); `OPEN` and `CLOSE` maintain the thing's binding and are answered with `BOUND` once handled (a
 //! gateway sends them again until then); frames for devices leave as `DOWNSTREAM` on any link of the device's
 //! gateway. Frames of one link are stored concurrently, at most `link_in_flight` at a time.
+//!
+//! - **Routes**: each link is told the committed partition table's primaries (`ROUTES`) after `WELCOME` and on
+//!   every table change, so the gateway sends a thing's frames to its primary and no worker has to pass them on.
+//! - **Load**: a link whose `link_in_flight` writes are all in progress is marked saturated (`LOAD`), so the
+//!   gateway sends new frames on other links while it has any; the mark is lifted when half are free again.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use thingport_protocol::link::LINK_VERSION;
+use thingport_protocol::link::{LINK_VERSION, MAX_ROUTED_WORKERS};
 use thingport_protocol::peer::{CallOutcome, Op};
 use thingport_protocol::{
     ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame,
@@ -21,7 +27,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::ring::RingError;
+use crate::ring::membership::name_of;
+use crate::ring::{PARTITIONS, RingError, Table};
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -131,7 +138,13 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
     tracing::info!(gateway = %gateway, "gateway link up");
 
     let write = crate::ring::peers::write_batches(writer, rx);
-    let in_flight = Arc::new(Semaphore::new(shared.config.link_in_flight));
+    let in_flight = Arc::new(InFlight {
+        permits: Arc::new(Semaphore::new(shared.config.link_in_flight)),
+        limit: shared.config.link_in_flight,
+        saturated: AtomicBool::new(false),
+        tx: tx.clone(),
+    });
+    let routes = send_routes(&shared, &tx);
     let read = async {
         loop {
             loop {
@@ -158,9 +171,99 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
         _ = cancel.cancelled() => {}
         _ = write => {}
         _ = read => {}
+        _ = routes => {}
     }
     shared.links.unregister(&gateway, link_id);
     tracing::info!(gateway = %gateway, "gateway link down");
+}
+
+/// Sends the committed table's `ROUTES` on the link now and after every change; returns when the link's queue
+/// closes.
+async fn send_routes(shared: &Shared, tx: &mpsc::Sender<Bytes>) {
+    let mut version = shared.cluster.table_version();
+    let max = thingport_protocol::link::max_overhead(&shared.config.limits())
+        + shared.config.limits().max_frame;
+    let mut sent = 0;
+    loop {
+        if let Some(table) = shared.cluster.table()
+            && table.version > sent
+        {
+            sent = table.version;
+            match routes(&table) {
+                Some(frame) if frame.encoded_len() <= max => {
+                    if tx.send(frame.to_framed_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                _ => tracing::warn!(
+                    version = table.version,
+                    "the partition table names too many workers for ROUTES; gateways route round-robin"
+                ),
+            }
+        }
+        if version.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// The `ROUTES` frame of `table`: each partition's primary, named by worker id (a member key without its boot
+/// number, as the worker's `WELCOME` names it).
+pub fn routes(table: &Table) -> Option<LinkFrame> {
+    let mut workers: Vec<ByteString> = Vec::new();
+    let mut index: BTreeMap<&str, u16> = BTreeMap::new();
+    for member in &table.members {
+        let name = name_of(member);
+        let i = match workers.iter().position(|w| &**w == name) {
+            Some(i) => i,
+            None => {
+                workers.push(ByteString::from(name));
+                workers.len() - 1
+            }
+        };
+        index.insert(member.as_str(), u16::try_from(i).ok()?);
+    }
+    if workers.len() > MAX_ROUTED_WORKERS {
+        return None;
+    }
+    let primaries = (0..PARTITIONS as u16)
+        .map(|p| table.primary(p).and_then(|key| index.get(key).copied()))
+        .collect();
+    Some(LinkFrame::Routes { version: table.version, workers, primaries })
+}
+
+/// A link's bound on frames handled at once, and whether the gateway has been told it is reached (`LOAD`).
+#[derive(Debug)]
+struct InFlight {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    saturated: AtomicBool,
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl InFlight {
+    /// Tells the gateway when the link becomes saturated or stops being so. `LOAD` is a hint: when the queue is
+    /// full it is not sent, and the mark stays as it was.
+    fn load(&self, saturated: bool) {
+        if self.saturated.load(Ordering::Relaxed) != saturated
+            && self.tx.try_send(LinkFrame::Load { saturated }.to_framed_bytes()).is_ok()
+        {
+            self.saturated.store(saturated, Ordering::Relaxed);
+            let event = if saturated { "saturated" } else { "unsaturated" };
+            ::metrics::counter!("thingport_foundation_link_load_total", "event" => event)
+                .increment(1);
+        }
+    }
+
+    /// Lifts the saturated mark once half the bound is free (checked as work completes, and on every `PING` in case
+    /// the last attempt found the queue full).
+    fn relieved(&self) {
+        if self.saturated.load(Ordering::Relaxed)
+            && self.permits.available_permits() >= self.limit.div_ceil(2)
+        {
+            self.load(false);
+        }
+    }
 }
 
 /// Sends a reply on the link. A gateway that does not read its replies loses the link: it reconnects and sends the
@@ -175,13 +278,16 @@ async fn handle(
     gateway: &ByteString,
     frame: LinkFrame,
     tx: &mpsc::Sender<Bytes>,
-    in_flight: &Arc<Semaphore>,
+    in_flight: &Arc<InFlight>,
 ) -> bool {
     let now = now_ms();
     let cluster = &shared.cluster;
     let open = matches!(frame, LinkFrame::Open { .. });
     match frame {
-        LinkFrame::Ping { nonce } => reply(tx, LinkFrame::Pong { nonce }),
+        LinkFrame::Ping { nonce } => {
+            in_flight.relieved();
+            reply(tx, LinkFrame::Pong { nonce })
+        }
         LinkFrame::Open { session_id, thing, .. } | LinkFrame::Close { session_id, thing, .. } => {
             let gateway = gateway.clone();
             let create = shared.config.auto_provision;
@@ -215,6 +321,10 @@ async fn handle(
             };
             let seq = header.seq;
             if matches!(header.frame_type, FrameType::Properties | FrameType::Event) {
+                if !cluster.leads(&thing) {
+                    // the gateway did not know this worker's table, or the primary's links could not take it
+                    ::metrics::counter!("thingport_foundation_frames_forwarded_total").increment(1);
+                }
                 // stored through the partition's primary; answered when every copy has it
                 let op = Op::Device {
                     thing,
@@ -299,15 +409,76 @@ async fn handle(
 }
 
 /// Runs `work` in the background within the link's in-flight bound (waiting, and so not reading the link, while the
-/// bound is reached); false if the link is closing.
+/// bound is reached, and telling the gateway with `LOAD`); false if the link is closing.
 async fn spawn_bounded(
-    in_flight: &Arc<Semaphore>,
+    in_flight: &Arc<InFlight>,
     work: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> bool {
-    let Ok(permit) = in_flight.clone().acquire_owned().await else { return false };
+    if in_flight.permits.available_permits() == 0 {
+        in_flight.load(true);
+    }
+    let Ok(permit) = in_flight.permits.clone().acquire_owned().await else { return false };
+    let in_flight = in_flight.clone();
     tokio::spawn(async move {
         work.await;
         drop(permit);
+        in_flight.relieved();
     });
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_flight(limit: usize) -> (Arc<InFlight>, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(16);
+        let permits = Arc::new(Semaphore::new(limit));
+        (Arc::new(InFlight { permits, limit, saturated: AtomicBool::new(false), tx }), rx)
+    }
+
+    fn load(bytes: Option<Bytes>) -> Option<LinkFrame> {
+        let mut buf = BytesMut::from(&bytes?[..]);
+        LinkDecoder::new(thingport_protocol::Limits::DEFAULT).decode(&mut buf).ok().flatten()
+    }
+
+    #[tokio::test]
+    async fn a_link_with_every_write_in_progress_tells_the_gateway_until_half_are_done() {
+        let (in_flight, mut rx) = in_flight(2);
+        let (release, held) = tokio::sync::watch::channel(false);
+        let hold = || {
+            let mut held = held.clone();
+            async move {
+                let _ = held.wait_for(|r| *r).await;
+            }
+        };
+        assert!(spawn_bounded(&in_flight, hold()).await);
+        assert!(spawn_bounded(&in_flight, hold()).await);
+        assert!(rx.try_recv().is_err(), "not saturated while a permit was free");
+        // the third waits for a permit, and the gateway is told first
+        let third = tokio::spawn({
+            let in_flight = in_flight.clone();
+            let work = hold();
+            async move { spawn_bounded(&in_flight, work).await }
+        });
+        assert_eq!(load(rx.recv().await), Some(LinkFrame::Load { saturated: true }));
+        release.send_replace(true);
+        assert!(third.await.unwrap());
+        assert_eq!(load(rx.recv().await), Some(LinkFrame::Load { saturated: false }));
+        assert!(rx.try_recv().is_err(), "told once");
+    }
+
+    #[test]
+    fn routes_name_each_partitions_primary_by_worker_id() {
+        let table = Table::initial(&["w1#1".to_string(), "w2#1".to_string()], 2);
+        let Some(LinkFrame::Routes { version, workers, primaries }) = routes(&table) else {
+            panic!("a table of two fits")
+        };
+        assert_eq!((version, workers.clone()), (table.version, vec!["w1".into(), "w2".into()]));
+        assert_eq!(primaries.len(), PARTITIONS);
+        for (p, primary) in primaries.iter().enumerate() {
+            let key = table.primary(p as u16).unwrap();
+            assert_eq!(&*workers[usize::from(primary.unwrap())], name_of(key));
+        }
+    }
 }

@@ -110,6 +110,11 @@ impl Handle {
     pub fn links_up(&self) -> usize {
         self.shared.pool.links_up()
     }
+
+    /// Version of the partition table the gateway routes by (0 until a worker sent `ROUTES`).
+    pub fn routes_version(&self) -> u64 {
+        self.shared.pool.routes_version()
+    }
 }
 
 /// A gateway with its sockets bound, ready to run.

@@ -12,9 +12,11 @@
 //! | `thingport_gateway_dropped_total` | counter | `reason` |
 //! | `thingport_gateway_sessions_closed_total` | counter | `reason` |
 //! | `thingport_gateway_links_up` | gauge | |
-//! | `thingport_gateway_link_events_total` | counter | `event` (`connected`, `failed`, `saturated`) |
+//! | `thingport_gateway_link_events_total` | counter | `event` (`connected`, `failed`, `saturated`, `unsaturated`, `binding_resent`, `binding_forgotten`) |
 //! | `thingport_gateway_link_frames_per_write` | histogram | |
 //! | `thingport_gateway_link_queue_bytes` | gauge | |
+//! | `thingport_gateway_frames_routed_total` | counter | `route` (`primary`, `other`) | device data frames sent to their partition's primary, or to another link |
+//! | `thingport_gateway_routes_version` | gauge | | version of the partition table routed by (0: none yet) |
 //! | `thingport_gateway_retried_total` | counter | | frames re-sent on another link after a link failed |
 //! | `thingport_gateway_send_queue_frames` | histogram | | depth of a session's send queue when it grows |
 //! | `thingport_gateway_worker_round_trip_seconds` | histogram | | gateway → worker → `STORED` |
@@ -37,6 +39,8 @@ pub const LINKS_UP: &str = "thingport_gateway_links_up";
 pub const LINK_EVENTS: &str = "thingport_gateway_link_events_total";
 pub const FRAMES_PER_WRITE: &str = "thingport_gateway_link_frames_per_write";
 pub const LINK_QUEUE_BYTES: &str = "thingport_gateway_link_queue_bytes";
+pub const FRAMES_ROUTED: &str = "thingport_gateway_frames_routed_total";
+pub const ROUTES_VERSION: &str = "thingport_gateway_routes_version";
 pub const RETRIED: &str = "thingport_gateway_retried_total";
 pub const SEND_QUEUE: &str = "thingport_gateway_send_queue_frames";
 pub const WORKER_RTT: &str = "thingport_gateway_worker_round_trip_seconds";
@@ -97,6 +101,11 @@ fn describe() {
     describe_counter!(LINK_EVENTS, "Upstream link events");
     describe_histogram!(FRAMES_PER_WRITE, "Link frames written per write call");
     describe_gauge!(LINK_QUEUE_BYTES, "Bytes queued on upstream links");
+    describe_counter!(
+        FRAMES_ROUTED,
+        "Device data frames sent to a link of their partition's primary (route=primary) or to another link"
+    );
+    describe_gauge!(ROUTES_VERSION, "Version of the partition table the gateway routes by");
     describe_counter!(RETRIED, "Device frames sent again on another link after their link failed");
     describe_histogram!(
         SEND_QUEUE,

@@ -167,6 +167,7 @@ pub async fn run<Io: DeviceIo>(shared: Arc<Shared>, mut io: Io, accepted: Accept
         session,
         session_id,
         incarnation,
+        partition: thingport_protocol::partition::partition_of(thing.as_bytes()),
         thing: thing.clone(),
         inbox: inbox.clone(),
         rate: TokenBucket::new(
@@ -338,6 +339,8 @@ struct Driver<'a> {
     session_id: u64,
     /// The device's incarnation from its `HELLO`, carried in every `UPSTREAM`.
     incarnation: u64,
+    /// The thing's partition, which the pool routes its frames by.
+    partition: u16,
     thing: ByteString,
     inbox: Arc<Inbox>,
     rate: TokenBucket,
@@ -580,6 +583,7 @@ impl Driver<'_> {
         let pending = Pending {
             session_id: self.session_id,
             incarnation: self.incarnation,
+            partition: self.partition,
             seq,
             thing: self.thing.clone(),
             frame,

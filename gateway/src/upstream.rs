@@ -3,9 +3,13 @@
 //!
 //! - **Batching**: a link's writer takes every frame queued since its last write and writes them with one call
 //!   (`thingport_gateway_link_frames_per_write`).
-//! - **Round-robin with high-water skip**: each device data frame goes to the next link that is up, not saturated
-//!   (`LOAD`), not draining, and has fewer than `high_water_bytes` queued. When none can take it the session waits
-//!   (and stops reading its device) until one can.
+//! - **Owner-aware routing**: workers send the primary of every partition (`ROUTES`); a device data frame goes to
+//!   a link of its thing's partition's primary, the same link for every frame of a session, so the primary stores
+//!   it without passing it on and a session's frames keep their order.
+//! - **Round-robin with high-water skip** as the fallback: when no primary is known, or none of its links can take
+//!   the frame, it goes to the next link that is up, not saturated (`LOAD`), not draining, and has fewer than
+//!   `high_water_bytes` queued. When none can take it the session waits (and stops reading its device) until one
+//!   can.
 //! - **Retry**: a link keeps every data frame it sent until the worker answers `STORED`. When the link fails, those
 //!   frames are sent again on other links (or held until a link is up); workers apply data idempotently, so a
 //!   frame stored twice is applied once.
@@ -21,6 +25,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::link::{self, LINK_VERSION};
 use thingport_protocol::{ByteString, ErrorCode, LinkDecoder, LinkFrame};
@@ -46,6 +51,8 @@ const DRAINING: u8 = 3;
 pub struct Pending {
     pub session_id: u64,
     pub incarnation: u64,
+    /// The thing's partition (`thingport_protocol::partition`), which routing follows.
+    pub partition: u16,
     pub seq: u64,
     pub thing: ByteString,
     pub frame: Bytes,
@@ -72,6 +79,8 @@ struct Link {
     tx: mpsc::Sender<Outbound>,
     rx: Mutex<Option<mpsc::Receiver<Outbound>>>,
     inflight: Mutex<HashMap<(u64, u64), Pending>>,
+    /// The worker behind the link, from its last `WELCOME`.
+    worker: Mutex<Option<ByteString>>,
 }
 
 impl Link {
@@ -86,6 +95,64 @@ impl Link {
     fn send_control(&self, frame: LinkFrame) -> bool {
         self.state.load(Ordering::Acquire) != DOWN
             && self.tx.try_send(Outbound::Control(frame)).is_ok()
+    }
+
+    fn worker(&self) -> Option<ByteString> {
+        self.worker.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Queues a data frame if the link can take it.
+    fn try_send(&self, pending: &Pending, high_water: usize) -> bool {
+        if !self.writable(high_water) {
+            return false;
+        }
+        let key = (pending.session_id, pending.seq);
+        let len = pending.frame.len();
+        // recorded before sending, so that a fast STORED always finds it
+        self.inflight().insert(key, pending.clone());
+        if self.tx.try_send(Outbound::Data(pending.clone())).is_err() {
+            self.inflight().remove(&key);
+            return false;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::LINK_QUEUE_BYTES).increment(len as f64);
+        true
+    }
+}
+
+/// Where each partition's frames go: the links of its primary, by the newest `ROUTES` any worker sent.
+#[derive(Debug, Default)]
+struct Routes {
+    version: u64,
+    workers: Vec<ByteString>,
+    primaries: Vec<Option<u16>>,
+    /// For each of `workers`, the links whose `WELCOME` named it.
+    links: Vec<Vec<usize>>,
+}
+
+impl Routes {
+    fn new(
+        version: u64,
+        workers: Vec<ByteString>,
+        primaries: Vec<Option<u16>>,
+        pool: &[Arc<Link>],
+    ) -> Routes {
+        let by_link: Vec<Option<ByteString>> = pool.iter().map(|l| l.worker()).collect();
+        let links = workers
+            .iter()
+            .map(|w| (0..pool.len()).filter(|&i| by_link[i].as_ref() == Some(w)).collect())
+            .collect();
+        Routes { version, workers, primaries, links }
+    }
+
+    /// The links of `partition`'s primary; empty when it is not known or has no link.
+    fn links_for(&self, partition: u16) -> &[usize] {
+        self.primaries
+            .get(usize::from(partition))
+            .copied()
+            .flatten()
+            .and_then(|w| self.links.get(usize::from(w)))
+            .map_or(&[], Vec::as_slice)
     }
 }
 
@@ -106,6 +173,9 @@ pub struct Pool {
     /// `OPEN` and `CLOSE` frames not yet confirmed with `BOUND`, by (session, open), with when they were last sent.
     bindings: Mutex<HashMap<(u64, bool), (LinkFrame, Instant)>>,
     max_bindings: usize,
+    routes: ArcSwap<Routes>,
+    /// Held while `routes` is replaced, so that two updates do not undo each other.
+    routes_update: Mutex<()>,
 }
 
 impl Pool {
@@ -123,6 +193,7 @@ impl Pool {
                     tx,
                     rx: Mutex::new(Some(rx)),
                     inflight: Mutex::default(),
+                    worker: Mutex::default(),
                 }));
             }
         }
@@ -138,6 +209,8 @@ impl Pool {
             config: upstream.clone(),
             bindings: Mutex::default(),
             max_bindings: config.limits.max_sessions.saturating_mul(2),
+            routes: ArcSwap::default(),
+            routes_update: Mutex::default(),
         })
     }
 
@@ -222,31 +295,58 @@ impl Pool {
             .count()
     }
 
-    /// Sends a device data frame on the next link that can take it.
+    /// Sends a device data frame on a link of its partition's primary (the session's one of them, or another if
+    /// that one cannot take it), else on the next link that can take it.
     pub fn send(&self, pending: Pending) -> Result<(), Busy> {
+        let routes = self.routes.load();
+        let primary = routes.links_for(pending.partition);
+        let k = primary.len();
+        let first = pending.session_id as usize;
+        if (0..k).any(|i| self.links[primary[(first + i) % k]].try_send(&pending, self.high_water))
+        {
+            ::metrics::counter!(metrics::FRAMES_ROUTED, "route" => "primary").increment(1);
+            return Ok(());
+        }
         let n = self.links.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let link = &self.links[(start + i) % n];
-            if !link.writable(self.high_water) {
-                continue;
-            }
-            let key = (pending.session_id, pending.seq);
-            let len = pending.frame.len();
-            // recorded before sending, so that a fast STORED always finds it
-            link.inflight().insert(key, pending.clone());
-            match link.tx.try_send(Outbound::Data(pending.clone())) {
-                Ok(()) => {
-                    link.queued.fetch_add(len, Ordering::Relaxed);
-                    ::metrics::gauge!(metrics::LINK_QUEUE_BYTES).increment(len as f64);
-                    return Ok(());
-                }
-                Err(_) => {
-                    link.inflight().remove(&key);
-                }
-            }
+        if (0..n).any(|i| self.links[(start + i) % n].try_send(&pending, self.high_water)) {
+            ::metrics::counter!(metrics::FRAMES_ROUTED, "route" => "other").increment(1);
+            return Ok(());
         }
         Err(Busy)
+    }
+
+    /// Version of the partition table routed by (0: none yet).
+    pub fn routes_version(&self) -> u64 {
+        self.routes.load().version
+    }
+
+    /// Adopts a worker's `ROUTES` if it is newer than the routes held.
+    fn reroute(&self, version: u64, workers: Vec<ByteString>, primaries: Vec<Option<u16>>) {
+        let _update = self.routes_update.lock().unwrap_or_else(|e| e.into_inner());
+        if version <= self.routes.load().version {
+            return;
+        }
+        self.routes.store(Arc::new(Routes::new(version, workers, primaries, &self.links)));
+        ::metrics::gauge!(metrics::ROUTES_VERSION).set(version as f64);
+    }
+
+    /// Records which worker a link reached, and routes to it.
+    fn welcomed(&self, link: &Link, worker: ByteString) {
+        let _update = self.routes_update.lock().unwrap_or_else(|e| e.into_inner());
+        let previous =
+            link.worker.lock().unwrap_or_else(|e| e.into_inner()).replace(worker.clone());
+        if previous.as_ref() == Some(&worker) {
+            return;
+        }
+        let current = self.routes.load();
+        let routes = Routes::new(
+            current.version,
+            current.workers.clone(),
+            current.primaries.clone(),
+            &self.links,
+        );
+        self.routes.store(Arc::new(routes));
     }
 
     /// Waits until a link may be able to take a frame (a link came up or drained), or `max` passed.
@@ -362,10 +462,9 @@ impl Pool {
                     .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    if saturated {
-                        ::metrics::counter!(metrics::LINK_EVENTS, "event" => "saturated")
-                            .increment(1);
-                    } else {
+                    let event = if saturated { "saturated" } else { "unsaturated" };
+                    ::metrics::counter!(metrics::LINK_EVENTS, "event" => event).increment(1);
+                    if !saturated {
                         self.ready.notify_waiters();
                     }
                 }
@@ -373,6 +472,9 @@ impl Pool {
             LinkFrame::Goaway => link.state.store(DRAINING, Ordering::Release),
             LinkFrame::Bound { session_id, open } => {
                 self.bindings.lock().unwrap_or_else(|e| e.into_inner()).remove(&(session_id, open));
+            }
+            LinkFrame::Routes { version, workers, primaries } => {
+                self.reroute(version, workers, primaries);
             }
             LinkFrame::Pong { .. } | LinkFrame::Welcome { .. } => {}
             other => {
@@ -399,7 +501,7 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             r = connect(&pool, &link) => r,
         };
-        let (reader, writer, buf) = match connected {
+        let (reader, writer, buf, worker) = match connected {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::debug!(link = link.index, addr = %link.addr, error = %e, "link connect failed");
@@ -412,6 +514,7 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
             }
         };
         backoff = pool.config.reconnect_min;
+        pool.welcomed(&link, worker);
         link.state.store(UP, Ordering::Release);
         ::metrics::gauge!(metrics::LINKS_UP).increment(1.0);
         ::metrics::counter!(metrics::LINK_EVENTS, "event" => "connected").increment(1);
@@ -460,7 +563,7 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
 async fn connect(
     pool: &Pool,
     link: &Link,
-) -> anyhow::Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
+) -> anyhow::Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut, ByteString)> {
     let timeout = pool.config.connect_timeout;
     let stream = tokio::time::timeout(timeout, TcpStream::connect(link.addr)).await??;
     stream.set_nodelay(true)?;
@@ -485,7 +588,9 @@ async fn connect(
     })
     .await??;
     match welcome {
-        LinkFrame::Welcome { version: LINK_VERSION, .. } => Ok((reader, writer, buf)),
+        LinkFrame::Welcome { version: LINK_VERSION, worker_id } => {
+            Ok((reader, writer, buf, worker_id))
+        }
         other => anyhow::bail!("expected link WELCOME, got {other:?}"),
     }
 }

@@ -18,8 +18,8 @@ use support::{Harness, device_config, within};
 use thingport_device::{Closed, DeviceError, FrameConn, Transport};
 use thingport_loadtest::worker::WorkerEvent;
 use thingport_protocol::{
-    Credential, DeviceEvent, ErrorCode, Frame, Properties, PropertyUpdate, Quality, ServiceRequest,
-    ServiceResponse, ServiceResult, SessionError, Value,
+    Credential, DeviceEvent, ErrorCode, Frame, LinkFrame, Properties, PropertyUpdate, Quality,
+    ServiceRequest, ServiceResponse, ServiceResult, SessionError, Value,
 };
 
 fn reading(v: i64) -> Frame {
@@ -532,5 +532,78 @@ async fn admin_serves_metrics_and_health() {
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
+    harness.stop().await.unwrap();
+}
+
+/// Sends `n` readings and waits until the last is acknowledged.
+async fn send_acked(device: &mut thingport_device::Device, n: usize) {
+    let mut last = 0;
+    for v in 0..n {
+        last = device.send(reading(v as i64)).await.unwrap();
+    }
+    loop {
+        if let DeviceEvent::Acked { seq } = within("acks", device.next_event()).await.unwrap()
+            && seq >= last
+        {
+            return;
+        }
+    }
+}
+
+/// Waits until the gateway's `link_events_total{event}` reaches `count`.
+async fn link_events(harness: &Harness, event: &str, count: u64) {
+    let line = format!("thingport_gateway_link_events_total{{event=\"{event}\"}} ");
+    within("link events", async {
+        loop {
+            let (_, metrics) = harness.admin_get("/metrics").await;
+            let seen = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64);
+            if seen >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn frames_go_to_the_primary_the_routes_name_and_elsewhere_when_it_cannot_take_them() {
+    let mut harness = Harness::start(2, |_| {}).await;
+    let mut device = harness.device("pump-7");
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
+    // worker-0 says worker-1 leads every partition; an older table from worker-1 changes nothing
+    let routes = |version, primary: &str| LinkFrame::Routes {
+        version,
+        workers: vec![primary.into()],
+        primaries: vec![Some(0); thingport_protocol::partition::PARTITIONS],
+    };
+    assert_eq!(harness.workers[0].send_link(&routes(5, "worker-1")), 2);
+    assert_eq!(harness.workers[1].send_link(&routes(4, "worker-0")), 2);
+    let handle = harness.handle.clone();
+    support::wait_for("routes", || handle.routes_version() == 5).await;
+    send_acked(&mut device, 20).await;
+    assert_eq!(harness.workers[1].stored("pump-7"), (1..=20).collect::<Vec<_>>(), "in order");
+    assert!(harness.workers[0].stored("pump-7").is_empty());
+
+    // the primary's links are saturated: frames go to the other worker's links, and come back once it is relieved
+    assert_eq!(harness.workers[1].send_link(&LinkFrame::Load { saturated: true }), 2);
+    link_events(&harness, "saturated", 2).await;
+    send_acked(&mut device, 5).await;
+    assert_eq!(harness.workers[1].stored("pump-7").len(), 20);
+    assert_eq!(harness.workers[0].stored("pump-7").len(), 5);
+    assert_eq!(harness.workers[1].send_link(&LinkFrame::Load { saturated: false }), 2);
+    link_events(&harness, "unsaturated", 2).await;
+    send_acked(&mut device, 5).await;
+    assert_eq!(harness.workers[1].stored("pump-7").len(), 25);
+
+    // the primary is gone: its frames go to the worker that is left
+    let primary = harness.workers.remove(1);
+    primary.kill().await;
+    send_acked(&mut device, 5).await;
+    assert_eq!(harness.workers[0].stored("pump-7").len(), 10);
+    device.disconnect().await;
     harness.stop().await.unwrap();
 }

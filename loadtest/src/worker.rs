@@ -115,6 +115,14 @@ impl AckWorker {
         state.links.last().is_some_and(|link| link.send(bytes).is_ok())
     }
 
+    /// Sends a link frame (`ROUTES`, `LOAD`, …) on every open link; how many took it.
+    pub fn send_link(&self, frame: &LinkFrame) -> usize {
+        let bytes = frame.to_framed_bytes();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.links.retain(|l| !l.is_closed());
+        state.links.iter().filter(|link| link.send(bytes.clone()).is_ok()).count()
+    }
+
     /// Stops at once, dropping every connection (as a killed process would). Returns what it had stored by
     /// then, by thing.
     pub async fn kill(mut self) -> HashMap<ByteString, Vec<u64>> {

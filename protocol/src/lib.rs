@@ -3,7 +3,8 @@
 //! - [`frame`]: device frames (HELLO, WELCOME, PROPERTIES, EVENT, SERVICE_REQUEST/RESPONSE, ACK, PING/PONG, GOAWAY,
 //!   ERROR) and [`value`]: the typed values they carry.
 //! - [`stream`]: length-prefixed framing for byte streams (device frames on QUIC, link frames on TCP).
-//! - [`link`]: the gateway ↔ foundation link format, a routing header in front of unchanged device frame bytes.
+//! - [`link`]: the gateway ↔ foundation link format, a routing header in front of unchanged device frame bytes,
+//!   and [`partition`]: the thing name → partition hash both ends of a link route by.
 //! - [`session`]: the device session state machine used by both ends (handshake, keepalive, sequence numbers,
 //!   retransmission after reconnect, duplicate detection).
 //!
@@ -17,6 +18,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod link;
+pub mod partition;
 pub mod peer;
 pub mod session;
 pub mod stream;

@@ -15,7 +15,7 @@ use crate::varint;
 use crate::wire::{Reader, len_prefixed_len, put_len_prefixed};
 
 /// Version of the link format.
-pub const LINK_VERSION: u8 = 4;
+pub const LINK_VERSION: u8 = 5;
 
 /// Bytes a routing header adds at most to a device frame: type, session id, incarnation, thing name at its length
 /// limit.
@@ -43,6 +43,7 @@ pub enum LinkType {
     Rejected = 0x0d,
     Bound = 0x0e,
     Delivered = 0x0f,
+    Routes = 0x10,
 }
 
 impl LinkType {
@@ -63,6 +64,7 @@ impl LinkType {
             0x0d => LinkType::Rejected,
             0x0e => LinkType::Bound,
             0x0f => LinkType::Delivered,
+            0x10 => LinkType::Routes,
             other => return Err(DecodeError::UnknownFrameType(other)),
         })
     }
@@ -162,7 +164,19 @@ pub enum LinkFrame {
         session_id: u64,
         reference: u64,
     },
+    /// Worker → gateway: the primary of each partition in the committed partition table `version`, so that the
+    /// gateway sends a thing's frames to a link of the worker that stores them first. `primaries[p]` is for
+    /// partition `p` (see [`crate::partition`]): an index into `workers`, or `None` when the partition has no known
+    /// primary; partitions past the end of `primaries` have none either.
+    Routes {
+        version: u64,
+        workers: Vec<ByteString>,
+        primaries: Vec<Option<u16>>,
+    },
 }
+
+/// Most workers a `ROUTES` frame names.
+pub const MAX_ROUTED_WORKERS: usize = 256;
 
 impl LinkFrame {
     fn link_type(&self) -> LinkType {
@@ -182,6 +196,7 @@ impl LinkFrame {
             LinkFrame::Rejected { .. } => LinkType::Rejected,
             LinkFrame::Bound { .. } => LinkType::Bound,
             LinkFrame::Delivered { .. } => LinkType::Delivered,
+            LinkFrame::Routes { .. } => LinkType::Routes,
         }
     }
 
@@ -221,6 +236,13 @@ impl LinkFrame {
             }
             LinkFrame::Bound { session_id, .. } => v(*session_id) + 1,
             LinkFrame::Delivered { session_id, reference } => v(*session_id) + v(*reference),
+            LinkFrame::Routes { version, workers, primaries } => {
+                v(*version)
+                    + v(workers.len() as u64)
+                    + workers.iter().map(|w| len_prefixed_len(w.as_bytes())).sum::<usize>()
+                    + v(primaries.len() as u64)
+                    + primaries.iter().map(|p| v(route_index(*p))).sum::<usize>()
+            }
         }
     }
 
@@ -284,6 +306,17 @@ impl LinkFrame {
             LinkFrame::Delivered { session_id, reference } => {
                 varint::put(dst, *session_id);
                 varint::put(dst, *reference);
+            }
+            LinkFrame::Routes { version, workers, primaries } => {
+                varint::put(dst, *version);
+                varint::put(dst, workers.len() as u64);
+                for worker in workers {
+                    put_len_prefixed(dst, worker.as_bytes());
+                }
+                varint::put(dst, primaries.len() as u64);
+                for primary in primaries {
+                    varint::put(dst, route_index(*primary));
+                }
             }
         }
     }
@@ -401,10 +434,49 @@ impl LinkFrame {
             LinkType::Delivered => {
                 LinkFrame::Delivered { session_id: r.varint()?, reference: r.varint()? }
             }
+            LinkType::Routes => decode_routes(&mut r, limits)?,
         };
         r.finish()?;
         Ok(frame)
     }
+}
+
+/// A `ROUTES` primary as it is encoded: 0 for none, else the worker's index plus one.
+fn route_index(primary: Option<u16>) -> u64 {
+    primary.map_or(0, |i| u64::from(i) + 1)
+}
+
+fn decode_routes(r: &mut Reader, limits: &Limits) -> Result<LinkFrame, DecodeError> {
+    let version = r.varint()?;
+    let count: usize = r.varint_as("worker count")?;
+    if count > MAX_ROUTED_WORKERS {
+        return Err(DecodeError::TooLong {
+            what: "worker count",
+            len: count as u64,
+            limit: MAX_ROUTED_WORKERS,
+        });
+    }
+    let mut workers = Vec::with_capacity(count.min(r.remaining() / 2));
+    for _ in 0..count {
+        workers.push(r.name("worker id", limits.max_name)?);
+    }
+    let partitions: usize = r.varint_as("partition count")?;
+    if partitions > crate::partition::PARTITIONS {
+        return Err(DecodeError::TooLong {
+            what: "partition count",
+            len: partitions as u64,
+            limit: crate::partition::PARTITIONS,
+        });
+    }
+    let mut primaries = Vec::with_capacity(partitions.min(r.remaining()));
+    for _ in 0..partitions {
+        primaries.push(match r.varint()? {
+            0 => None,
+            i if i <= count as u64 => Some((i - 1) as u16),
+            other => return Err(DecodeError::InvalidField { what: "primary", value: other }),
+        });
+    }
+    Ok(LinkFrame::Routes { version, workers, primaries })
 }
 
 /// The rest of a link frame as a device frame: non-empty and within the device frame limit.

@@ -165,8 +165,25 @@ fn link_frames_carry_only_bounded_nonempty_device_frames() {
         Err(DecodeError::InvalidField { what: "saturated", value: 2 })
     );
     assert_eq!(
-        LinkFrame::decode(Bytes::from_static(&[0x10]), &limits),
-        Err(DecodeError::UnknownFrameType(0x10))
+        LinkFrame::decode(Bytes::from_static(&[0x11]), &limits),
+        Err(DecodeError::UnknownFrameType(0x11))
+    );
+    // ROUTES: at most 256 workers and 1,024 partitions, and a primary names one of the workers
+    assert!(matches!(
+        LinkFrame::decode(Bytes::from_static(&[0x10, 1, 0x81, 0x02]), &limits),
+        Err(DecodeError::TooLong { what: "worker count", .. })
+    ));
+    assert!(matches!(
+        LinkFrame::decode(Bytes::from_static(&[0x10, 1, 0, 0x81, 0x08]), &limits),
+        Err(DecodeError::TooLong { what: "partition count", .. })
+    ));
+    assert_eq!(
+        LinkFrame::decode(Bytes::from_static(&[0x10, 1, 1, 1, b'w', 2, 1, 2]), &limits),
+        Err(DecodeError::InvalidField { what: "primary", value: 2 })
+    );
+    assert_eq!(
+        LinkFrame::decode(Bytes::from_static(&[0x10, 1, 1, 1, b'w', 3, 1, 0]), &limits),
+        Err(DecodeError::Truncated)
     );
     assert_eq!(
         LinkFrame::decode(Bytes::from_static(&[0x0e, 1, 2]), &limits),

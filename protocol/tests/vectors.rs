@@ -212,6 +212,15 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
             "Link DELIVERED (with its length prefix): the device of session 5 acknowledged the property write of reference 300.",
             Link(LinkFrame::Delivered { session_id: 5, reference: 300 }),
         ),
+        (
+            "link-routes",
+            "Link ROUTES (with its length prefix): table version 9 with workers `w1` and `w2`; partitions 0 and 2 are led by `w2`, partition 1 by `w1`, partition 3 has no known primary, and the frame names no others (a real frame lists all 1,024).",
+            Link(LinkFrame::Routes {
+                version: 9,
+                workers: vec!["w1".into(), "w2".into()],
+                primaries: vec![Some(1), Some(0), Some(1), None],
+            }),
+        ),
     ]
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
-use support::process::{WorkerProcess, cluster_until, settled_on, signal};
+use support::process::{WorkerProcess, cluster_until, get_text, settled_on, signal};
 use support::{KEY, device, http, within};
 use thingport_device::Endpoint;
 use thingport_protocol::{DeviceEvent, Frame, Properties, PropertyUpdate, Quality, Value};
@@ -110,6 +110,21 @@ async fn run_device(
     }
 }
 
+/// `n` devices `dev-0`… running `run_device` through `gateway`.
+fn start_devices(
+    n: usize,
+    gateway: &support::TestGateway,
+    stop: &CancellationToken,
+    acked: &Acked,
+) -> Vec<tokio::task::JoinHandle<Result<(), String>>> {
+    (0..n)
+        .map(|i| {
+            let endpoint = gateway.endpoint.clone();
+            tokio::spawn(run_device(format!("dev-{i}"), endpoint, stop.clone(), acked.clone()))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,17 +149,7 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let gateway = support::gateway(dir.path(), links).await;
     let stop = CancellationToken::new();
     let acked = Acked::new();
-    let devices: Vec<_> = (0..12)
-        .map(|i| {
-            let run = run_device(
-                format!("dev-{i}"),
-                gateway.endpoint.clone(),
-                stop.clone(),
-                acked.clone(),
-            );
-            tokio::spawn(run)
-        })
-        .collect();
+    let devices = start_devices(12, &gateway, &stop, &acked);
     acked.total.grow_by(300, "before any change").await;
 
     // any worker's API reads what a device wrote, whichever worker stored it
@@ -293,4 +298,84 @@ async fn a_pool_of_two_recovers_when_its_lost_worker_restarts() {
     }
     let path = "/v1/things/t0/properties/after";
     assert_eq!(http(w2.api, "PUT", path, Some(KEY), Some(json!({"value": 1}))).await.0, 200);
+}
+
+/// A worker's `thingport_foundation_frames_forwarded_total` (0 before the first).
+async fn forwarded(worker: &WorkerProcess) -> u64 {
+    let (status, body) = get_text(worker.admin, "/metrics").await;
+    assert_eq!(status, 200, "{} metrics", worker.id);
+    body.lines()
+        .find_map(|l| l.strip_prefix("thingport_foundation_frames_forwarded_total "))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+/// Waits until the gateway routes by the table `view` shows (a worker's `ROUTES` reached it).
+async fn routes_reach(gateway: &support::TestGateway, view: &Json) {
+    let version = view["table"]["version"].as_u64().unwrap();
+    within("ROUTES of the settled table", async {
+        while gateway.handle.routes_version() < version {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_frames_go_to_their_partitions_primary_and_elsewhere_while_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let mut workers = vec![spawn_worker(dir.path(), "w1", &[], 3).await];
+    for id in ["w2", "w3"] {
+        let seed = workers[0].peer;
+        workers.push(spawn_worker(dir.path(), id, &[seed], 3).await);
+    }
+    let view =
+        cluster_until(workers[0].api, "three members", |v| settled_on(v, &["w1", "w2", "w3"]))
+            .await;
+    let gateway = support::gateway(dir.path(), workers.iter().map(|w| w.link).collect()).await;
+    routes_reach(&gateway, &view).await;
+
+    let stop = CancellationToken::new();
+    let acked = Acked::new();
+    let devices = start_devices(12, &gateway, &stop, &acked);
+    acked.total.grow_by(600, "with the table known").await;
+    for w in &workers {
+        assert_eq!(
+            forwarded(w).await,
+            0,
+            "{} received a frame of a partition it does not lead",
+            w.id
+        );
+    }
+
+    // the primary of some devices is killed: their frames go to the other links (which pass them on) until the
+    // new table's ROUTES arrive, and then to the new primaries
+    let mut killed = workers.remove(1);
+    killed.kill().await;
+    acked.total.grow_by(300, "through the failover").await;
+    let view =
+        cluster_until(workers[0].api, "the failover", |v| settled_on(v, &["w1", "w3"])).await;
+    routes_reach(&gateway, &view).await;
+    acked.total.grow_by(100, "after the failover").await;
+    let before: Vec<u64> = all_forwarded(&workers).await;
+    acked.total.grow_by(600, "with the new table known").await;
+    assert_eq!(
+        all_forwarded(&workers).await,
+        before,
+        "frames followed the new table: no worker passed any on"
+    );
+    stop.cancel();
+    for device in devices {
+        within("device end", device).await.unwrap().unwrap();
+    }
+    let _ = gateway.stop.send(());
+}
+
+/// `forwarded` of each worker.
+async fn all_forwarded(workers: &[WorkerProcess]) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for w in workers {
+        counts.push(forwarded(w).await);
+    }
+    counts
 }

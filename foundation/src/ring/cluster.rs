@@ -225,6 +225,14 @@ impl Cluster {
         self.table().is_some_and(|t| self.has_quorum(&t) && self.renewals(&t).is_empty())
     }
 
+    /// Whether this worker is the primary of `thing`'s partition in the committed table.
+    pub fn leads(&self, thing: &str) -> bool {
+        let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+        let primary =
+            tables.committed.as_ref().and_then(|t| t.primary(partition_of(thing.as_bytes())));
+        primary == Some(self.me.as_str())
+    }
+
     /// The committed table, if there is one yet.
     pub fn table(&self) -> Option<Arc<Table>> {
         self.tables.read().unwrap_or_else(|e| e.into_inner()).committed.clone()

@@ -20,18 +20,10 @@ use std::collections::BTreeMap;
 use thingport_protocol::peer::TableRecord;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Number of partitions of the key space.
-pub const PARTITIONS: usize = 1024;
+pub use thingport_protocol::partition::{PARTITIONS, partition_of};
 
-/// Seed of the key → partition hash. Changing it would move every key: it is part of the storage format.
-const KEY_SEED: u64 = 0x7468_696e_6770_6f72; // "thingpor"
 /// Seed of the rendezvous score.
 const SCORE_SEED: u64 = 0x7270_6c61_6365_6d74; // "rplacemt"
-
-/// The partition a key belongs to.
-pub fn partition_of(key: &[u8]) -> u16 {
-    (xxh3_64_with_seed(key, KEY_SEED) % PARTITIONS as u64) as u16
-}
 
 /// The rendezvous score of a member for a partition: higher is preferred.
 pub fn score(partition: u16, member: &str) -> u64 {

@@ -194,5 +194,17 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
             .prop_map(|(session_id, open)| LinkFrame::Bound { session_id, open }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(session_id, reference)| LinkFrame::Delivered { session_id, reference }),
+        (
+            any::<u64>(),
+            prop::collection::vec(name(), 1..5),
+            prop::collection::vec(any::<u16>(), 0..64)
+        )
+            .prop_map(|(version, workers, picks)| {
+                let primaries = picks
+                    .into_iter()
+                    .map(|p| (p % 5 != 0).then_some(p % workers.len() as u16))
+                    .collect();
+                LinkFrame::Routes { version, workers, primaries }
+            }),
     ]
 }
