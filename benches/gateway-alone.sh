@@ -5,11 +5,14 @@
 # The gateway runs on core 1 and everything else on core 0, as BENCHMARKS.md says.
 #
 #   benches/gateway-alone.sh [--idle N] [--transport wss|quic] [--devices D] [--rate R] [--seconds S]
-#                            [--settle S] [--flush-delay D (upstream.flush_delay, e.g. 1ms)]
+#                            [--settle S] [--flush-delay D (upstream.flush_delay, e.g. 1ms)] [--bin-dir DIR]
+#
+# --bin-dir takes the gateway and the load generator from DIR (another build, to compare two commits in one
+# session) instead of building this tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IDLE=9000 TRANSPORT=wss DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30 FLUSH_DELAY=0s
+IDLE=9000 TRANSPORT=wss DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30 FLUSH_DELAY=0s BIN_DIR=
 while [ $# -gt 0 ]; do
   case "$1" in
     --idle) IDLE=$2; shift 2 ;;
@@ -19,13 +22,18 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_=$2; shift 2 ;;
     --settle) SETTLE=$2; shift 2 ;;
     --flush-delay) FLUSH_DELAY=$2; shift 2 ;;
+    --bin-dir) BIN_DIR=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
 
 ulimit -n 20000
-cargo build --release -q -p thingport-gateway -p thingport-loadtest
-B=$PWD/target/release
+if [ -n "$BIN_DIR" ]; then
+  B=$(cd "$BIN_DIR" && pwd)
+else
+  cargo build --release -q -p thingport-gateway -p thingport-loadtest
+  B=$PWD/target/release
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }

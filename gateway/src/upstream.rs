@@ -1,8 +1,10 @@
 //! The upstream link pool: a few persistent TCP links to every foundation worker, carrying the device frames of
 //! all sessions.
 //!
-//! - **Batching**: a link's writer takes every frame queued since its last write and writes them with one call
-//!   (`thingport_gateway_link_frames_per_write`).
+//! - **Batching**: a link's writer takes every frame queued since its last write (and, with `flush_delay`, waits
+//!   that long for more) and writes them with one vectored call, each device frame from the buffer it was read
+//!   into when it is long, behind its routing header (`thingport_shell::batch`;
+//!   `thingport_gateway_link_frames_per_write`).
 //! - **Owner-aware routing**: workers send the primary of every partition (`ROUTES`); a device data frame goes to
 //!   a link of its thing's partition's primary, the same link for every frame of a session, so the primary stores
 //!   it without passing it on and a session's frames keep their order.
@@ -29,6 +31,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::link::{self, LINK_VERSION};
 use thingport_protocol::{ByteString, ErrorCode, LinkDecoder, LinkFrame};
+use thingport_shell::batch::{Batch, Flush, Outgoing, gather};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -627,64 +630,22 @@ async fn read_loop(
     }
 }
 
-/// When a link's writer writes: at once when `bytes` are gathered, else when the first frame has waited `delay`.
-#[derive(Debug, Clone, Copy)]
-struct Flush {
-    delay: Duration,
-    bytes: usize,
-}
-
-/// What one write carries.
-#[derive(Debug, PartialEq)]
-struct Batch {
-    frames: usize,
-    data_bytes: usize,
-}
-
-/// Encodes `first` and what follows it in the queue into `buf`, under the flush policy: frames that are queued are
-/// taken at once; then, until `policy.delay` has passed since `first` was taken (or `policy.bytes` are gathered),
-/// frames that arrive are waited for and taken too.
-async fn gather(
-    rx: &mut mpsc::Receiver<Outbound>,
-    first: Outbound,
-    buf: &mut BytesMut,
-    policy: Flush,
-) -> Batch {
-    let deadline = tokio::time::Instant::now() + policy.delay;
-    // The sender that woke this task is still running, and others may be ready behind it: go to the back of the
-    // run queue once so their frames join this write. (A woken task otherwise runs next, which made every write
-    // carry a single frame.)
-    if rx.is_empty() {
-        tokio::task::yield_now().await;
-    }
-    let mut batch = Batch { frames: 0, data_bytes: 0 };
-    let mut item = Some(first);
-    loop {
-        while let Some(outbound) = item {
-            match outbound {
-                Outbound::Data(p) => {
-                    link::put_upstream_header(
-                        buf,
-                        p.session_id,
-                        p.incarnation,
-                        &p.thing,
-                        p.frame.len(),
-                    );
-                    buf.extend_from_slice(&p.frame);
-                    batch.data_bytes += p.frame.len();
-                }
-                Outbound::Control(frame) => frame.encode_framed(buf),
+impl Outgoing for Outbound {
+    /// A data frame weighs its device frame's bytes, which the link's queued count releases once written.
+    fn put(self, batch: &mut Batch) -> usize {
+        match self {
+            Outbound::Data(p) => {
+                let len = p.frame.len();
+                batch.encode(|b| {
+                    link::put_upstream_header(b, p.session_id, p.incarnation, &p.thing, len);
+                });
+                batch.push(p.frame);
+                len
             }
-            batch.frames += 1;
-            item = if buf.len() < MAX_BATCH_BYTES { rx.try_recv().ok() } else { None };
-        }
-        if buf.len() >= policy.bytes.min(MAX_BATCH_BYTES) || policy.delay.is_zero() {
-            return batch;
-        }
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(next)) => item = Some(next),
-            // the queue closed, or the first frame has waited long enough
-            Ok(None) | Err(_) => return batch,
+            Outbound::Control(frame) => {
+                batch.encode(|b| frame.encode_framed(b));
+                0
+            }
         }
     }
 }
@@ -696,7 +657,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Outbound>,
     stop: CancellationToken,
 ) -> mpsc::Receiver<Outbound> {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut batch = Batch::default();
     let mut nonce = 0u64;
     loop {
         let first = tokio::select! {
@@ -708,17 +669,20 @@ async fn write_loop(
             }
         };
         let Some(first) = first else { return rx };
-        let policy = Flush { delay: pool.config.flush_delay, bytes: pool.config.flush_bytes };
-        let gathered = tokio::select! {
-            _ = stop.cancelled() => return rx,
-            gathered = gather(&mut rx, first, &mut buf, policy) => gathered,
+        let policy = Flush {
+            delay: pool.config.flush_delay,
+            bytes: pool.config.flush_bytes,
+            max_bytes: MAX_BATCH_BYTES,
         };
-        let Batch { frames, data_bytes } = gathered;
+        tokio::select! {
+            _ = stop.cancelled() => return rx,
+            _ = gather(&mut rx, first, &mut batch, policy) => {}
+        };
+        let (frames, data_bytes) = (batch.frames, batch.weight);
         let written = tokio::select! {
             _ = stop.cancelled() => return rx,
-            r = writer.write_all(&buf) => r,
+            r = batch.write_to(&mut writer) => r,
         };
-        buf.clear();
         if written.is_err() {
             // the reader sees the broken connection too; wait for it to stop us
             stop.cancelled().await;
@@ -731,58 +695,5 @@ async fn write_loop(
         if link.queued.load(Ordering::Relaxed) < pool.high_water {
             pool.ready.notify_waiters();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(n: u64) -> Outbound {
-        Outbound::Control(LinkFrame::Ping { nonce: n })
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_waits_at_most_the_flush_delay_for_more_frames() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let mut buf = BytesMut::new();
-        // tokio's timers count whole milliseconds
-        let policy = Flush { delay: Duration::from_millis(5), bytes: 1 << 20 };
-        let started = tokio::time::Instant::now();
-        let sender = tokio::spawn(async move {
-            for n in 1..=3 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                tx.send(frame(n)).await.unwrap();
-            }
-            // after the deadline: the next write's
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            tx.send(frame(4)).await.unwrap();
-        });
-        let batch = gather(&mut rx, frame(0), &mut buf, policy).await;
-        assert_eq!(batch.frames, 4, "the first and the three that came within the delay");
-        assert_eq!(
-            started.elapsed(),
-            Duration::from_millis(5),
-            "written when the first had waited the delay"
-        );
-        buf.clear();
-        let next = rx.recv().await.unwrap();
-        assert_eq!(gather(&mut rx, next, &mut buf, policy).await.frames, 1);
-        sender.await.unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_goes_at_once_when_it_holds_flush_bytes_or_the_delay_is_zero() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let mut buf = BytesMut::new();
-        tx.send(frame(1)).await.unwrap();
-        let started = tokio::time::Instant::now();
-        let policy = Flush { delay: Duration::from_secs(1), bytes: 4 };
-        assert_eq!(gather(&mut rx, frame(0), &mut buf, policy).await.frames, 2);
-        assert_eq!(started.elapsed(), Duration::ZERO);
-        buf.clear();
-        let policy = Flush { delay: Duration::ZERO, bytes: 1 << 20 };
-        assert_eq!(gather(&mut rx, frame(0), &mut buf, policy).await.frames, 1);
-        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

@@ -7,11 +7,14 @@
 //! - [`Process`]: logging (to stderr; stdout carries one JSON line of bound addresses), a multi-threaded runtime,
 //!   SIGTERM and SIGINT as shutdown, SIGHUP as reload, and systemd notification (`READY`, `WATCHDOG`, `STOPPING`).
 //! - [`admin`]: the admin router (`/metrics`, `/healthz`, `/readyz`).
+//! - [`batch`]: the batched, vectored writer of the internal connections (gateway ↔ worker links, peer
+//!   connections).
 //!
-//! It holds no server logic: a server supplies its configuration type ([`ServerConfig`]) and an async `serve`
+//! It holds no server logic (the batched writer moves bytes, whatever they mean): a server supplies its configuration type ([`ServerConfig`]) and an async `serve`
 //! function that binds, calls [`Process::ready`] and runs until [`Process::shutdown`] completes.
 
 pub mod admin;
+pub mod batch;
 pub mod config;
 mod process;
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::peer::{PEER_VERSION, PeerMessage, Request, Response};
+use thingport_shell::batch::Flush;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -188,21 +189,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Writes queued messages, as many per write as are ready (up to 256 KiB), until the queue closes or a write fails.
-pub(crate) async fn write_batches(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    let mut batch = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
-        batch.extend_from_slice(&first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        if writer.write_all(&batch).await.is_err() {
-            return;
-        }
-        batch.clear();
-    }
+pub(crate) async fn write_batches(writer: OwnedWriteHalf, rx: mpsc::Receiver<Bytes>) {
+    thingport_shell::batch::write_queue(writer, rx, Flush::now(MAX_BATCH)).await;
 }
 
 async fn read_responses(mut reader: OwnedReadHalf, conn: &Conn, max_message: usize) {
