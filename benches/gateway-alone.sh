@@ -6,6 +6,7 @@
 #
 #   benches/gateway-alone.sh [--idle N] [--transport wss|quic] [--devices D] [--rate R] [--seconds S]
 #                            [--settle S] [--flush-delay D (upstream.flush_delay, e.g. 1ms)] [--bin-dir DIR]
+#                            [--payload BYTES (of each message's property, 32 by default: 64-byte frames)]
 #
 # --bin-dir takes the gateway and the load generator from DIR (another build, to compare two commits in one
 # session) instead of building this tree.
@@ -23,6 +24,7 @@ while [ $# -gt 0 ]; do
     --settle) SETTLE=$2; shift 2 ;;
     --flush-delay) FLUSH_DELAY=$2; shift 2 ;;
     --bin-dir) BIN_DIR=$2; shift 2 ;;
+    --payload) PAYLOAD=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
@@ -110,7 +112,7 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 /usr/bin/time -f "%U %S" -o "$WORK/loadgen.time" taskset -c 0 $B/thingport-loadtest run --target "$TARGET" \
   --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
-  --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload 32 --ramp 2000 \
+  --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload "$PAYLOAD" --ramp 2000 \
   --duration "${SECONDS_}s" --quiet --json > "$WORK/load.json"
 T1=$(cpu_ticks)
 if [ -n "${PROFILE:-}" ]; then
@@ -118,7 +120,7 @@ if [ -n "${PROFILE:-}" ]; then
   perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -60 > "$PROFILE"
   strace -c -f -p "$GW" -o "$WORK/strace.txt" & STRACE=$!
   taskset -c 0 $B/thingport-loadtest run --target "$TARGET" --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
-    --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload 32 --ramp 2000 \
+    --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload "$PAYLOAD" --ramp 2000 \
     --duration 5s --quiet --json > "$WORK/strace-load.json"
   kill -INT "$STRACE"; wait "$STRACE" 2>/dev/null || true
   { echo "--- syscalls during a 5 s run ($(python3 -c "import json;print(json.load(open('$WORK/strace-load.json'))['acked'])") messages acked)"; cat "$WORK/strace.txt"; } >> "$PROFILE"
