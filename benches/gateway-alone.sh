@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IDLE=9000 TRANSPORT=wss DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30 FLUSH_DELAY=0s BIN_DIR=
+IDLE=9000 TRANSPORT=wss DEVICES=1000 RATE=10 SECONDS_=20 SETTLE=30 FLUSH_DELAY=0s BIN_DIR="" PAYLOAD=32
 while [ $# -gt 0 ]; do
   case "$1" in
     --idle) IDLE=$2; shift 2 ;;

@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use thingport_protocol::link::{LINK_VERSION, MAX_ROUTED_WORKERS};
+use thingport_protocol::link::{self, LINK_VERSION, MAX_ROUTED_WORKERS};
 use thingport_protocol::peer::{CallOutcome, Op};
 use thingport_protocol::{
     ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame,
 };
+use thingport_shell::batch::{Batch, Flush, gather};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -34,8 +35,22 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What a link's writer sends: an encoded link frame, or that a data frame is stored, which the writer folds with
+/// the others of its session in the same write into `STORED_RUN`s.
+#[derive(Debug)]
+pub enum Reply {
+    Frame(Bytes),
+    Stored { session_id: u64, seq: u64 },
+}
+
+impl From<LinkFrame> for Reply {
+    fn from(frame: LinkFrame) -> Reply {
+        Reply::Frame(frame.to_framed_bytes())
+    }
+}
+
 /// A link's writer queue, with the link's id.
-type LinkSender = (u64, mpsc::Sender<Bytes>);
+type LinkSender = (u64, mpsc::Sender<Reply>);
 
 /// The links of every connected gateway.
 #[derive(Debug, Default)]
@@ -45,7 +60,7 @@ pub struct Links {
 }
 
 impl Links {
-    fn register(&self, gateway: &ByteString, tx: mpsc::Sender<Bytes>) -> u64 {
+    fn register(&self, gateway: &ByteString, tx: mpsc::Sender<Reply>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.by_gateway
             .lock()
@@ -79,7 +94,9 @@ impl Links {
         let map = self.by_gateway.lock().unwrap_or_else(|e| e.into_inner());
         let Some(links) = map.get(gateway) else { return false };
         let start = reference as usize;
-        (0..links.len()).any(|i| links[(start + i) % links.len()].1.try_send(bytes.clone()).is_ok())
+        (0..links.len()).any(|i| {
+            links[(start + i) % links.len()].1.try_send(Reply::Frame(bytes.clone())).is_ok()
+        })
     }
 
     /// Gateways with at least one link.
@@ -133,11 +150,11 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
     if writer.write_all(&welcome.to_framed_bytes()).await.is_err() {
         return;
     }
-    let (tx, rx) = mpsc::channel::<Bytes>(shared.config.link_queue_frames);
+    let (tx, rx) = mpsc::channel::<Reply>(shared.config.link_queue_frames);
     let link_id = shared.links.register(&gateway, tx.clone());
     tracing::info!(gateway = %gateway, "gateway link up");
 
-    let write = crate::ring::peers::write_batches(writer, rx);
+    let write = write_replies(writer, rx);
     let in_flight = Arc::new(InFlight {
         permits: Arc::new(Semaphore::new(shared.config.link_in_flight)),
         limit: shared.config.link_in_flight,
@@ -177,9 +194,42 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
     tracing::info!(gateway = %gateway, "gateway link down");
 }
 
+/// Writes a link's replies, many per write. The `STORED` answers gathered for one write are sorted and folded:
+/// consecutive data frames of a session become one `STORED_RUN`, a lone one stays `STORED`.
+async fn write_replies(mut writer: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) {
+    let mut batch = Batch::default();
+    let mut stored: Vec<(u64, u64)> = Vec::new();
+    let policy = Flush::now(MAX_WRITE);
+    while let Some(first) = rx.recv().await {
+        let put = |reply: Reply, batch: &mut Batch| {
+            match reply {
+                Reply::Frame(frame) => batch.push(frame),
+                Reply::Stored { session_id, seq } => stored.push((session_id, seq)),
+            }
+            0
+        };
+        gather(&mut rx, first, &mut batch, policy, put).await;
+        put_stored(&mut stored, &mut batch);
+        if batch.write_to(&mut writer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Bytes one write of a link carries at most (besides the `STORED` answers gathered with them).
+const MAX_WRITE: usize = 256 * 1024;
+
+/// Encodes `stored` (session, seq) pairs as `STORED` and `STORED_RUN` frames, and empties it.
+fn put_stored(stored: &mut Vec<(u64, u64)>, batch: &mut Batch) {
+    for frame in link::fold_stored(stored) {
+        batch.encode(|b| frame.encode_framed(b));
+    }
+    stored.clear();
+}
+
 /// Sends the committed table's `ROUTES` on the link now and after every change; returns when the link's queue
 /// closes.
-async fn send_routes(shared: &Shared, tx: &mpsc::Sender<Bytes>) {
+async fn send_routes(shared: &Shared, tx: &mpsc::Sender<Reply>) {
     let mut version = shared.cluster.table_version();
     let max = thingport_protocol::link::max_overhead(&shared.config.limits())
         + shared.config.limits().max_frame;
@@ -191,7 +241,7 @@ async fn send_routes(shared: &Shared, tx: &mpsc::Sender<Bytes>) {
             sent = table.version;
             match routes(&table) {
                 Some(frame) if frame.encoded_len() <= max => {
-                    if tx.send(frame.to_framed_bytes()).await.is_err() {
+                    if tx.send(frame.into()).await.is_err() {
                         return;
                     }
                 }
@@ -238,7 +288,7 @@ struct InFlight {
     permits: Arc<Semaphore>,
     limit: usize,
     saturated: AtomicBool,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Reply>,
 }
 
 impl InFlight {
@@ -246,7 +296,7 @@ impl InFlight {
     /// full it is not sent, and the mark stays as it was.
     fn load(&self, saturated: bool) {
         if self.saturated.load(Ordering::Relaxed) != saturated
-            && self.tx.try_send(LinkFrame::Load { saturated }.to_framed_bytes()).is_ok()
+            && self.tx.try_send(LinkFrame::Load { saturated }.into()).is_ok()
         {
             self.saturated.store(saturated, Ordering::Relaxed);
             let event = if saturated { "saturated" } else { "unsaturated" };
@@ -268,8 +318,8 @@ impl InFlight {
 
 /// Sends a reply on the link. A gateway that does not read its replies loses the link: it reconnects and sends the
 /// unacknowledged frames again.
-fn reply(tx: &mpsc::Sender<Bytes>, frame: LinkFrame) -> bool {
-    tx.try_send(frame.to_framed_bytes()).is_ok()
+fn reply(tx: &mpsc::Sender<Reply>, frame: LinkFrame) -> bool {
+    tx.try_send(frame.into()).is_ok()
 }
 
 /// Handles one link frame; false if the link must close.
@@ -277,7 +327,7 @@ async fn handle(
     shared: &Arc<Shared>,
     gateway: &ByteString,
     frame: LinkFrame,
-    tx: &mpsc::Sender<Bytes>,
+    tx: &mpsc::Sender<Reply>,
     in_flight: &Arc<InFlight>,
 ) -> bool {
     let now = now_ms();
@@ -310,7 +360,7 @@ async fn handle(
                     }
                     Err(e) => tracing::info!(error = %e, "a session binding was refused"),
                 }
-                let _ = tx.send(LinkFrame::Bound { session_id, open }.to_framed_bytes()).await;
+                let _ = tx.send(LinkFrame::Bound { session_id, open }.into()).await;
             })
             .await
         }
@@ -341,7 +391,7 @@ async fn handle(
                         Ok(()) => {
                             ::metrics::counter!("thingport_foundation_frames_stored_total")
                                 .increment(1);
-                            LinkFrame::Stored { session_id, seq }
+                            Reply::Stored { session_id, seq }
                         }
                         Err(e) => {
                             let reason = match e {
@@ -351,10 +401,10 @@ async fn handle(
                             };
                             ::metrics::counter!("thingport_foundation_frames_refused_total", "reason" => reason)
                                 .increment(1);
-                            LinkFrame::Rejected { session_id, seq, code: e.code() }
+                            LinkFrame::Rejected { session_id, seq, code: e.code() }.into()
                         }
                     };
-                    let _ = tx.send(answer.to_framed_bytes()).await;
+                    let _ = tx.send(answer).await;
                 })
                 .await;
             }
@@ -390,7 +440,7 @@ async fn handle(
                 }
                 _ => {}
             }
-            reply(tx, LinkFrame::Stored { session_id, seq })
+            tx.try_send(Reply::Stored { session_id, seq }).is_ok()
         }
         LinkFrame::Delivered { reference, .. } => {
             let cluster = cluster.clone();
@@ -431,14 +481,15 @@ async fn spawn_bounded(
 mod tests {
     use super::*;
 
-    fn in_flight(limit: usize) -> (Arc<InFlight>, mpsc::Receiver<Bytes>) {
+    fn in_flight(limit: usize) -> (Arc<InFlight>, mpsc::Receiver<Reply>) {
         let (tx, rx) = mpsc::channel(16);
         let permits = Arc::new(Semaphore::new(limit));
         (Arc::new(InFlight { permits, limit, saturated: AtomicBool::new(false), tx }), rx)
     }
 
-    fn load(bytes: Option<Bytes>) -> Option<LinkFrame> {
-        let mut buf = BytesMut::from(&bytes?[..]);
+    fn load(reply: Option<Reply>) -> Option<LinkFrame> {
+        let Some(Reply::Frame(bytes)) = reply else { return None };
+        let mut buf = BytesMut::from(&bytes[..]);
         LinkDecoder::new(thingport_protocol::Limits::DEFAULT).decode(&mut buf).ok().flatten()
     }
 

@@ -120,7 +120,7 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
                 connection,
                 send,
                 recv,
-                buf: BytesMut::with_capacity(4096),
+                buf: BytesMut::new(),
                 max_frame: shared.config.limits.max_frame,
             };
             let accepted =
@@ -135,6 +135,8 @@ struct QuicIo {
     connection: Connection,
     send: SendStream,
     recv: RecvStream,
+    /// Bytes read and not yet a whole frame. Empty (and without an allocation) between frames, so that an idle
+    /// session holds no receive buffer.
     buf: BytesMut,
     max_frame: usize,
 }
@@ -143,7 +145,13 @@ impl DeviceIo for QuicIo {
     async fn recv(&mut self) -> Result<Option<Bytes>, IoError> {
         loop {
             match stream::next_frame(&mut self.buf, self.max_frame) {
-                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(Some(frame)) => {
+                    if self.buf.is_empty() {
+                        // the frame keeps what it needs of the allocation; the rest is let go
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(Some(frame));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     let close = if matches!(e, DecodeError::TooLong { .. }) { 1009 } else { 1002 };

@@ -37,8 +37,8 @@ impl Downstream {
 /// What links have delivered to a session since it last looked.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    /// `STORED` sequence numbers, with the instant each frame was sent upstream if known.
-    pub stored: Vec<u64>,
+    /// Runs `first..=last` of data frames answered `STORED` (or `STORED_RUN`), adjacent runs joined.
+    pub stored: Vec<(u64, u64)>,
     pub downstream: VecDeque<Downstream>,
     /// A worker refused data frame `.0` with code `.1`: the session ends with that code.
     pub rejected: Option<(u64, ErrorCode)>,
@@ -99,10 +99,15 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn stored(&self, seq: u64) {
+    /// Records that the data frames `first..=last` are stored.
+    pub fn stored(&self, first: u64, last: u64) {
         let mut state = self.lock();
         if !state.closed {
-            state.delivered.stored.push(seq);
+            let runs = &mut state.delivered.stored;
+            match runs.last_mut() {
+                Some(run) if run.1.checked_add(1) == Some(first) => run.1 = last,
+                _ => runs.push((first, last)),
+            }
             drop(state);
             self.notify.notify_one();
         }

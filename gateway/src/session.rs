@@ -432,8 +432,8 @@ impl Driver<'_> {
             .send_window
             .saturating_sub(self.session.unacked_sent() as usize);
         let delivered = self.inbox.take(room);
-        for seq in delivered.stored {
-            self.session.stored(seq);
+        for (first, last) in delivered.stored {
+            self.session.stored_run(first, last);
         }
         for item in delivered.downstream {
             let write =

@@ -31,7 +31,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use thingport_protocol::link::{self, LINK_VERSION};
 use thingport_protocol::{ByteString, ErrorCode, LinkDecoder, LinkFrame};
-use thingport_shell::batch::{Batch, Flush, Outgoing, gather};
+use thingport_shell::batch::{Batch, Flush, gather};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -421,7 +421,22 @@ impl Pool {
                         .record(pending.sent.elapsed().as_secs_f64());
                 }
                 if let Some(inbox) = self.registry.get(session_id) {
-                    inbox.stored(seq);
+                    inbox.stored(seq, seq);
+                }
+            }
+            LinkFrame::StoredRun { session_id, first, last } => {
+                {
+                    let mut inflight = link.inflight();
+                    // at most MAX_STORED_RUN lookups, as the decoder checked
+                    for seq in first..=last {
+                        if let Some(pending) = inflight.remove(&(session_id, seq)) {
+                            ::metrics::histogram!(metrics::WORKER_RTT)
+                                .record(pending.sent.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                if let Some(inbox) = self.registry.get(session_id) {
+                    inbox.stored(first, last);
                 }
             }
             LinkFrame::Downstream { session_id, reference, frame } => {
@@ -630,8 +645,9 @@ async fn read_loop(
     }
 }
 
-impl Outgoing for Outbound {
-    /// A data frame weighs its device frame's bytes, which the link's queued count releases once written.
+impl Outbound {
+    /// Puts the frame into a batch. A data frame weighs its device frame's bytes, which the link's queued count
+    /// releases once written.
     fn put(self, batch: &mut Batch) -> usize {
         match self {
             Outbound::Data(p) => {
@@ -676,7 +692,7 @@ async fn write_loop(
         };
         tokio::select! {
             _ = stop.cancelled() => return rx,
-            _ = gather(&mut rx, first, &mut batch, policy) => {}
+            _ = gather(&mut rx, first, &mut batch, policy, Outbound::put) => {}
         };
         let (frames, data_bytes) = (batch.frames, batch.weight);
         let written = tokio::select! {

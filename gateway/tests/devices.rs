@@ -607,3 +607,32 @@ async fn frames_go_to_the_primary_the_routes_name_and_elsewhere_when_it_cannot_t
     device.disconnect().await;
     harness.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stored_run_acknowledges_every_frame_it_covers_with_one_ack() {
+    // one link, so that every frame and its answer share it
+    let harness = Harness::start(1, |c| c.upstream.links_per_foundation = 1).await;
+    let mut device = harness.device("pump-3");
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
+    harness.workers[0].hold();
+    for v in 0..10 {
+        device.send(reading(v)).await.unwrap();
+    }
+    let worker = &harness.workers[0];
+    support::wait_for("frames at the worker", || worker.stored("pump-3").len() == 10).await;
+    let sent = worker.release();
+    assert!(
+        matches!(sent.as_slice(), [LinkFrame::StoredRun { first: 1, last: 10, .. }]),
+        "one run for the ten: {sent:?}"
+    );
+    let mut acks = Vec::new();
+    while acks.last() != Some(&10) {
+        if let DeviceEvent::Acked { seq } = within("ack", device.next_event()).await.unwrap() {
+            acks.push(seq);
+        }
+    }
+    assert_eq!(acks, vec![10], "one cumulative ACK");
+    assert_eq!(device.session.unacked(), 0);
+    device.disconnect().await;
+    harness.stop().await.unwrap();
+}

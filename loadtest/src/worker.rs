@@ -1,5 +1,6 @@
 //! An acknowledging worker: speaks the link protocol like a foundation worker but stores nothing. It answers
-//! `STORED` for every device data frame at once. It is the backend for measuring the gateway alone, and for the
+//! every device data frame at once, folding the answers to the frames of one read into `STORED_RUN`s as a worker
+//! folds those of one write (or holds them, for tests, until told to release them). It is the backend for measuring the gateway alone, and for the
 //! gateway's tests before (and besides) the real foundation.
 
 use std::collections::HashMap;
@@ -8,9 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use bytes::{Bytes, BytesMut};
-use thingport_protocol::link::LINK_VERSION;
+use thingport_protocol::link::{self, LINK_VERSION};
 use thingport_protocol::{ByteString, ErrorCode, Frame, Limits, LinkDecoder, LinkFrame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use thingport_shell::batch::{Flush, write_queue};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
@@ -45,13 +47,18 @@ pub enum WorkerEvent {
     },
 }
 
+/// A link's writer queue.
+type LinkTx = mpsc::Sender<Bytes>;
+
 #[derive(Debug, Default)]
 struct State {
     /// Data frames stored, by thing: sequence numbers in arrival order.
     stored: HashMap<ByteString, Vec<u64>>,
     /// Writers of the open links.
-    links: Vec<mpsc::UnboundedSender<Bytes>>,
+    links: Vec<LinkTx>,
     frames: u64,
+    /// While set, answers are kept here, by link, instead of sent.
+    held: Option<Vec<(LinkTx, u64, u64)>>,
 }
 
 /// A running acknowledging worker.
@@ -112,7 +119,7 @@ impl AckWorker {
             .to_framed_bytes();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.links.retain(|l| !l.is_closed());
-        state.links.last().is_some_and(|link| link.send(bytes).is_ok())
+        state.links.last().is_some_and(|link| link.try_send(bytes).is_ok())
     }
 
     /// Sends a link frame (`ROUTES`, `LOAD`, …) on every open link; how many took it.
@@ -120,7 +127,34 @@ impl AckWorker {
         let bytes = frame.to_framed_bytes();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.links.retain(|l| !l.is_closed());
-        state.links.iter().filter(|link| link.send(bytes.clone()).is_ok()).count()
+        state.links.iter().filter(|link| link.try_send(bytes.clone()).is_ok()).count()
+    }
+
+    /// Keeps the answers to data frames from now on, until [`AckWorker::release`].
+    pub fn hold(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).held.get_or_insert_with(Vec::new);
+    }
+
+    /// Sends the answers held since [`AckWorker::hold`], folded per link, and answers at once again. Returns the
+    /// link frames sent.
+    pub fn release(&self) -> Vec<LinkFrame> {
+        let held =
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).held.take().unwrap_or_default();
+        let mut sent = Vec::new();
+        let mut by_link: Vec<(LinkTx, Vec<(u64, u64)>)> = Vec::new();
+        for (link, session_id, seq) in held {
+            match by_link.iter_mut().find(|(l, _)| l.same_channel(&link)) {
+                Some((_, stored)) => stored.push((session_id, seq)),
+                None => by_link.push((link, vec![(session_id, seq)])),
+            }
+        }
+        for (link, mut stored) in by_link {
+            for frame in link::fold_stored(&mut stored) {
+                let _ = link.try_send(frame.to_framed_bytes());
+                sent.push(frame);
+            }
+        }
+        sent
     }
 
     /// Stops at once, dropping every connection (as a killed process would). Returns what it had stored by
@@ -139,31 +173,37 @@ async fn serve_link(
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<WorkerEvent>,
 ) {
-    let (mut reader, mut writer) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let (mut reader, writer) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     state.lock().unwrap_or_else(|e| e.into_inner()).links.push(tx.clone());
-    let write = async move {
-        let mut batch = BytesMut::new();
-        while let Some(first) = rx.recv().await {
-            batch.extend_from_slice(&first);
-            while let Ok(more) = rx.try_recv() {
-                batch.extend_from_slice(&more);
-            }
-            if writer.write_all(&batch).await.is_err() {
-                return;
-            }
-            batch.clear();
-        }
-    };
+    let write = write_queue(writer, rx, Flush::now(256 * 1024));
     let read = async move {
         let decoder = LinkDecoder::new(Limits::DEFAULT);
         let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut stored = Vec::new();
         loop {
             while let Ok(Some(frame)) = decoder.decode(&mut buf) {
-                let reply = handle(frame, &id, &state, &events);
-                if let Some(reply) = reply {
-                    let _ = tx.send(reply.to_framed_bytes());
+                match handle(frame, &id, &state, &events) {
+                    Some(Answer::Stored { session_id, seq }) => stored.push((session_id, seq)),
+                    Some(Answer::Frame(reply)) => {
+                        let _ = tx.send(reply.to_framed_bytes()).await;
+                    }
+                    None => {}
                 }
+            }
+            if !stored.is_empty() {
+                let held = {
+                    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.held.as_mut().map(|held| {
+                        held.extend(stored.iter().map(|&(s, q)| (tx.clone(), s, q)));
+                    })
+                };
+                if held.is_none() {
+                    for frame in link::fold_stored(&mut stored) {
+                        let _ = tx.send(frame.to_framed_bytes()).await;
+                    }
+                }
+                stored.clear();
             }
             match reader.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -177,13 +217,26 @@ async fn serve_link(
     }
 }
 
+/// Frames a link's writer queues at most; a reader finding it full waits, as a worker's does.
+const QUEUE: usize = 65_536;
+
+/// What the worker answers a link frame with.
+enum Answer {
+    Frame(LinkFrame),
+    /// A data frame is stored: folded with the others of the same read.
+    Stored {
+        session_id: u64,
+        seq: u64,
+    },
+}
+
 fn handle(
     frame: LinkFrame,
     id: &ByteString,
     state: &Mutex<State>,
     events: &broadcast::Sender<WorkerEvent>,
-) -> Option<LinkFrame> {
-    match frame {
+) -> Option<Answer> {
+    let frame = match frame {
         LinkFrame::Hello { .. } => {
             Some(LinkFrame::Welcome { version: LINK_VERSION, worker_id: id.clone() })
         }
@@ -215,8 +268,9 @@ fn handle(
                 }
             }
             let _ = events.send(WorkerEvent::Frame { session_id, thing, frame });
-            seq.map(|seq| LinkFrame::Stored { session_id, seq })
+            return seq.map(|seq| Answer::Stored { session_id, seq });
         }
         _ => None,
-    }
+    };
+    frame.map(Answer::Frame)
 }

@@ -44,6 +44,7 @@ pub enum LinkType {
     Bound = 0x0e,
     Delivered = 0x0f,
     Routes = 0x10,
+    StoredRun = 0x11,
 }
 
 impl LinkType {
@@ -65,6 +66,7 @@ impl LinkType {
             0x0e => LinkType::Bound,
             0x0f => LinkType::Delivered,
             0x10 => LinkType::Routes,
+            0x11 => LinkType::StoredRun,
             other => return Err(DecodeError::UnknownFrameType(other)),
         })
     }
@@ -173,7 +175,17 @@ pub enum LinkFrame {
         workers: Vec<ByteString>,
         primaries: Vec<Option<u16>>,
     },
+    /// Worker → gateway: the data frames `first..=last` of a session are all durably handled, as one `Stored` for
+    /// each would say. At most [`MAX_STORED_RUN`] frames.
+    StoredRun {
+        session_id: u64,
+        first: u64,
+        last: u64,
+    },
 }
+
+/// Most data frames one `STORED_RUN` covers.
+pub const MAX_STORED_RUN: u64 = 65_536;
 
 /// Most workers a `ROUTES` frame names.
 pub const MAX_ROUTED_WORKERS: usize = 256;
@@ -197,6 +209,7 @@ impl LinkFrame {
             LinkFrame::Bound { .. } => LinkType::Bound,
             LinkFrame::Delivered { .. } => LinkType::Delivered,
             LinkFrame::Routes { .. } => LinkType::Routes,
+            LinkFrame::StoredRun { .. } => LinkType::StoredRun,
         }
     }
 
@@ -242,6 +255,9 @@ impl LinkFrame {
                     + workers.iter().map(|w| len_prefixed_len(w.as_bytes())).sum::<usize>()
                     + v(primaries.len() as u64)
                     + primaries.iter().map(|p| v(route_index(*p))).sum::<usize>()
+            }
+            LinkFrame::StoredRun { session_id, first, last } => {
+                v(*session_id) + v(*first) + v(*last)
             }
         }
     }
@@ -317,6 +333,11 @@ impl LinkFrame {
                 for primary in primaries {
                     varint::put(dst, route_index(*primary));
                 }
+            }
+            LinkFrame::StoredRun { session_id, first, last } => {
+                varint::put(dst, *session_id);
+                varint::put(dst, *first);
+                varint::put(dst, *last);
             }
         }
     }
@@ -435,6 +456,15 @@ impl LinkFrame {
                 LinkFrame::Delivered { session_id: r.varint()?, reference: r.varint()? }
             }
             LinkType::Routes => decode_routes(&mut r, limits)?,
+            LinkType::StoredRun => {
+                let session_id = r.varint()?;
+                let first = r.varint()?;
+                let last = r.varint()?;
+                if last < first || last - first >= MAX_STORED_RUN {
+                    return Err(DecodeError::InvalidField { what: "last", value: last });
+                }
+                LinkFrame::StoredRun { session_id, first, last }
+            }
         };
         r.finish()?;
         Ok(frame)
@@ -517,6 +547,37 @@ pub fn put_upstream_header(
     put_len_prefixed(dst, thing.as_bytes());
 }
 
+/// The `STORED` answers `stored` ((session, seq) pairs, in any order, duplicates allowed) as few frames as can
+/// say them (§8.17): per session in order, each run of consecutive numbers one `STORED_RUN` (at most
+/// [`MAX_STORED_RUN`] long), a number alone one `STORED`. Sorts `stored`.
+pub fn fold_stored(stored: &mut [(u64, u64)]) -> Vec<LinkFrame> {
+    stored.sort_unstable();
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i < stored.len() {
+        let (session_id, first) = stored[i];
+        let mut last = first;
+        i += 1;
+        while i < stored.len() && stored[i].0 == session_id {
+            let seq = stored[i].1;
+            if seq == last {
+                i += 1; // a duplicate
+            } else if seq == last + 1 && seq - first < MAX_STORED_RUN {
+                last = seq;
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        frames.push(if first == last {
+            LinkFrame::Stored { session_id, seq: first }
+        } else {
+            LinkFrame::StoredRun { session_id, first, last }
+        });
+    }
+    frames
+}
+
 /// Splits link frames off a receive buffer.
 #[derive(Debug, Clone)]
 pub struct LinkDecoder {
@@ -536,5 +597,38 @@ impl LinkDecoder {
             Some(frame) => LinkFrame::decode(frame, &self.limits).map(Some),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_answers_fold_into_runs_per_session() {
+        let mut stored = vec![(7, 3), (5, 2), (7, 1), (7, 2), (5, 4), (7, 2), (9, 1)];
+        assert_eq!(
+            fold_stored(&mut stored),
+            vec![
+                LinkFrame::Stored { session_id: 5, seq: 2 },
+                LinkFrame::Stored { session_id: 5, seq: 4 },
+                LinkFrame::StoredRun { session_id: 7, first: 1, last: 3 },
+                LinkFrame::Stored { session_id: 9, seq: 1 },
+            ],
+            "a gap breaks a run, a duplicate adds nothing"
+        );
+        let mut long: Vec<(u64, u64)> = (0..MAX_STORED_RUN + 2).map(|seq| (1, seq)).collect();
+        assert_eq!(
+            fold_stored(&mut long),
+            vec![
+                LinkFrame::StoredRun { session_id: 1, first: 0, last: MAX_STORED_RUN - 1 },
+                LinkFrame::StoredRun {
+                    session_id: 1,
+                    first: MAX_STORED_RUN,
+                    last: MAX_STORED_RUN + 1
+                },
+            ],
+            "a run longer than the limit is split"
+        );
     }
 }

@@ -679,6 +679,18 @@ impl ServerSession {
         advanced
     }
 
+    /// Marks the data frames `first..=last` as stored (`stored` for each, but only over the numbers that can be
+    /// pending, so a long run costs no more than the window); true if the cumulative acknowledgement advanced.
+    pub fn stored_run(&mut self, first: u64, last: u64) -> bool {
+        let from = first.max(self.acked + 1);
+        let to = last.min(self.rx_expected.saturating_sub(1));
+        let mut advanced = false;
+        for seq in from..=to {
+            advanced |= self.stored(seq);
+        }
+        advanced
+    }
+
     /// Stamps the next server sequence number on an encoded data frame from a worker, for sending to the device.
     pub fn stamp(&mut self, frame: &[u8]) -> Result<Bytes, SendError> {
         if !matches!(self.state, ServerState::Established | ServerState::Draining) {

@@ -165,8 +165,20 @@ fn link_frames_carry_only_bounded_nonempty_device_frames() {
         Err(DecodeError::InvalidField { what: "saturated", value: 2 })
     );
     assert_eq!(
-        LinkFrame::decode(Bytes::from_static(&[0x11]), &limits),
-        Err(DecodeError::UnknownFrameType(0x11))
+        LinkFrame::decode(Bytes::from_static(&[0x12]), &limits),
+        Err(DecodeError::UnknownFrameType(0x12))
+    );
+    // STORED_RUN: last not before first, and at most 65,536 frames
+    assert_eq!(
+        LinkFrame::decode(Bytes::from_static(&[0x11, 1, 5, 4]), &limits),
+        Err(DecodeError::InvalidField { what: "last", value: 4 })
+    );
+    assert_eq!(
+        LinkFrame::decode(Bytes::from_static(&[0x11, 1, 0, 0x80, 0x80, 0x04]), &limits),
+        Err(DecodeError::InvalidField { what: "last", value: 65_536 })
+    );
+    assert!(
+        LinkFrame::decode(Bytes::from_static(&[0x11, 1, 1, 0x80, 0x80, 0x04]), &limits).is_ok()
     );
     // ROUTES: at most 256 workers and 1,024 partitions, and a primary names one of the workers
     assert!(matches!(

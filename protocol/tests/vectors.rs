@@ -221,6 +221,11 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
                 primaries: vec![Some(1), Some(0), Some(1), None],
             }),
         ),
+        (
+            "link-stored-run",
+            "Link STORED_RUN (with its length prefix): the data frames 1 to 5 of session 42 are stored.",
+            Link(LinkFrame::StoredRun { session_id: 42, first: 1, last: 5 }),
+        ),
     ]
 }
 

@@ -29,9 +29,9 @@ pub struct Batch {
     /// The run of short pieces being appended to.
     tail: BytesMut,
     len: usize,
-    /// Frames put into the batch (as counted by [`Outgoing::put`]).
+    /// Items put into the batch by [`gather`].
     pub frames: usize,
-    /// What the frames weigh, as their [`Outgoing::put`] says (a gateway counts its device frames' bytes).
+    /// What they weigh, as [`gather`]'s `put` says (a gateway counts its device frames' bytes).
     pub weight: usize,
 }
 
@@ -116,19 +116,6 @@ impl Buf for Batch {
     }
 }
 
-/// Something a writer's queue carries: it puts itself into a batch and says what it weighs.
-pub trait Outgoing {
-    fn put(self, batch: &mut Batch) -> usize;
-}
-
-/// An encoded frame.
-impl Outgoing for Bytes {
-    fn put(self, batch: &mut Batch) -> usize {
-        batch.push(self);
-        0
-    }
-}
-
 /// When a writer writes: at once when `bytes` are gathered, else when the first frame has waited `delay`; never
 /// more than `max_bytes` in one batch (a frame is not split, so a batch may pass it by one frame).
 #[derive(Debug, Clone, Copy)]
@@ -145,14 +132,15 @@ impl Flush {
     }
 }
 
-/// Puts `first` and what follows it in the queue into `batch`, under the flush policy: frames that are queued are
-/// taken at once; then, until `policy.delay` has passed since `first` was taken (or `policy.bytes` are gathered),
-/// frames that arrive are waited for and taken too.
-pub async fn gather<T: Outgoing>(
+/// Puts `first` and what follows it in the queue into `batch` with `put` (which returns what the item weighs),
+/// under the flush policy: items that are queued are taken at once; then, until `policy.delay` has passed since
+/// `first` was taken (or `policy.bytes` are gathered), items that arrive are waited for and taken too.
+pub async fn gather<T>(
     rx: &mut mpsc::Receiver<T>,
     first: T,
     batch: &mut Batch,
     policy: Flush,
+    mut put: impl FnMut(T, &mut Batch) -> usize,
 ) {
     let deadline = tokio::time::Instant::now() + policy.delay;
     // The sender that woke this task is still running, and others may be ready behind it: go to the back of the
@@ -164,7 +152,7 @@ pub async fn gather<T: Outgoing>(
     let mut item = Some(first);
     loop {
         while let Some(outgoing) = item {
-            batch.weight += outgoing.put(batch);
+            batch.weight += put(outgoing, batch);
             batch.frames += 1;
             item = if batch.len() < policy.max_bytes { rx.try_recv().ok() } else { None };
         }
@@ -179,6 +167,12 @@ pub async fn gather<T: Outgoing>(
     }
 }
 
+/// Puts an encoded frame into a batch; it weighs nothing.
+pub fn push(frame: Bytes, batch: &mut Batch) -> usize {
+    batch.push(frame);
+    0
+}
+
 /// Writes what `rx` carries to `writer`, many frames per write, until the queue closes or a write fails.
 pub async fn write_queue<W: AsyncWrite + Unpin>(
     mut writer: W,
@@ -187,7 +181,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
 ) {
     let mut batch = Batch::default();
     while let Some(first) = rx.recv().await {
-        gather(&mut rx, first, &mut batch, policy).await;
+        gather(&mut rx, first, &mut batch, policy, push).await;
         if batch.write_to(&mut writer).await.is_err() {
             return;
         }
@@ -285,7 +279,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
             tx.send(frame(4, 4)).await.unwrap();
         });
-        gather(&mut rx, frame(0, 4), &mut batch, policy).await;
+        gather(&mut rx, frame(0, 4), &mut batch, policy, push).await;
         assert_eq!(batch.frames, 4, "the first and the three that came within the delay");
         assert_eq!(
             started.elapsed(),
@@ -294,7 +288,7 @@ mod tests {
         );
         batch.write_to(&mut Vec::new()).await.unwrap();
         let next = rx.recv().await.unwrap();
-        gather(&mut rx, next, &mut batch, policy).await;
+        gather(&mut rx, next, &mut batch, policy, push).await;
         assert_eq!(batch.frames, 1);
         sender.await.unwrap();
     }
@@ -306,11 +300,11 @@ mod tests {
         tx.send(frame(1, 4)).await.unwrap();
         let started = tokio::time::Instant::now();
         let policy = Flush { delay: Duration::from_secs(1), bytes: 4, max_bytes: 1 << 20 };
-        gather(&mut rx, frame(0, 4), &mut batch, policy).await;
+        gather(&mut rx, frame(0, 4), &mut batch, policy, push).await;
         assert_eq!(batch.frames, 2);
         assert_eq!(started.elapsed(), Duration::ZERO);
         batch.write_to(&mut Vec::new()).await.unwrap();
-        gather(&mut rx, frame(0, 4), &mut batch, Flush::now(1 << 20)).await;
+        gather(&mut rx, frame(0, 4), &mut batch, Flush::now(1 << 20), push).await;
         assert_eq!(batch.frames, 1);
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
@@ -322,7 +316,7 @@ mod tests {
             tx.send(frame(n, 100)).await.unwrap();
         }
         let mut batch = Batch::default();
-        gather(&mut rx, frame(0, 100), &mut batch, Flush::now(250)).await;
+        gather(&mut rx, frame(0, 100), &mut batch, Flush::now(250), push).await;
         assert_eq!(
             (batch.frames, batch.len()),
             (3, 300),

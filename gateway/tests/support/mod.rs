@@ -69,6 +69,7 @@ impl Harness {
         config.limits.message_rate = 10_000;
         tune(&mut config);
         assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let expected = workers * config.upstream.links_per_foundation;
         let gateway = Gateway::bind(config).await.unwrap();
         let addrs = gateway.addrs();
         let handle = gateway.handle();
@@ -85,7 +86,6 @@ impl Harness {
             shutdown: Some(tx),
             run: Some(run),
         };
-        let expected = workers * 2;
         let handle = harness.handle.clone();
         wait_for("links up", || handle.links_up() == expected).await;
         harness

@@ -206,5 +206,8 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
                     .collect();
                 LinkFrame::Routes { version, workers, primaries }
             }),
+        (any::<u64>(), 0..u64::MAX - 70_000, 0..65_536u64).prop_map(|(session_id, first, n)| {
+            LinkFrame::StoredRun { session_id, first, last: first + n }
+        }),
     ]
 }
