@@ -15,16 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use thingport_protocol::codec::{CodecError, LinkCodec};
 use thingport_protocol::link::{self, LINK_VERSION, MAX_ROUTED_WORKERS};
 use thingport_protocol::peer::{CallOutcome, Op};
-use thingport_protocol::{
-    ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkDecoder, LinkFrame,
-};
+use thingport_protocol::{ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkFrame};
 use thingport_shell::batch::{Batch, Flush, gather};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -126,22 +127,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
 }
 
 async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: CancellationToken) {
-    let (mut reader, mut writer) = stream.into_split();
-    let decoder = LinkDecoder::new(shared.config.limits());
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let (reader, mut writer) = stream.into_split();
+    let codec = LinkCodec::new(shared.config.limits());
+    let mut frames = FramedRead::with_capacity(reader, codec, 64 * 1024);
     // the first frame is the gateway's HELLO
-    let gateway = loop {
-        match decoder.decode(&mut buf) {
-            Ok(Some(LinkFrame::Hello { version: LINK_VERSION, gateway_id, .. })) => {
-                break gateway_id;
-            }
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) => {}
-        }
-        match reader.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+    let gateway = match frames.next().await {
+        Some(Ok(LinkFrame::Hello { version: LINK_VERSION, gateway_id, .. })) => gateway_id,
+        _ => return,
     };
     let welcome = LinkFrame::Welcome {
         version: LINK_VERSION,
@@ -163,24 +155,18 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
     });
     let routes = send_routes(&shared, &tx);
     let read = async {
-        loop {
-            loop {
-                match decoder.decode(&mut buf) {
-                    Ok(Some(frame)) => {
-                        if !handle(&shared, &gateway, frame, &tx, &in_flight).await {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(gateway = %gateway, error = %e, "undecodable link frame; closing the link");
+        while let Some(next) = frames.next().await {
+            match next {
+                Ok(frame) => {
+                    if !handle(&shared, &gateway, frame, &tx, &in_flight).await {
                         return;
                     }
                 }
-            }
-            match reader.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Err(CodecError::Decode(e)) => {
+                    tracing::warn!(gateway = %gateway, error = %e, "undecodable link frame; closing the link");
+                    return;
+                }
+                Err(_) => return,
             }
         }
     };
@@ -489,8 +475,11 @@ mod tests {
 
     fn load(reply: Option<Reply>) -> Option<LinkFrame> {
         let Some(Reply::Frame(bytes)) = reply else { return None };
-        let mut buf = BytesMut::from(&bytes[..]);
-        LinkDecoder::new(thingport_protocol::Limits::DEFAULT).decode(&mut buf).ok().flatten()
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        thingport_protocol::LinkDecoder::new(thingport_protocol::Limits::DEFAULT)
+            .decode(&mut buf)
+            .ok()
+            .flatten()
     }
 
     #[tokio::test]

@@ -9,7 +9,9 @@ use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
+use thingport_protocol::codec::{CodecError, StreamCodec};
 use thingport_protocol::{DecodeError, ErrorCode, Transport, stream};
+use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -121,7 +123,7 @@ pub async fn serve(shared: Arc<Shared>, endpoint: Endpoint, cancel: Cancellation
                 send,
                 recv,
                 buf: BytesMut::new(),
-                max_frame: shared.config.limits.max_frame,
+                codec: StreamCodec { max_frame: shared.config.limits.max_frame },
             };
             let accepted =
                 Accepted { transport: Transport::Quic, peer, at, cert_names, permit, handshake };
@@ -138,13 +140,13 @@ struct QuicIo {
     /// Bytes read and not yet a whole frame. Empty (and without an allocation) between frames, so that an idle
     /// session holds no receive buffer.
     buf: BytesMut,
-    max_frame: usize,
+    codec: StreamCodec,
 }
 
 impl DeviceIo for QuicIo {
     async fn recv(&mut self) -> Result<Option<Bytes>, IoError> {
         loop {
-            match stream::next_frame(&mut self.buf, self.max_frame) {
+            match self.codec.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
                     if self.buf.is_empty() {
                         // the frame keeps what it needs of the allocation; the rest is let go
@@ -153,10 +155,11 @@ impl DeviceIo for QuicIo {
                     return Ok(Some(frame));
                 }
                 Ok(None) => {}
-                Err(e) => {
+                Err(CodecError::Decode(e)) => {
                     let close = if matches!(e, DecodeError::TooLong { .. }) { 1009 } else { 1002 };
                     return Err(IoError::Refused { code: e.code(), close, message: e.to_string() });
                 }
+                Err(e) => return Err(IoError::Broken(e.to_string())),
             }
             match self.recv.read_chunk(64 * 1024, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
@@ -170,8 +173,7 @@ impl DeviceIo for QuicIo {
         let total = frames.iter().map(|f| stream::framed_len(f.len())).sum();
         let mut out = BytesMut::with_capacity(total);
         for frame in &frames {
-            stream::put_len(&mut out, frame.len());
-            out.extend_from_slice(frame);
+            self.codec.encode(&frame[..], &mut out).map_err(|e| IoError::Broken(e.to_string()))?;
         }
         self.send.write_all(&out).await.map_err(|e| IoError::Broken(e.to_string()))
     }

@@ -28,14 +28,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use thingport_protocol::codec::{CodecError, LinkCodec};
 use thingport_protocol::link::{self, LINK_VERSION};
-use thingport_protocol::{ByteString, ErrorCode, LinkDecoder, LinkFrame};
+use thingport_protocol::{ByteString, ErrorCode, LinkFrame};
 use thingport_shell::batch::{Batch, Flush, gather};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
@@ -519,7 +522,7 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             r = connect(&pool, &link) => r,
         };
-        let (reader, writer, buf, worker) = match connected {
+        let (frames, writer, worker) = match connected {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::debug!(link = link.index, addr = %link.addr, error = %e, "link connect failed");
@@ -553,7 +556,7 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
         let stop = cancel.child_token();
         let writer_task =
             tokio::spawn(write_loop(pool.clone(), link.clone(), writer, rx, stop.clone()));
-        let end = read_loop(&pool, &link, reader, buf, &stop).await;
+        let end = read_loop(&pool, &link, frames, &stop).await;
         stop.cancel();
         rx = match writer_task.await {
             Ok(rx) => rx,
@@ -581,66 +584,51 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
 async fn connect(
     pool: &Pool,
     link: &Link,
-) -> anyhow::Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut, ByteString)> {
+) -> anyhow::Result<(LinkReader, OwnedWriteHalf, ByteString)> {
     let timeout = pool.config.connect_timeout;
     let stream = tokio::time::timeout(timeout, TcpStream::connect(link.addr)).await??;
     stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, mut writer) = stream.into_split();
     let hello = LinkFrame::Hello {
         version: LINK_VERSION,
         gateway_id: pool.gateway_id.clone(),
         link_index: link.index as u32,
     };
     writer.write_all(&hello.to_framed_bytes()).await?;
-    let decoder = LinkDecoder::new(pool.limits);
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let welcome = tokio::time::timeout(timeout, async {
-        loop {
-            if let Some(frame) = decoder.decode(&mut buf)? {
-                return Ok::<_, anyhow::Error>(frame);
-            }
-            if reader.read_buf(&mut buf).await? == 0 {
-                anyhow::bail!("worker closed the link during its handshake");
-            }
+    let mut frames = FramedRead::with_capacity(reader, LinkCodec::new(pool.limits), 16 * 1024);
+    match tokio::time::timeout(timeout, frames.next()).await? {
+        Some(Ok(LinkFrame::Welcome { version: LINK_VERSION, worker_id })) => {
+            Ok((frames, writer, worker_id))
         }
-    })
-    .await??;
-    match welcome {
-        LinkFrame::Welcome { version: LINK_VERSION, worker_id } => {
-            Ok((reader, writer, buf, worker_id))
-        }
-        other => anyhow::bail!("expected link WELCOME, got {other:?}"),
+        Some(Ok(other)) => anyhow::bail!("expected link WELCOME, got {other:?}"),
+        Some(Err(e)) => Err(e.into()),
+        None => anyhow::bail!("worker closed the link during its handshake"),
     }
 }
+
+/// A link's incoming frames.
+type LinkReader = FramedRead<OwnedReadHalf, LinkCodec>;
 
 async fn read_loop(
     pool: &Pool,
     link: &Link,
-    mut reader: OwnedReadHalf,
-    mut buf: BytesMut,
+    mut frames: LinkReader,
     stop: &CancellationToken,
 ) -> LinkEnd {
-    let decoder = LinkDecoder::new(pool.limits);
     let silence = pool.config.heartbeat * 3;
     loop {
-        loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => pool.handle(link, frame),
-                Ok(None) => break,
-                Err(e) => return LinkEnd::Failed(anyhow::anyhow!("undecodable link frame: {e}")),
-            }
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        tokio::select! {
+        let next = tokio::select! {
             _ = stop.cancelled() => return LinkEnd::Cancelled,
-            read = tokio::time::timeout(silence, reader.read_buf(&mut buf)) => match read {
-                Err(_) => return LinkEnd::Failed(anyhow::anyhow!("worker silent for {silence:?}")),
-                Ok(Err(e)) => return LinkEnd::Failed(e.into()),
-                Ok(Ok(0)) => return LinkEnd::Failed(anyhow::anyhow!("worker closed the link")),
-                Ok(Ok(_)) => {}
-            },
+            next = tokio::time::timeout(silence, frames.next()) => next,
+        };
+        match next {
+            Ok(Some(Ok(frame))) => pool.handle(link, frame),
+            Err(_) => return LinkEnd::Failed(anyhow::anyhow!("worker silent for {silence:?}")),
+            Ok(None) => return LinkEnd::Failed(anyhow::anyhow!("worker closed the link")),
+            Ok(Some(Err(CodecError::Decode(e)))) => {
+                return LinkEnd::Failed(anyhow::anyhow!("undecodable link frame: {e}"));
+            }
+            Ok(Some(Err(e))) => return LinkEnd::Failed(e.into()),
         }
     }
 }

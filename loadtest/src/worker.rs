@@ -8,14 +8,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use thingport_protocol::codec::LinkCodec;
 use thingport_protocol::link::{self, LINK_VERSION};
-use thingport_protocol::{ByteString, ErrorCode, Frame, Limits, LinkDecoder, LinkFrame};
+use thingport_protocol::{ByteString, ErrorCode, Frame, Limits, LinkFrame};
 use thingport_shell::batch::{Flush, write_queue};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
+use tokio_util::codec::{Decoder, FramedRead};
 
 /// Something the worker saw.
 #[derive(Debug, Clone)]
@@ -173,16 +175,18 @@ async fn serve_link(
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<WorkerEvent>,
 ) {
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     state.lock().unwrap_or_else(|e| e.into_inner()).links.push(tx.clone());
     let write = write_queue(writer, rx, Flush::now(256 * 1024));
     let read = async move {
-        let decoder = LinkDecoder::new(Limits::DEFAULT);
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut frames =
+            FramedRead::with_capacity(reader, LinkCodec::new(Limits::DEFAULT), 64 * 1024);
         let mut stored = Vec::new();
-        loop {
-            while let Ok(Some(frame)) = decoder.decode(&mut buf) {
+        // the answers to the frames of one read are folded: take what is decoded already, then answer
+        while let Some(Ok(first)) = frames.next().await {
+            let mut next = Some(first);
+            while let Some(frame) = next.take() {
                 match handle(frame, &id, &state, &events) {
                     Some(Answer::Stored { session_id, seq }) => stored.push((session_id, seq)),
                     Some(Answer::Frame(reply)) => {
@@ -190,6 +194,9 @@ async fn serve_link(
                     }
                     None => {}
                 }
+                // frames already read come with this one
+                let mut codec = frames.decoder().clone();
+                next = codec.decode(frames.read_buffer_mut()).ok().flatten();
             }
             if !stored.is_empty() {
                 let held = {
@@ -204,10 +211,6 @@ async fn serve_link(
                     }
                 }
                 stored.clear();
-            }
-            match reader.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
             }
         }
     };

@@ -5,6 +5,7 @@
 //! - [`stream`]: length-prefixed framing for byte streams (device frames on QUIC, link frames on TCP).
 //! - [`link`]: the gateway ↔ foundation link format, a routing header in front of unchanged device frame bytes,
 //!   and [`partition`]: the thing name → partition hash both ends of a link route by.
+//! - `codec` (feature `codec`): the formats as `tokio_util::codec` decoders and encoders.
 //! - [`session`]: the device session state machine used by both ends (handshake, keepalive, sequence numbers,
 //!   retransmission after reconnect, duplicate detection).
 //!
@@ -13,6 +14,8 @@
 //! as `Bytes` slices of the input. The specification is `docs/PROTOCOL.md`; its hex test vectors are checked by
 //! this crate's tests.
 
+#[cfg(feature = "codec")]
+pub mod codec;
 pub mod codes;
 pub mod error;
 pub mod frame;

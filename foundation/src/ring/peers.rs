@@ -13,13 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use thingport_protocol::codec::{CodecError, PeerCodec};
 use thingport_protocol::peer::{PEER_VERSION, PeerMessage, Request, Response};
 use thingport_shell::batch::Flush;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 /// Messages queued on one connection.
@@ -193,23 +196,11 @@ pub(crate) async fn write_batches(writer: OwnedWriteHalf, rx: mpsc::Receiver<Byt
     thingport_shell::batch::write_queue(writer, rx, Flush::now(MAX_BATCH)).await;
 }
 
-async fn read_responses(mut reader: OwnedReadHalf, conn: &Conn, max_message: usize) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    loop {
-        loop {
-            match PeerMessage::decode_framed(&mut buf, max_message) {
-                Ok(Some(PeerMessage::Response { id, body })) => {
-                    if let Some(tx) = lock(&conn.waiting).remove(&id) {
-                        let _ = tx.send(body);
-                    }
-                }
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => break,
-            }
-        }
-        match reader.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+async fn read_responses(reader: OwnedReadHalf, conn: &Conn, max_message: usize) {
+    let mut messages = FramedRead::with_capacity(reader, PeerCodec { max_message }, 64 * 1024);
+    while let Some(Ok(PeerMessage::Response { id, body })) = messages.next().await {
+        if let Some(tx) = lock(&conn.waiting).remove(&id) {
+            let _ = tx.send(body);
         }
     }
 }
@@ -254,45 +245,39 @@ where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response> + Send + 'static,
 {
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let writing = tokio::spawn(write_batches(writer, rx));
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut messages = FramedRead::with_capacity(reader, PeerCodec { max_message }, 64 * 1024);
     let mut greeted = false;
-    'read: loop {
-        loop {
-            let message = match PeerMessage::decode_framed(&mut buf, max_message) {
-                Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "undecodable peer message; closing the connection");
-                    break 'read;
-                }
-            };
-            match message {
-                PeerMessage::Hello { version: PEER_VERSION, .. } if !greeted => greeted = true,
-                PeerMessage::Request { id, body } if greeted => {
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else { break 'read };
-                    let handle = handle.clone();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let body = handle(body).await;
-                        if let Ok(bytes) = (PeerMessage::Response { id, body }).to_framed_bytes() {
-                            let _ = tx.send(bytes).await;
-                        }
-                        drop(permit);
-                    });
-                }
-                other => {
-                    tracing::warn!(message = ?other, "unexpected peer message; closing the connection");
-                    break 'read;
-                }
+    while let Some(next) = messages.next().await {
+        let message = match next {
+            Ok(message) => message,
+            Err(CodecError::Decode(e)) => {
+                tracing::warn!(error = %e, "undecodable peer message; closing the connection");
+                break;
             }
-        }
-        match reader.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Err(_) => break,
+        };
+        match message {
+            PeerMessage::Hello { version: PEER_VERSION, .. } if !greeted => greeted = true,
+            PeerMessage::Request { id, body } if greeted => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let handle = handle.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let body = handle(body).await;
+                    if let Ok(bytes) = (PeerMessage::Response { id, body }).to_framed_bytes() {
+                        let _ = tx.send(bytes).await;
+                    }
+                    drop(permit);
+                });
+            }
+            other => {
+                tracing::warn!(message = ?other, "unexpected peer message; closing the connection");
+                break;
+            }
         }
     }
     drop(tx);
