@@ -10,6 +10,12 @@
 #
 # --bin-dir takes the gateway and the load generator from DIR (another build, to compare two commits in one
 # session) instead of building this tree.
+#
+# CALLGRIND=FILE runs the gateway under `valgrind --tool=callgrind` instead and writes to FILE the instructions it
+# executes per acknowledged round trip: the same fleet runs twice at the same rate, for --seconds and for three times
+# as long, and the difference of the two counts over the difference of the acknowledged messages leaves out the
+# handshakes and the start. The two profiles are kept beside FILE (FILE.<seconds>s.out) for callgrind_annotate.
+# The idle part (M3) and the timing figures are skipped: under valgrind they mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +77,11 @@ message_rate = 1000
 [admin]
 address = "127.0.0.1:0"
 TOML
-env ${GW_ENV:-} RUST_LOG=warn,thingport_gateway=info taskset -c 1 $B/thingport-gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 &
+WRAP=()
+if [ -n "${CALLGRIND:-}" ]; then
+  WRAP=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.%p")
+fi
+env ${GW_ENV:-} RUST_LOG=warn,thingport_gateway=info taskset -c 1 "${WRAP[@]}" $B/thingport-gateway --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 &
 GW=$!
 PIDS+=($GW)
 until grep -q "\"admin\":" "$WORK/gateway.log"; do sleep 0.1; done  # the JSON line of bound addresses
@@ -84,6 +94,33 @@ HZ=$(getconf CLK_TCK)
 
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), gateway on core 1, load generator on core 0"
 echo "gateway at $TARGET, transport $TRANSPORT"
+
+if [ -n "${CALLGRIND:-}" ]; then
+  # instructions of one run of the fleet at the fixed rate, lasting $1 seconds; prints "instructions acked"
+  counted_run() {
+    callgrind_control -z "$GW" >/dev/null 2>&1
+    callgrind_control -i on "$GW" >/dev/null 2>&1
+    taskset -c 0 $B/thingport-loadtest run --target "$TARGET" --ca "$WORK/cert.pem" --tokens "$WORK/fleet.txt" \
+      --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload "$PAYLOAD" \
+      --ramp 20 --duration "${1}s" --quiet --json > "$WORK/cg-load.json"
+    callgrind_control -i off "$GW" >/dev/null 2>&1
+    rm -f "$WORK"/callgrind.*
+    callgrind_control -d "$GW" >/dev/null 2>&1
+    local ir
+    ir=$(cat "$WORK"/callgrind.* | awk '/^totals:/ {s += $2} END {print s + 0}')
+    cat "$WORK"/callgrind.* > "$CALLGRIND.$1s.out"  # for callgrind_annotate
+    echo "$ir $(python3 -c "import json;r=json.load(open('$WORK/cg-load.json'));print(r['acked'], r['session_errors'])")"
+  }
+  read -r IR1 ACK1 ERR1 < <(counted_run "$SECONDS_")
+  read -r IR2 ACK2 ERR2 < <(counted_run "$(( SECONDS_ * 3 ))")
+  {
+    echo "callgrind: gateway $($B/thingport-gateway --version 2>/dev/null || echo '?'), $TRANSPORT, $DEVICES devices x $RATE/s, ${PAYLOAD}-byte payload"
+    echo "  run of ${SECONDS_} s: $IR1 instructions, $ACK1 acknowledged, $ERR1 session errors"
+    echo "  run of $(( SECONDS_ * 3 )) s: $IR2 instructions, $ACK2 acknowledged, $ERR2 session errors"
+    python3 -c "print(f'  instructions per acknowledged round trip: {($IR2 - $IR1) / max($ACK2 - $ACK1, 1):,.0f}')"
+  } | tee "$CALLGRIND"
+  exit 0
+fi
 
 # M3: idle sessions
 RSS0=$(rss_kb)
@@ -115,6 +152,7 @@ fi
   --devices "$DEVICES" --transport "$TRANSPORT" --scenario telemetry --rate "$RATE" --payload "$PAYLOAD" --ramp 2000 \
   --duration "${SECONDS_}s" --quiet --json > "$WORK/load.json"
 T1=$(cpu_ticks)
+echo "   gateway RSS $(rss_kb) KiB after the load (before it: $RSSN KiB), nothing scraped in between"
 if [ -n "${PROFILE:-}" ]; then
   wait "$PERF" || true
   perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -60 > "$PROFILE"

@@ -326,10 +326,9 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            let _ = metrics::set_global_recorder(recorder);
-            handle
+            thingport_shell::admin::install(
+                metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder(),
+            )
         })
         .clone()
 }

@@ -367,6 +367,14 @@ impl Driver<'_> {
     async fn run<Io: DeviceIo>(&mut self, io: &mut Io) -> CloseCode {
         let mut drain = self.shared.drain.subscribe();
         let mut paused_until: Option<TokioInstant> = None;
+        // One timer and one inbox wait for the session's life, not one per turn of the loop: registering a timer
+        // or a waiter costs more than forwarding a frame. The timer is moved only when the session's deadline
+        // comes earlier than the one it is set to; when it fires early (the session heard from its device since)
+        // `handle_timeout` finds nothing due and the next turn sets it to the later deadline.
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(TokioInstant::now()));
+        let mut armed: Option<TokioInstant> = None;
+        let inbox = self.inbox.clone();
+        let mut pushed = std::pin::pin!(inbox.notified());
         loop {
             if let Step::Close(code) = self.deliver() {
                 self.flush(io).await.ok();
@@ -379,7 +387,12 @@ impl Driver<'_> {
             if drained.is_some_and(|grace| TokioInstant::now() >= grace) {
                 return CloseCode::Normal;
             }
-            let timer = self.session.poll_timeout().map(TokioInstant::from_std);
+            if let Some(at) = self.session.poll_timeout().map(TokioInstant::from_std)
+                && armed.is_none_or(|armed| at < armed)
+            {
+                timer.as_mut().reset(at);
+                armed = Some(at);
+            }
             let step = tokio::select! {
                 biased;
                 _ = sleep_until_opt(drained) => Step::Continue,
@@ -387,15 +400,21 @@ impl Driver<'_> {
                     self.start_drain(GoawayReason::DRAINING);
                     Step::Continue
                 }
-                _ = self.inbox.notified() => Step::Continue,
-                _ = sleep_until_opt(timer) => match self.session.handle_timeout(Instant::now()) {
+                _ = pushed.as_mut() => {
+                    pushed.set(inbox.notified());
+                    Step::Continue
+                }
+                _ = timer.as_mut(), if armed.is_some() => {
+                    armed = None;
+                    match self.session.handle_timeout(Instant::now()) {
                     Ok(()) => Step::Continue,
                     Err(e) => {
                         metrics::closed(if e.code() == ErrorCode::KEEPALIVE_TIMEOUT { "keepalive_timeout" } else { "timeout" });
                         self.out.push(ServerSession::error_frame(&e).to_bytes());
                         Step::Close(CloseCode::Error(e.code()))
                     }
-                },
+                    }
+                }
                 _ = sleep_until_opt(paused_until), if paused_until.is_some() => {
                     paused_until = None;
                     Step::Continue
@@ -443,9 +462,8 @@ impl Driver<'_> {
                     if write && let Ok(Some(header)) = DataHeader::peek(&stamped) {
                         self.awaiting.push_back((header.seq, item.link, item.reference));
                     }
-                    ::metrics::counter!(metrics::FRAMES, "direction" => "downstream").increment(1);
-                    ::metrics::counter!(metrics::BYTES, "direction" => "downstream")
-                        .increment(stamped.len() as u64);
+                    metrics::per_frame().frames_downstream.increment(1);
+                    metrics::per_frame().bytes_downstream.increment(stamped.len() as u64);
                     self.out.push(stamped);
                 }
                 Err(SendError::NotData) => {
@@ -544,9 +562,8 @@ impl Driver<'_> {
         let is_data = frame.frame_type().is_data();
         match self.session.handle_frame(frame, now) {
             Ok(Some(ServerEvent::Data { seq })) => {
-                ::metrics::counter!(metrics::FRAMES, "direction" => "upstream").increment(1);
-                ::metrics::counter!(metrics::BYTES, "direction" => "upstream")
-                    .increment(raw.len() as u64);
+                metrics::per_frame().frames_upstream.increment(1);
+                metrics::per_frame().bytes_upstream.increment(raw.len() as u64);
                 if is_data {
                     let wait = self.rate.take(now);
                     if !wait.is_zero() {

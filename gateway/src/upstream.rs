@@ -121,7 +121,7 @@ impl Link {
             return false;
         }
         self.queued.fetch_add(len, Ordering::Relaxed);
-        ::metrics::gauge!(metrics::LINK_QUEUE_BYTES).increment(len as f64);
+        metrics::per_frame().link_queue_bytes.increment(len as f64);
         true
     }
 }
@@ -310,13 +310,13 @@ impl Pool {
         let first = pending.session_id as usize;
         if (0..k).any(|i| self.links[primary[(first + i) % k]].try_send(&pending, self.high_water))
         {
-            ::metrics::counter!(metrics::FRAMES_ROUTED, "route" => "primary").increment(1);
+            metrics::per_frame().routed_primary.increment(1);
             return Ok(());
         }
         let n = self.links.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         if (0..n).any(|i| self.links[(start + i) % n].try_send(&pending, self.high_water)) {
-            ::metrics::counter!(metrics::FRAMES_ROUTED, "route" => "other").increment(1);
+            metrics::per_frame().routed_other.increment(1);
             return Ok(());
         }
         Err(Busy)
@@ -420,8 +420,7 @@ impl Pool {
         match frame {
             LinkFrame::Stored { session_id, seq } => {
                 if let Some(pending) = link.inflight().remove(&(session_id, seq)) {
-                    ::metrics::histogram!(metrics::WORKER_RTT)
-                        .record(pending.sent.elapsed().as_secs_f64());
+                    metrics::per_frame().worker_rtt.record(pending.sent.elapsed().as_secs_f64());
                 }
                 if let Some(inbox) = self.registry.get(session_id) {
                     inbox.stored(seq, seq);
@@ -433,7 +432,8 @@ impl Pool {
                     // at most MAX_STORED_RUN lookups, as the decoder checked
                     for seq in first..=last {
                         if let Some(pending) = inflight.remove(&(session_id, seq)) {
-                            ::metrics::histogram!(metrics::WORKER_RTT)
+                            metrics::per_frame()
+                                .worker_rtt
                                 .record(pending.sent.elapsed().as_secs_f64());
                         }
                     }
@@ -616,19 +616,31 @@ async fn read_loop(
     stop: &CancellationToken,
 ) -> LinkEnd {
     let silence = pool.config.heartbeat * 3;
+    // one wait for the stop and one timer for the link's life (each costs a registration): the timer is moved on
+    // only when it fires before `silence` has passed since the last frame
+    let mut stopped = std::pin::pin!(stop.cancelled());
+    let mut last_frame = tokio::time::Instant::now();
+    let mut deadline = std::pin::pin!(tokio::time::sleep_until(last_frame + silence));
     loop {
         let next = tokio::select! {
-            _ = stop.cancelled() => return LinkEnd::Cancelled,
-            next = tokio::time::timeout(silence, frames.next()) => next,
+            _ = stopped.as_mut() => return LinkEnd::Cancelled,
+            next = frames.next() => next,
+            _ = deadline.as_mut() => {
+                if last_frame.elapsed() >= silence {
+                    return LinkEnd::Failed(anyhow::anyhow!("worker silent for {silence:?}"));
+                }
+                deadline.as_mut().reset(last_frame + silence);
+                continue;
+            }
         };
+        last_frame = tokio::time::Instant::now();
         match next {
-            Ok(Some(Ok(frame))) => pool.handle(link, frame),
-            Err(_) => return LinkEnd::Failed(anyhow::anyhow!("worker silent for {silence:?}")),
-            Ok(None) => return LinkEnd::Failed(anyhow::anyhow!("worker closed the link")),
-            Ok(Some(Err(CodecError::Decode(e)))) => {
+            Some(Ok(frame)) => pool.handle(link, frame),
+            None => return LinkEnd::Failed(anyhow::anyhow!("worker closed the link")),
+            Some(Err(CodecError::Decode(e))) => {
                 return LinkEnd::Failed(anyhow::anyhow!("undecodable link frame: {e}"));
             }
-            Ok(Some(Err(e))) => return LinkEnd::Failed(e.into()),
+            Some(Err(e)) => return LinkEnd::Failed(e.into()),
         }
     }
 }
@@ -663,11 +675,21 @@ async fn write_loop(
 ) -> mpsc::Receiver<Outbound> {
     let mut batch = Batch::default();
     let mut nonce = 0u64;
+    // a PING after a heartbeat without a write; one timer for the link's life, moved when it fires, not per write
+    let mut last_write = tokio::time::Instant::now();
+    let mut beat = std::pin::pin!(tokio::time::sleep_until(last_write + pool.config.heartbeat));
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         let first = tokio::select! {
-            _ = stop.cancelled() => return rx,
+            _ = stopped.as_mut() => return rx,
             item = rx.recv() => item,
-            _ = tokio::time::sleep(pool.config.heartbeat) => {
+            _ = beat.as_mut() => {
+                let due = last_write + pool.config.heartbeat;
+                if tokio::time::Instant::now() < due {
+                    beat.as_mut().reset(due);
+                    continue;
+                }
+                beat.as_mut().reset(due + pool.config.heartbeat);
                 nonce += 1;
                 Some(Outbound::Control(LinkFrame::Ping { nonce }))
             }
@@ -679,23 +701,25 @@ async fn write_loop(
             max_bytes: MAX_BATCH_BYTES,
         };
         tokio::select! {
-            _ = stop.cancelled() => return rx,
+            _ = stopped.as_mut() => return rx,
             _ = gather(&mut rx, first, &mut batch, policy, Outbound::put) => {}
         };
         let (frames, data_bytes) = (batch.frames, batch.weight);
         let written = tokio::select! {
-            _ = stop.cancelled() => return rx,
+            _ = stopped.as_mut() => return rx,
             r = batch.write_to(&mut writer) => r,
         };
         if written.is_err() {
             // the reader sees the broken connection too; wait for it to stop us
-            stop.cancelled().await;
+            stopped.await;
             return rx;
         }
+        last_write = tokio::time::Instant::now();
         let released = data_bytes.min(link.queued.load(Ordering::Relaxed));
         link.queued.fetch_sub(released, Ordering::Relaxed);
-        ::metrics::gauge!(metrics::LINK_QUEUE_BYTES).decrement(released as f64);
-        ::metrics::histogram!(metrics::FRAMES_PER_WRITE).record(frames as f64);
+        let per_frame = metrics::per_frame();
+        per_frame.link_queue_bytes.decrement(released as f64);
+        per_frame.frames_per_write.record(frames as f64);
         if link.queued.load(Ordering::Relaxed) < pool.high_water {
             pool.ready.notify_waiters();
         }
