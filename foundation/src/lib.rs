@@ -320,6 +320,30 @@ async fn serve_admin(
     thingport_shell::admin::serve(admin, router, stop.cancelled_owned()).await;
 }
 
+/// Handles of the counters a worker updates for every device frame or ring operation, registered once: a
+/// `counter!` call looks its key up in the recorder's registry each time (see the gateway's `metrics::per_frame`).
+#[derive(Debug)]
+pub(crate) struct PerOp {
+    pub ring_writes: metrics::Counter,
+    pub ring_reads: metrics::Counter,
+    pub ring_replications: metrics::Counter,
+    pub frames_stored: metrics::Counter,
+}
+
+/// The per-operation handles, bound to the recorder [`metrics_handle`] installs.
+pub(crate) fn per_op() -> &'static PerOp {
+    static PER_OP: OnceLock<PerOp> = OnceLock::new();
+    PER_OP.get_or_init(|| {
+        metrics_handle();
+        PerOp {
+            ring_writes: metrics::counter!("thingport_ring_writes_total"),
+            ring_reads: metrics::counter!("thingport_ring_reads_total"),
+            ring_replications: metrics::counter!("thingport_ring_replications_total"),
+            frames_stored: metrics::counter!("thingport_foundation_frames_stored_total"),
+        }
+    })
+}
+
 /// The process's Prometheus recorder (installed on first use).
 pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =

@@ -375,8 +375,7 @@ async fn handle(
                 return spawn_bounded(in_flight, async move {
                     let answer = match cluster.write(op).await {
                         Ok(()) => {
-                            ::metrics::counter!("thingport_foundation_frames_stored_total")
-                                .increment(1);
+                            crate::per_op().frames_stored.increment(1);
                             Reply::Stored { session_id, seq }
                         }
                         Err(e) => {

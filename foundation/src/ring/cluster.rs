@@ -318,7 +318,7 @@ impl Cluster {
                     Request::Write { partition, replica: false, version: 0, op: op.clone() };
                 match self.call(&primary, request, self.config.request_timeout).await {
                     Some(Response::Done) => {
-                        ::metrics::counter!("thingport_ring_writes_total").increment(1);
+                        crate::per_op().ring_writes.increment(1);
                         return Ok(());
                     }
                     Some(Response::Refused { refusal: Refusal::UnknownThing, .. }) => {
@@ -349,7 +349,7 @@ impl Cluster {
                 if let Some(Response::Thing(record)) =
                     self.call(&primary, request, self.config.request_timeout).await
                 {
-                    ::metrics::counter!("thingport_ring_reads_total").increment(1);
+                    crate::per_op().ring_reads.increment(1);
                     return match record {
                         None => Ok(None),
                         Some(r) => ops::from_record(&r, &self.config.limits)
@@ -707,7 +707,7 @@ impl Cluster {
             targets.iter().map(|t| self.call(t, request(op.clone()), self.config.request_timeout)),
         )
         .await;
-        ::metrics::counter!("thingport_ring_replications_total").increment(targets.len() as u64);
+        crate::per_op().ring_replications.increment(targets.len() as u64);
         answers.iter().all(|a| matches!(a, Some(Response::Done)))
     }
 
