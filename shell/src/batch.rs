@@ -132,6 +132,10 @@ impl Flush {
     }
 }
 
+/// The most items one batch takes. Some items weigh nothing in the batch (a worker's `STORED` answers, folded only
+/// when the batch is written), so bytes alone would not end a batch while senders keep the queue full.
+pub const MAX_FRAMES: usize = 4_096;
+
 /// Puts `first` and what follows it in the queue into `batch` with `put` (which returns what the item weighs),
 /// under the flush policy: items that are queued are taken at once; then, until `policy.delay` has passed since
 /// `first` was taken (or `policy.bytes` are gathered), items that arrive are waited for and taken too.
@@ -154,9 +158,13 @@ pub async fn gather<T>(
         while let Some(outgoing) = item {
             batch.weight += put(outgoing, batch);
             batch.frames += 1;
-            item = if batch.len() < policy.max_bytes { rx.try_recv().ok() } else { None };
+            let room = batch.len() < policy.max_bytes && batch.frames < MAX_FRAMES;
+            item = if room { rx.try_recv().ok() } else { None };
         }
-        if batch.len() >= policy.bytes.min(policy.max_bytes) || policy.delay.is_zero() {
+        if batch.len() >= policy.bytes.min(policy.max_bytes)
+            || batch.frames >= MAX_FRAMES
+            || policy.delay.is_zero()
+        {
             return;
         }
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -261,6 +269,20 @@ mod tests {
         batch.advance(5);
         assert_eq!(batch.chunk(), &[2; 6]);
         assert_eq!(batch.remaining(), 6);
+    }
+
+    #[tokio::test]
+    async fn items_that_weigh_nothing_still_end_a_batch_at_max_frames() {
+        let (tx, mut rx) = mpsc::channel(MAX_FRAMES + 10);
+        for _ in 0..MAX_FRAMES + 10 {
+            tx.try_send(()).unwrap();
+        }
+        let mut batch = Batch::default();
+        let policy = Flush { delay: Duration::from_secs(60), bytes: 1 << 20, max_bytes: 1 << 20 };
+        let weightless = |(), _: &mut Batch| 0;
+        let first = rx.recv().await.unwrap();
+        gather(&mut rx, first, &mut batch, policy, weightless).await;
+        assert_eq!((batch.frames, rx.len()), (MAX_FRAMES, 10));
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,6 +32,19 @@ async fn spawn_worker(
     support::process::Spec::new(dir, id, seeds, bootstrap).spawn().await
 }
 
+/// Workers w1, w2 and w3 (w2 and w3 seeded by w1) once all three hold a table together, and that cluster view.
+async fn three_workers(dir: &std::path::Path) -> (Vec<WorkerProcess>, Json) {
+    let mut workers = vec![spawn_worker(dir, "w1", &[], 3).await];
+    for id in ["w2", "w3"] {
+        let seed = workers[0].peer;
+        workers.push(spawn_worker(dir, id, &[seed], 3).await);
+    }
+    let view =
+        cluster_until(workers[2].api, "three members", |v| settled_on(v, &["w1", "w2", "w3"]))
+            .await;
+    (workers, view)
+}
+
 /// Replica slots per worker name from a cluster view.
 fn slots(view: &Json) -> BTreeMap<String, u64> {
     view["table"]["replica_slots"]
@@ -129,15 +142,7 @@ fn start_devices(
 async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     let dir = tempfile::tempdir().unwrap();
     support::api_keys(dir.path());
-    let first = spawn_worker(dir.path(), "w1", &[], 3).await;
-    let mut workers = vec![first];
-    for id in ["w2", "w3"] {
-        let seed = workers[0].peer;
-        workers.push(spawn_worker(dir.path(), id, &[seed], 3).await);
-    }
-    let view =
-        cluster_until(workers[2].api, "three members", |v| settled_on(v, &["w1", "w2", "w3"]))
-            .await;
+    let (mut workers, view) = three_workers(dir.path()).await;
     let spread = slots(&view);
     assert_eq!(spread.values().sum::<u64>(), 2048, "two copies of 1,024 partitions");
     assert!(
@@ -324,14 +329,7 @@ async fn routes_reach(gateway: &support::TestGateway, view: &Json) {
 async fn device_frames_go_to_their_partitions_primary_and_elsewhere_while_it_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     support::api_keys(dir.path());
-    let mut workers = vec![spawn_worker(dir.path(), "w1", &[], 3).await];
-    for id in ["w2", "w3"] {
-        let seed = workers[0].peer;
-        workers.push(spawn_worker(dir.path(), id, &[seed], 3).await);
-    }
-    let view =
-        cluster_until(workers[0].api, "three members", |v| settled_on(v, &["w1", "w2", "w3"]))
-            .await;
+    let (mut workers, view) = three_workers(dir.path()).await;
     let gateway = support::gateway(dir.path(), workers.iter().map(|w| w.link).collect()).await;
     routes_reach(&gateway, &view).await;
 
