@@ -280,8 +280,8 @@ mod tests {
         let mut batch = Batch::default();
         let policy = Flush { delay: Duration::from_secs(60), bytes: 1 << 20, max_bytes: 1 << 20 };
         let weightless = |(), _: &mut Batch| 0;
-        let first = rx.recv().await.unwrap();
-        gather(&mut rx, first, &mut batch, policy, weightless).await;
+        rx.recv().await.unwrap();
+        gather(&mut rx, (), &mut batch, policy, weightless).await;
         assert_eq!((batch.frames, rx.len()), (MAX_FRAMES, 10));
     }
 
