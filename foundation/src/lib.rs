@@ -316,6 +316,8 @@ async fn serve_admin(
         }
         (storage::Health::Ok, Some(_)) => Ok("ready".to_string()),
     };
+    // the per-operation series exist from the start, at 0, so a scrape tells "none yet" from "not exported"
+    per_op();
     let router = thingport_shell::admin::router(metrics_handle(), ready);
     thingport_shell::admin::serve(admin, router, stop.cancelled_owned()).await;
 }
@@ -328,6 +330,7 @@ pub(crate) struct PerOp {
     pub ring_reads: metrics::Counter,
     pub ring_replications: metrics::Counter,
     pub frames_stored: metrics::Counter,
+    pub frames_forwarded: metrics::Counter,
 }
 
 /// The per-operation handles, bound to the recorder [`metrics_handle`] installs.
@@ -340,6 +343,7 @@ pub(crate) fn per_op() -> &'static PerOp {
             ring_reads: metrics::counter!("thingport_ring_reads_total"),
             ring_replications: metrics::counter!("thingport_ring_replications_total"),
             frames_stored: metrics::counter!("thingport_foundation_frames_stored_total"),
+            frames_forwarded: metrics::counter!("thingport_foundation_frames_forwarded_total"),
         }
     })
 }

@@ -151,6 +151,7 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
         permits: Arc::new(Semaphore::new(shared.config.link_in_flight)),
         limit: shared.config.link_in_flight,
         saturated: AtomicBool::new(false),
+        told: Mutex::new(()),
         tx: tx.clone(),
     });
     let routes = send_routes(&shared, &tx);
@@ -217,8 +218,6 @@ fn put_stored(stored: &mut Vec<(u64, u64)>, batch: &mut Batch) {
 /// closes.
 async fn send_routes(shared: &Shared, tx: &mpsc::Sender<Reply>) {
     let mut version = shared.cluster.table_version();
-    let max = thingport_protocol::link::max_overhead(&shared.config.limits())
-        + shared.config.limits().max_frame;
     let mut sent = 0;
     loop {
         if let Some(table) = shared.cluster.table()
@@ -226,12 +225,12 @@ async fn send_routes(shared: &Shared, tx: &mpsc::Sender<Reply>) {
         {
             sent = table.version;
             match routes(&table) {
-                Some(frame) if frame.encoded_len() <= max => {
+                Some(frame) => {
                     if tx.send(frame.into()).await.is_err() {
                         return;
                     }
                 }
-                _ => tracing::warn!(
+                None => tracing::warn!(
                     version = table.version,
                     "the partition table names too many workers for ROUTES; gateways route round-robin"
                 ),
@@ -273,7 +272,10 @@ pub fn routes(table: &Table) -> Option<LinkFrame> {
 struct InFlight {
     permits: Arc<Semaphore>,
     limit: usize,
+    /// What the gateway was last told. Written only under `told`, so that the frame queued last always says
+    /// what the mark says; read without it as a hint.
     saturated: AtomicBool,
+    told: Mutex<()>,
     tx: mpsc::Sender<Reply>,
 }
 
@@ -281,6 +283,10 @@ impl InFlight {
     /// Tells the gateway when the link becomes saturated or stops being so. `LOAD` is a hint: when the queue is
     /// full it is not sent, and the mark stays as it was.
     fn load(&self, saturated: bool) {
+        if self.saturated.load(Ordering::Relaxed) == saturated {
+            return;
+        }
+        let _told = self.told.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if self.saturated.load(Ordering::Relaxed) != saturated
             && self.tx.try_send(LinkFrame::Load { saturated }.into()).is_ok()
         {
@@ -359,7 +365,7 @@ async fn handle(
             if matches!(header.frame_type, FrameType::Properties | FrameType::Event) {
                 if !cluster.leads(&thing) {
                     // the gateway did not know this worker's table, or the primary's links could not take it
-                    ::metrics::counter!("thingport_foundation_frames_forwarded_total").increment(1);
+                    crate::per_op().frames_forwarded.increment(1);
                 }
                 // stored through the partition's primary; answered when every copy has it
                 let op = Op::Device {
@@ -469,7 +475,16 @@ mod tests {
     fn in_flight(limit: usize) -> (Arc<InFlight>, mpsc::Receiver<Reply>) {
         let (tx, rx) = mpsc::channel(16);
         let permits = Arc::new(Semaphore::new(limit));
-        (Arc::new(InFlight { permits, limit, saturated: AtomicBool::new(false), tx }), rx)
+        (
+            Arc::new(InFlight {
+                permits,
+                limit,
+                saturated: AtomicBool::new(false),
+                told: Mutex::new(()),
+                tx,
+            }),
+            rx,
+        )
     }
 
     fn load(reply: Option<Reply>) -> Option<LinkFrame> {

@@ -95,6 +95,7 @@ pub struct PerFrame {
     pub link_queue_bytes: Gauge,
     pub frames_per_write: Histogram,
     pub worker_rtt: Histogram,
+    pub send_queue: Histogram,
 }
 
 /// The per-frame handles, bound to the recorder [`handle`] installs.
@@ -111,6 +112,7 @@ pub fn per_frame() -> &'static PerFrame {
             routed_other: metrics::counter!(FRAMES_ROUTED, "route" => "other"),
             link_queue_bytes: metrics::gauge!(LINK_QUEUE_BYTES),
             frames_per_write: metrics::histogram!(FRAMES_PER_WRITE),
+            send_queue: metrics::histogram!(SEND_QUEUE),
             worker_rtt: metrics::histogram!(WORKER_RTT),
         }
     })

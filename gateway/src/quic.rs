@@ -149,7 +149,7 @@ impl DeviceIo for QuicIo {
             match self.codec.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
                     if self.buf.is_empty() {
-                        // the frame keeps what it needs of the allocation; the rest is let go
+                        // the old allocation now lives only as long as the frames split from it
                         self.buf = BytesMut::new();
                     }
                     return Ok(Some(frame));
@@ -162,6 +162,8 @@ impl DeviceIo for QuicIo {
                 Err(e) => return Err(IoError::Broken(e.to_string())),
             }
             match self.recv.read_chunk(64 * 1024, true).await {
+                // Copied, not kept: a chunk shares quinn's receive buffer, and a frame is held until a worker
+                // stores it, which would keep that whole buffer alive.
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(IoError::Broken(e.to_string())),

@@ -167,7 +167,7 @@ impl Inbox {
         state.delivered.downstream.push_back(item);
         let depth = state.delivered.downstream.len();
         drop(state);
-        ::metrics::histogram!(metrics::SEND_QUEUE).record(depth as f64);
+        metrics::per_frame().send_queue.record(depth as f64);
         self.notify.notify_one();
         outcome
     }

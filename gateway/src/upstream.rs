@@ -7,7 +7,8 @@
 //!   `thingport_gateway_link_frames_per_write`).
 //! - **Owner-aware routing**: workers send the primary of every partition (`ROUTES`); a device data frame goes to
 //!   a link of its thing's partition's primary, the same link for every frame of a session, so the primary stores
-//!   it without passing it on and a session's frames keep their order.
+//!   it without passing it on and a session's frames keep their order while that link can take them (a frame sent
+//!   elsewhere by the fallback below may be stored before earlier ones still queued on it).
 //! - **Round-robin with high-water skip** as the fallback: when no primary is known, or none of its links can take
 //!   the frame, it goes to the next link that is up, not saturated (`LOAD`), not draining, and has fewer than
 //!   `high_water_bytes` queued. When none can take it the session waits (and stops reading its device) until one
@@ -337,6 +338,16 @@ impl Pool {
         ::metrics::gauge!(metrics::ROUTES_VERSION).set(version as f64);
     }
 
+    /// Forgets the routes once no link is up. Table versions grow only within one pool: a pool started again
+    /// from empty stores numbers its tables from 1, and a gateway that kept the old version would ignore them.
+    fn unlinked(&self) {
+        let _update = self.routes_update.lock().unwrap_or_else(|e| e.into_inner());
+        if self.links.iter().all(|l| l.state.load(Ordering::Acquire) == DOWN) {
+            self.routes.store(Arc::default());
+            ::metrics::gauge!(metrics::ROUTES_VERSION).set(0.0);
+        }
+    }
+
     /// Records which worker a link reached, and routes to it.
     fn welcomed(&self, link: &Link, worker: ByteString) {
         let _update = self.routes_update.lock().unwrap_or_else(|e| e.into_inner());
@@ -429,13 +440,22 @@ impl Pool {
             LinkFrame::StoredRun { session_id, first, last } => {
                 {
                     let mut inflight = link.inflight();
-                    // at most MAX_STORED_RUN lookups, as the decoder checked
-                    for seq in first..=last {
-                        if let Some(pending) = inflight.remove(&(session_id, seq)) {
-                            metrics::per_frame()
-                                .worker_rtt
-                                .record(pending.sent.elapsed().as_secs_f64());
+                    let rtt = &metrics::per_frame().worker_rtt;
+                    // a run may cover up to MAX_STORED_RUN numbers: the work is bounded by what the link holds
+                    if last - first < inflight.len() as u64 {
+                        for seq in first..=last {
+                            if let Some(pending) = inflight.remove(&(session_id, seq)) {
+                                rtt.record(pending.sent.elapsed().as_secs_f64());
+                            }
                         }
+                    } else {
+                        inflight.retain(|&(session, seq), pending| {
+                            let stored = session == session_id && (first..=last).contains(&seq);
+                            if stored {
+                                rtt.record(pending.sent.elapsed().as_secs_f64());
+                            }
+                            !stored
+                        });
                     }
                 }
                 if let Some(inbox) = self.registry.get(session_id) {
@@ -565,6 +585,7 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
 
         link.state.store(DOWN, Ordering::Release);
         ::metrics::gauge!(metrics::LINKS_UP).decrement(1.0);
+        pool.unlinked();
         // frames queued but not written are in `inflight` too: drop the queue, resend from `inflight`
         while rx.try_recv().is_ok() {}
         let queued = link.queued.swap(0, Ordering::Relaxed);

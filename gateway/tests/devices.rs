@@ -581,9 +581,9 @@ async fn frames_go_to_the_primary_the_routes_name_and_elsewhere_when_it_cannot_t
         primaries: vec![Some(0); thingport_protocol::partition::PARTITIONS],
     };
     assert_eq!(harness.workers[0].send_link(&routes(5, "worker-1")), 2);
-    assert_eq!(harness.workers[1].send_link(&routes(4, "worker-0")), 2);
     let handle = harness.handle.clone();
     support::wait_for("routes", || handle.routes_version() == 5).await;
+    assert_eq!(harness.workers[1].send_link(&routes(4, "worker-0")), 2);
     send_acked(&mut device, 20).await;
     assert_eq!(harness.workers[1].stored("pump-7"), (1..=20).collect::<Vec<_>>(), "in order");
     assert!(harness.workers[0].stored("pump-7").is_empty());
@@ -591,6 +591,8 @@ async fn frames_go_to_the_primary_the_routes_name_and_elsewhere_when_it_cannot_t
     // the primary's links are saturated: frames go to the other worker's links, and come back once it is relieved
     assert_eq!(harness.workers[1].send_link(&LinkFrame::Load { saturated: true }), 2);
     link_events(&harness, "saturated", 2).await;
+    // each link reads in order, so the older table came before LOAD and was let go
+    assert_eq!(harness.handle.routes_version(), 5);
     send_acked(&mut device, 5).await;
     assert_eq!(harness.workers[1].stored("pump-7").len(), 20);
     assert_eq!(harness.workers[0].stored("pump-7").len(), 5);
@@ -604,6 +606,12 @@ async fn frames_go_to_the_primary_the_routes_name_and_elsewhere_when_it_cannot_t
     primary.kill().await;
     send_acked(&mut device, 5).await;
     assert_eq!(harness.workers[0].stored("pump-7").len(), 10);
+    assert_eq!(harness.handle.routes_version(), 5, "routes held while a link is up");
+
+    // no link is up: the routes are forgotten, so a pool started again from version 1 is routed by its own
+    harness.workers.remove(0).kill().await;
+    let handle = harness.handle.clone();
+    support::wait_for("routes forgotten", || handle.routes_version() == 0).await;
     device.disconnect().await;
     harness.stop().await.unwrap();
 }

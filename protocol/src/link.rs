@@ -23,6 +23,25 @@ pub fn max_overhead(limits: &Limits) -> usize {
     1 + varint::MAX_LEN * 3 + limits.max_name
 }
 
+/// The longest `ROUTES` frame (type and fields): [`MAX_ROUTED_WORKERS`] ids at the name limit and a primary for
+/// every partition.
+pub fn max_routes_len(limits: &Limits) -> usize {
+    let name = varint::encoded_len(limits.max_name as u64) + limits.max_name;
+    let index = varint::encoded_len(MAX_ROUTED_WORKERS as u64);
+    1 + varint::MAX_LEN
+        + varint::encoded_len(MAX_ROUTED_WORKERS as u64)
+        + MAX_ROUTED_WORKERS * name
+        + varint::encoded_len(crate::partition::PARTITIONS as u64)
+        + crate::partition::PARTITIONS * index
+}
+
+/// The longest link frame (type and fields) a receiver with `limits` accepts (§8.1): a device frame at its limit
+/// behind a routing header, or the longest `ROUTES`, whichever is longer. It does not depend on `max_frame` alone,
+/// so a gateway with small device frames still takes a worker's `ROUTES`.
+pub fn max_link_frame(limits: &Limits) -> usize {
+    (limits.max_frame + max_overhead(limits)).max(max_routes_len(limits))
+}
+
 /// Link frame type bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -588,7 +607,7 @@ pub struct LinkDecoder {
 impl LinkDecoder {
     /// A decoder for device frames within `limits`, plus routing headers.
     pub fn new(limits: Limits) -> Self {
-        LinkDecoder { limits, max_link_frame: limits.max_frame + max_overhead(&limits) }
+        LinkDecoder { limits, max_link_frame: max_link_frame(&limits) }
     }
 
     /// The next whole link frame in `buf`, or `None` until one is complete.
@@ -630,5 +649,24 @@ mod tests {
             ],
             "a run longer than the limit is split"
         );
+    }
+
+    #[test]
+    fn the_longest_routes_passes_a_decoder_with_the_smallest_device_frames() {
+        let limits = Limits { max_frame: 64, ..Limits::DEFAULT };
+        let name = "w".repeat(limits.max_name);
+        let workers: Vec<ByteString> = (0..MAX_ROUTED_WORKERS)
+            .map(|i| ByteString::from(format!("{i:03}{}", &name[3..])))
+            .collect();
+        let last = Some(MAX_ROUTED_WORKERS as u16 - 1);
+        let routes = LinkFrame::Routes {
+            version: u64::MAX,
+            workers,
+            primaries: vec![last; crate::partition::PARTITIONS],
+        };
+        assert_eq!(routes.encoded_len(), max_routes_len(&limits));
+        let mut buf = BytesMut::new();
+        routes.encode_framed(&mut buf);
+        assert_eq!(LinkDecoder::new(limits).decode(&mut buf), Ok(Some(routes)));
     }
 }

@@ -28,6 +28,7 @@ pub struct Batch {
     sealed: VecDeque<Bytes>,
     /// The run of short pieces being appended to.
     tail: BytesMut,
+    /// Bytes in `sealed` and `tail` (what [`Buf::remaining`] says while the batch is written).
     len: usize,
     /// Items put into the batch by [`gather`].
     pub frames: usize,
@@ -83,7 +84,7 @@ impl Batch {
 
 impl Buf for Batch {
     fn remaining(&self) -> usize {
-        self.sealed.iter().map(Bytes::len).sum::<usize>() + self.tail.len()
+        self.len
     }
 
     fn chunk(&self) -> &[u8] {
@@ -91,6 +92,8 @@ impl Buf for Batch {
     }
 
     fn advance(&mut self, mut n: usize) {
+        assert!(n <= self.len, "advance past the end of a batch");
+        self.len -= n;
         while n > 0 {
             let Some(front) = self.sealed.front_mut() else {
                 self.tail.advance(n);

@@ -305,13 +305,16 @@ async fn a_pool_of_two_recovers_when_its_lost_worker_restarts() {
     assert_eq!(http(w2.api, "PUT", path, Some(KEY), Some(json!({"value": 1}))).await.0, 200);
 }
 
-/// A worker's `thingport_foundation_frames_forwarded_total` (0 before the first).
+/// A worker's `thingport_foundation_frames_forwarded_total` (exported at 0 from the start, so absence is a failure).
 async fn forwarded(worker: &WorkerProcess) -> u64 {
     let (status, body) = get_text(worker.admin, "/metrics").await;
     assert_eq!(status, 200, "{} metrics", worker.id);
     body.lines()
         .find_map(|l| l.strip_prefix("thingport_foundation_frames_forwarded_total "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or_else(|| panic!("{} exports no frames_forwarded_total", worker.id))
+        .trim()
+        .parse::<f64>()
+        .unwrap() as u64
 }
 
 /// Waits until the gateway routes by the table `view` shows (a worker's `ROUTES` reached it).
