@@ -1,7 +1,8 @@
 //! An acknowledging worker: speaks the link protocol like a foundation worker but stores nothing. It answers
 //! every device data frame at once, folding the answers to the frames of one read into `STORED_RUN`s as a worker
-//! folds those of one write (or holds them, for tests, until told to release them). It is the backend for measuring the gateway alone, and for the
-//! gateway's tests before (and besides) the real foundation.
+//! folds those of one write (or holds them, for tests, until told to release them; what it holds is not bounded,
+//! so a test holds a few frames only). It is the backend for measuring the gateway alone, and for the gateway's
+//! tests before (and besides) the real foundation.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -7,7 +7,8 @@
 //!
 //! Decoding is the crate's own (`LinkDecoder`, `PeerMessage::decode_framed`, `stream::next_frame`): each declared
 //! length is checked against its limit before anything is buffered. The codecs add nothing but the traits; a
-//! reader drives one over a `BytesMut` it fills itself, or hands it to `FramedRead`.
+//! reader drives one over a `BytesMut` it fills itself, or hands it to `FramedRead`. The encoders write what they
+//! are given: keeping within the receiver's limits is the sender's job.
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};

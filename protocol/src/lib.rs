@@ -5,6 +5,7 @@
 //! - [`stream`]: length-prefixed framing for byte streams (device frames on QUIC, link frames on TCP).
 //! - [`link`]: the gateway ↔ foundation link format, a routing header in front of unchanged device frame bytes,
 //!   and [`partition`]: the thing name → partition hash both ends of a link route by.
+//! - [`peer`]: the worker ↔ worker format of the cache ring (§10).
 //! - `codec` (feature `codec`): the formats as `tokio_util::codec` decoders and encoders.
 //! - [`session`]: the device session state machine used by both ends (handshake, keepalive, sequence numbers,
 //!   retransmission after reconnect, duplicate detection).

@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 2;
+pub const PEER_VERSION: u8 = 3;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,6 +284,8 @@ pub enum Refusal {
     Stale,
     /// Copying a partition failed.
     CopyFailed,
+    /// The answer would pass the asker's `max_peer_message`, so it was not sent.
+    TooLarge,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

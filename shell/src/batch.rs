@@ -157,6 +157,7 @@ pub async fn gather<T>(
         tokio::task::yield_now().await;
     }
     let mut item = Some(first);
+    let mut timer = None;
     loop {
         while let Some(outgoing) = item {
             batch.weight += put(outgoing, batch);
@@ -170,10 +171,15 @@ pub async fn gather<T>(
         {
             return;
         }
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(next)) => item = Some(next),
-            // the queue closed, or the first frame has waited long enough
-            Ok(None) | Err(_) => return,
+        // one timer for the whole batch, made only when the batch waits
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        tokio::select! {
+            biased;
+            next = rx.recv() => match next {
+                Some(next) => item = Some(next),
+                None => return, // the queue closed
+            },
+            () = timer.as_mut() => return, // the first frame has waited long enough
         }
     }
 }
@@ -274,7 +280,7 @@ mod tests {
         assert_eq!(batch.remaining(), 6);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn items_that_weigh_nothing_still_end_a_batch_at_max_frames() {
         let (tx, mut rx) = mpsc::channel(MAX_FRAMES + 10);
         for _ in 0..MAX_FRAMES + 10 {
@@ -284,8 +290,10 @@ mod tests {
         let policy = Flush { delay: Duration::from_secs(60), bytes: 1 << 20, max_bytes: 1 << 20 };
         let weightless = |(), _: &mut Batch| 0;
         rx.recv().await.unwrap();
+        let started = tokio::time::Instant::now();
         gather(&mut rx, (), &mut batch, policy, weightless).await;
         assert_eq!((batch.frames, rx.len()), (MAX_FRAMES, 10));
+        assert_eq!(started.elapsed(), Duration::ZERO, "ended by the count, not the delay");
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,8 +10,9 @@
 //! - [`batch`]: the batched, vectored writer of the internal connections (gateway ↔ worker links, peer
 //!   connections).
 //!
-//! It holds no server logic (the batched writer moves bytes, whatever they mean): a server supplies its configuration type ([`ServerConfig`]) and an async `serve`
-//! function that binds, calls [`Process::ready`] and runs until [`Process::shutdown`] completes.
+//! It holds no server logic (the batched writer moves bytes, whatever they mean): a server supplies its
+//! configuration type ([`ServerConfig`]) and an async `serve` function that binds, calls [`Process::ready`] and
+//! runs until [`Process::shutdown`] completes.
 
 pub mod admin;
 pub mod batch;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use thingport_protocol::codec::{CodecError, PeerCodec};
-use thingport_protocol::peer::{PEER_VERSION, PeerMessage, Request, Response};
+use thingport_protocol::peer::{PEER_VERSION, PeerMessage, Refusal, Request, Response};
 use thingport_shell::batch::Flush;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -48,6 +48,9 @@ pub enum PeerError {
     Lost,
     #[error("no answer in time")]
     Timeout,
+    /// The request would pass the receiver's `max_peer_message`; it was not sent.
+    #[error("request larger than max_peer_message")]
+    TooLarge,
 }
 
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<Response>>>;
@@ -101,6 +104,10 @@ impl Peers {
         let id = conn.next.fetch_add(1, Ordering::Relaxed);
         let message = PeerMessage::Request { id, body };
         let bytes = message.to_framed_bytes().map_err(|_| PeerError::Lost)?;
+        if bytes.len() > self.max_message {
+            // the receiver would close the connection, failing every call on it
+            return Err(PeerError::TooLarge);
+        }
         let (tx, rx) = oneshot::channel();
         lock(&conn.waiting).insert(id, tx);
         if let Err(e) = conn.tx.try_send(bytes) {
@@ -268,7 +275,7 @@ where
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let body = handle(body).await;
-                    if let Ok(bytes) = (PeerMessage::Response { id, body }).to_framed_bytes() {
+                    if let Some(bytes) = framed_answer(id, body, max_message) {
                         let _ = tx.send(bytes).await;
                     }
                     drop(permit);
@@ -282,4 +289,77 @@ where
     }
     drop(tx);
     let _ = writing.await;
+}
+
+/// The framed answer to request `id`. One the asker could not take (it would close the connection, failing every
+/// call on it) is replaced by a refusal.
+fn framed_answer(id: u64, body: Response, max_message: usize) -> Option<Bytes> {
+    let bytes = match (PeerMessage::Response { id, body }).to_framed_bytes() {
+        Ok(bytes) if bytes.len() <= max_message => return Some(bytes),
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::warn!(id, error = %e, "a peer answer could not be encoded");
+            return None;
+        }
+    };
+    tracing::warn!(
+        id,
+        bytes = bytes.len(),
+        max_message,
+        "a peer answer is larger than max_peer_message"
+    );
+    let body = Response::Refused { refusal: Refusal::TooLarge, table_version: 0 };
+    PeerMessage::Response { id, body }.to_framed_bytes().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thingport_protocol::peer::ThingSummary;
+
+    const MAX: usize = 1 << 20;
+
+    /// An answer of about 2 MiB to `Read { thing: "big" }`, `Done` to anything else.
+    async fn answer(request: Request) -> Response {
+        match request {
+            Request::Read { thing } if thing == "big" => Response::Things(
+                (0..20_000)
+                    .map(|i| ThingSummary {
+                        name: format!("{i:0100}"),
+                        gateway: None,
+                        properties: 0,
+                        created_ms: 0,
+                        tags: Vec::new(),
+                    })
+                    .collect(),
+            ),
+            _ => Response::Done,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_past_the_limit_is_refused_and_the_connection_lives_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, MAX, answer, stop.clone()));
+        let peers = Peers::new("me".to_string(), MAX);
+        let call =
+            |thing: String, timeout| peers.request("w2", addr, Request::Read { thing }, timeout);
+
+        assert!(matches!(call("small".into(), Duration::from_secs(10)).await, Ok(Response::Done)));
+        let conn = lock(&peers.conns).get("w2").cloned().unwrap();
+        let big = "x".repeat(2 * MAX);
+        assert!(matches!(call(big, Duration::from_secs(10)).await, Err(PeerError::TooLarge)));
+        // the caller would refuse the answer and lose the connection with every call on it: it is told instead
+        let answered = call("big".into(), Duration::from_secs(10)).await;
+        assert!(
+            matches!(answered, Ok(Response::Refused { refusal: Refusal::TooLarge, .. })),
+            "{answered:?}"
+        );
+        assert!(matches!(call("small".into(), Duration::from_secs(10)).await, Ok(Response::Done)));
+        let now = lock(&peers.conns).get("w2").cloned().unwrap();
+        assert!(Arc::ptr_eq(&conn, &now), "one connection all along");
+        stop.cancel();
+    }
 }
