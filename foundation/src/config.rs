@@ -32,6 +32,9 @@ pub struct Config {
     pub link_queue_frames: usize,
     /// Device frames of one gateway link being stored at once; the link is not read beyond it.
     pub link_in_flight: usize,
+    /// On shutdown: how long gateway links have, after `GOAWAY`, to have what they sent answered before they close.
+    #[serde(with = "humantime_serde")]
+    pub link_drain_timeout: Duration,
     /// The ring's peer address: UDP for membership, TCP for requests between workers.
     pub peer_address: SocketAddr,
     /// Peer addresses of other workers to join through (any one that is up suffices).
@@ -116,6 +119,7 @@ impl Default for Config {
             max_frame: 64 * 1024,
             link_queue_frames: 65_536,
             link_in_flight: 4_096,
+            link_drain_timeout: Duration::from_secs(5),
             peer_address: SocketAddr::from(([127, 0, 0, 1], 7201)),
             seeds: Vec::new(),
             replicas: 2,
@@ -154,6 +158,9 @@ impl Config {
         }
         if !(1..=1 << 20).contains(&self.link_in_flight) {
             problems.push("link_in_flight: must be 1 to 1048576".to_string());
+        }
+        if self.link_drain_timeout > Duration::from_secs(60) {
+            problems.push("link_drain_timeout: must be at most 60s".to_string());
         }
         if !(1..=5).contains(&self.replicas) {
             problems.push("replicas: must be 1 to 5".to_string());

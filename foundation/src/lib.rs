@@ -178,7 +178,15 @@ impl Worker {
             stop.clone(),
         ));
         tokio::spawn(shared.cluster.clone().coordinate(stop.clone()));
-        tokio::spawn(links::serve(shared.clone(), link, stop.clone()));
+        let drain = stop.child_token();
+        let links = tokio_util::task::TaskTracker::new();
+        tokio::spawn(links::serve(
+            shared.clone(),
+            link,
+            drain.clone(),
+            stop.clone(),
+            links.clone(),
+        ));
         let router = api::router(shared.clone());
         let api_stop = stop.clone();
         tokio::spawn(async move {
@@ -191,6 +199,16 @@ impl Worker {
             _ = &mut shutdown => false,
             _ = &mut leaving => true,
         };
+        // gateways are told GOAWAY and what they already sent is answered before the links close
+        drain.cancel();
+        links.close();
+        let timeout = shared.config.link_drain_timeout;
+        if tokio::time::timeout(timeout, links.wait()).await.is_err() {
+            tracing::warn!(
+                links = links.len(),
+                "gateway links still busy after link_drain_timeout; closing them"
+            );
+        }
         stop.cancel();
         // what was acknowledged before it was stored (durability memory or replicated) is written before exit
         if let Err(e) = storage.flush(Instant::now() + Duration::from_secs(5)).await {

@@ -8,6 +8,9 @@
 //!   every table change, so the gateway sends a thing's frames to its primary and no worker has to pass them on.
 //! - **Load**: a link whose `link_in_flight` writes are all in progress is marked saturated (`LOAD`), so the
 //!   gateway sends new frames on other links while it has any; the mark is lifted when half are free again.
+//! - **Drain**: when the worker stops, each link is told `GOAWAY`, then a `PING`. The gateway answers `PONG` after
+//!   every frame it queued before it read the `GOAWAY`; once that `PONG` is in and every frame read before it is
+//!   answered, the link closes. No new link is accepted meanwhile.
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -24,9 +27,10 @@ use thingport_protocol::{ByteString, DataHeader, ErrorCode, Frame, FrameType, Li
 use thingport_shell::batch::{Batch, Flush, gather};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Shared;
 use crate::ring::membership::name_of;
@@ -41,7 +45,12 @@ pub fn now_ms() -> u64 {
 #[derive(Debug)]
 pub enum Reply {
     Frame(Bytes),
-    Stored { session_id: u64, seq: u64 },
+    Stored {
+        session_id: u64,
+        seq: u64,
+    },
+    /// The link is drained: the writer writes what it holds and the link closes.
+    End,
 }
 
 impl From<LinkFrame> for Reply {
@@ -106,17 +115,24 @@ impl Links {
     }
 }
 
-/// Accepts gateway links until `cancel`.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
+/// Accepts gateway links until `drain` (a child of the worker's stop token), spawning each on `tracker`, which is
+/// empty once every link has drained.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    drain: CancellationToken,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = drain.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_link(shared.clone(), stream, cancel.clone()));
+                tracker.spawn(serve_link(shared.clone(), stream, drain.clone(), stop.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "link accept failed");
@@ -126,7 +142,12 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, cancel: Cancellat
     }
 }
 
-async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: CancellationToken) {
+async fn serve_link(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) {
     let (reader, mut writer) = stream.into_split();
     let codec = LinkCodec::new(shared.config.limits());
     let mut frames = FramedRead::with_capacity(reader, codec, 64 * 1024);
@@ -155,9 +176,12 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
         tx: tx.clone(),
     });
     let routes = send_routes(&shared, &tx);
+    let drain_nonce: u64 = rand::random();
+    let drain_pong = Notify::new();
     let read = async {
         while let Some(next) = frames.next().await {
             match next {
+                Ok(LinkFrame::Pong { nonce }) if nonce == drain_nonce => drain_pong.notify_one(),
                 Ok(frame) => {
                     if !handle(&shared, &gateway, frame, &tx, &in_flight).await {
                         return;
@@ -171,11 +195,26 @@ async fn serve_link(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellation
             }
         }
     };
+    let drained = async {
+        drain.cancelled().await;
+        tracing::info!(gateway = %gateway, "draining the gateway link");
+        let goaway = tx.send(LinkFrame::Goaway.into()).await;
+        let ping = tx.send(LinkFrame::Ping { nonce: drain_nonce }.into()).await;
+        if goaway.is_ok() && ping.is_ok() {
+            // the gateway's frames queued before it read the GOAWAY have all been read: wait for their answers
+            drain_pong.notified().await;
+            let all = u32::try_from(in_flight.limit).unwrap_or(u32::MAX);
+            let _ = in_flight.permits.acquire_many(all).await;
+            let _ = tx.send(Reply::End).await;
+        }
+        std::future::pending::<()>().await
+    };
     tokio::select! {
-        _ = cancel.cancelled() => {}
+        _ = stop.cancelled() => {}
         _ = write => {}
         _ = read => {}
         _ = routes => {}
+        _ = drained => {}
     }
     shared.links.unregister(&gateway, link_id);
     tracing::info!(gateway = %gateway, "gateway link down");
@@ -187,17 +226,19 @@ async fn write_replies(mut writer: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc
     let mut batch = Batch::default();
     let mut stored: Vec<(u64, u64)> = Vec::new();
     let policy = Flush::now(MAX_WRITE);
+    let mut end = false;
     while let Some(first) = rx.recv().await {
         let put = |reply: Reply, batch: &mut Batch| {
             match reply {
                 Reply::Frame(frame) => batch.push(frame),
                 Reply::Stored { session_id, seq } => stored.push((session_id, seq)),
+                Reply::End => end = true,
             }
             0
         };
         gather(&mut rx, first, &mut batch, policy, put).await;
         put_stored(&mut stored, &mut batch);
-        if batch.write_to(&mut writer).await.is_err() {
+        if batch.write_to(&mut writer).await.is_err() || end {
             return;
         }
     }

@@ -371,11 +371,14 @@ impl Pool {
         let _ = tokio::time::timeout(max, self.ready.notified()).await;
     }
 
-    /// Sends a control frame (`OPEN`, `CLOSE`) on any link that is up; returns false if none is.
+    /// Sends a control frame (`OPEN`, `CLOSE`) on any link that is up and not draining; returns false if none is.
     pub fn send_control(&self, frame: LinkFrame) -> bool {
         let n = self.links.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).any(|i| self.links[(start + i) % n].send_control(frame.clone()))
+        (0..n).any(|i| {
+            let link = &self.links[(start + i) % n];
+            link.state.load(Ordering::Acquire) != DRAINING && link.send_control(frame.clone())
+        })
     }
 
     /// Tells the worker behind `link` that the device acknowledged the property write of `reference`.
@@ -510,7 +513,12 @@ impl Pool {
                     }
                 }
             }
-            LinkFrame::Goaway => link.state.store(DRAINING, Ordering::Release),
+            LinkFrame::Goaway => {
+                // the worker is stopping: new frames go elsewhere; the link closes once it has answered
+                link.state.store(DRAINING, Ordering::Release);
+                ::metrics::counter!(metrics::LINK_EVENTS, "event" => "goaway").increment(1);
+                tracing::info!(link = link.index, "the worker is draining this link");
+            }
             LinkFrame::Bound { session_id, open } => {
                 self.bindings.lock().unwrap_or_else(|e| e.into_inner()).remove(&(session_id, open));
             }

@@ -617,6 +617,55 @@ async fn frames_go_to_the_primary_the_routes_name_and_elsewhere_when_it_cannot_t
 }
 
 #[tokio::test]
+async fn a_worker_that_says_goaway_gets_no_new_frames_or_sessions() {
+    let harness = Harness::start(2, |_| {}).await;
+    let mut device = harness.device("pump-7");
+    within("connect", device.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
+    let routes = LinkFrame::Routes {
+        version: 5,
+        workers: vec!["worker-1".into()],
+        primaries: vec![Some(0); thingport_protocol::partition::PARTITIONS],
+    };
+    assert_eq!(harness.workers[0].send_link(&routes), 2);
+    let handle = harness.handle.clone();
+    support::wait_for("routes", || handle.routes_version() == 5).await;
+    send_acked(&mut device, 5).await;
+    assert_eq!(harness.workers[1].stored("pump-7").len(), 5);
+
+    // worker-1 drains: the primary's frames go to the other worker, and so do the OPENs of new sessions
+    assert_eq!(harness.workers[1].send_link(&LinkFrame::Goaway), 2);
+    link_events(&harness, "goaway", 2).await;
+    let mut opened_at_draining = harness.workers[1].subscribe();
+    let mut opened = harness.workers[0].subscribe();
+    send_acked(&mut device, 5).await;
+    assert_eq!(harness.workers[1].stored("pump-7").len(), 5, "no new frame on a draining link");
+    assert_eq!(harness.workers[0].stored("pump-7").len(), 5);
+    let mut others = Vec::new();
+    for i in 0..8 {
+        let mut other = harness.device(&format!("valve-{i}"));
+        within("connect", other.connect(&harness.endpoint(Transport::Wss))).await.unwrap();
+        others.push(other);
+    }
+    within("the OPENs", async {
+        let mut seen = 0;
+        while seen < 8 {
+            if let Ok(WorkerEvent::Open { .. }) = opened.recv().await {
+                seen += 1;
+            }
+        }
+    })
+    .await;
+    while let Ok(event) = opened_at_draining.try_recv() {
+        assert!(!matches!(event, WorkerEvent::Open { .. }), "an OPEN reached the draining worker");
+    }
+    for mut other in others {
+        other.disconnect().await;
+    }
+    device.disconnect().await;
+    harness.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_stored_run_acknowledges_every_frame_it_covers_with_one_ack() {
     // one link, so that every frame and its answer share it
     let harness = Harness::start(1, |c| c.upstream.links_per_foundation = 1).await;
