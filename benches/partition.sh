@@ -4,7 +4,8 @@
 # link to the bridge goes down. Checked: the majority (A, B) makes a table without C and goes on acknowledging writes;
 # C, cut off alone, acknowledges none and reports not ready; after the link comes back, C learns the pool declared it
 # down, rejoins, and gets a share of the partitions again; A and B never stop; every write acknowledged anywhere is
-# readable on all three. Needs root (ip netns); everything it creates is removed.
+# readable on all three. The workers talk over mutual TLS with the pool's credentials (`pool init`, `pool issue`).
+# Needs root (ip netns); everything it creates is removed.
 #
 #   sudo benches/partition.sh                          # builds the release binary
 #   sudo THINGPORT_BIN=target/debug benches/partition.sh   # uses binaries already built (as .ci/run does)
@@ -46,6 +47,12 @@ for i in 0 1 2; do
 done
 
 echo "partition-key" > "$WORK/api-keys"
+# the pool's credentials: made for w0's host, issued for the two others (the addresses are not loopback, so the
+# workers refuse to start without them)
+"$B/thingport-foundation" pool init --dir "$WORK/pool-0" --host w0 >/dev/null
+for i in 1 2; do
+  "$B/thingport-foundation" pool issue --dir "$WORK/pool-0" --out "$WORK/pool-$i" --host "w$i" >/dev/null
+done
 for i in 0 1 2; do
   ip=10.77.0.$((i + 1))
   cat > "$WORK/w$i.toml" <<TOML
@@ -59,6 +66,7 @@ bootstrap_members = 3
 write_timeout = "3s"
 request_timeout = "1s"
 api_keys_file = "$WORK/api-keys"
+pool_credentials = "$WORK/pool-$i"
 [storage]
 data_dir = "$WORK/store-$i"
 TOML

@@ -5,15 +5,16 @@
 # reconnect), and `kill -9` of a worker mid-run.
 #
 #   benches/scenarios.sh [--devices 1000] [--rate 10] [--seconds 60] [--workers 3] [--only telemetry]
-#                        [--bin-dir DIR]
+#                        [--bin-dir DIR] [--pool-tls]
 #
 # --only telemetry runs the telemetry scenario alone; --bin-dir takes the servers and the load generator from DIR
 # (another build, to compare two commits in one session) instead of building this tree. After the telemetry run
 # the script prints the CPU time each server process used during it and what each worker passed on to another
-# worker's partition (`thingport_foundation_frames_forwarded_total`).
+# worker's partition (`thingport_foundation_frames_forwarded_total`). --pool-tls gives the pool credentials
+# (`thingport-foundation pool init`): links and peer connections are then mutual TLS and membership datagrams sealed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICES=1000 RATE=10 SECONDS_=60 WORKERS=3 ONLY="" BIN_DIR=
+DEVICES=1000 RATE=10 SECONDS_=60 WORKERS=3 ONLY="" BIN_DIR= POOL_TLS=
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) DEVICES=$2; shift 2 ;;
@@ -22,6 +23,7 @@ while [ $# -gt 0 ]; do
     --workers) WORKERS=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     --bin-dir) BIN_DIR=$2; shift 2 ;;
+    --pool-tls) POOL_TLS=1; shift ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
@@ -41,6 +43,11 @@ $B/thingport-gateway gen-cert --cert "$WORK/cert.pem" --key "$WORK/key.pem" >/de
 $B/thingport-gateway gen-secret --out "$WORK/secret" >/dev/null
 echo "bench-key" > "$WORK/api-keys"
 $B/thingport-gateway token issue --thing dev- --count "$DEVICES" --secret-file "$WORK/secret" > "$WORK/fleet.txt"
+POOL_LINE=""
+if [ -n "$POOL_TLS" ]; then
+  $B/thingport-foundation pool init --dir "$WORK/pool" --host bench >/dev/null
+  POOL_LINE="pool_credentials = \"$WORK/pool\""
+fi
 # worker i: links on 7190+i, API on 8190+i, peer port 7290+i; worker 1 is every worker's seed
 FOUNDATIONS=""
 for i in $(seq 1 "$WORKERS"); do
@@ -53,6 +60,7 @@ peer_address = "127.0.0.1:$((7290 + i))"
 seeds = ["127.0.0.1:7291"]
 bootstrap_members = $WORKERS
 api_keys_file = "$WORK/api-keys"
+$POOL_LINE
 [storage]
 data_dir = "$WORK/store-$i"
 TOML
@@ -68,6 +76,7 @@ key = "$WORK/key.pem"
 secret_file = "$WORK/secret"
 [upstream]
 foundations = [${FOUNDATIONS%, }]
+$POOL_LINE
 [limits]
 max_sessions_per_ip = 100000
 accept_rate = 20000

@@ -112,6 +112,12 @@ check "apt installs the package offline, with its dependencies" \
 check "the target and both services become active" eventually active
 check "the target and both services are enabled" enabled
 check "a device connects and each of its messages is acknowledged" eventually device_acked
+mode() { in_ct stat -c '%a %U:%G' "/etc/thingport/pool/$1"; }
+check "postinst made the pool's credentials, the CA's key root's alone" \
+    test "$(mode ca.key)/$(mode node.key)/$(mode swim.key)/$(mode ca.pem)" = \
+    "600 root:root/640 root:thingport/640 root:thingport/644 root:thingport"
+tls_links() { in_ct journalctl -u thingport-gateway.service -o cat | grep -q "link up"; }
+check "the gateway's links (mutual TLS with the pool's credentials) are up" tls_links
 
 echo "== reload"
 check "systemctl reload thingport-gateway succeeds" in_ct systemctl reload thingport-gateway

@@ -187,7 +187,7 @@ async fn main() {
     }
     let shared = Arc::new(Shared {
         things,
-        peers: Peers::new("ring-load".into(), 64 << 20),
+        peers: Peers::new("ring-load".into(), 64 << 20, None),
         route: (0..1024).map(|p| AtomicUsize::new(p % args.peers.len())).collect(),
         last: (0..1024).map(|_| AtomicU64::new(0)).collect(),
         skip_until: args.peers.iter().map(|_| AtomicU64::new(0)).collect(),

@@ -57,6 +57,9 @@ pub struct Config {
     pub suspect_timeout: Duration,
     /// Largest message between workers (a copy of a partition travels in one).
     pub max_peer_message: usize,
+    /// The pool's credentials directory (`thingport-foundation pool init`): mutual TLS on links and peer
+    /// connections, sealed membership datagrams. Without it the link and peer addresses must be loopback.
+    pub pool_credentials: Option<PathBuf>,
     /// When device data and API writes are acknowledged.
     pub durability: Durability,
     /// Where things, values and history are kept.
@@ -129,6 +132,7 @@ impl Default for Config {
             probe_period: Duration::from_millis(500),
             suspect_timeout: Duration::from_millis(1500),
             max_peer_message: 64 << 20,
+            pool_credentials: None,
             durability: Durability::Disk,
             storage: StorageConfig::default(),
         }
@@ -186,6 +190,31 @@ impl Config {
         if self.max_peer_message < 1 << 20 {
             problems.push("max_peer_message: must be at least 1 MiB".to_string());
         }
+        match &self.pool_credentials {
+            Some(dir) => {
+                for file in thingport_shell::pool::HOST_FILES {
+                    if !dir.join(file).is_file() {
+                        problems.push(format!(
+                            "pool_credentials: no {file} in {} (see `thingport-foundation pool init`)",
+                            dir.display()
+                        ));
+                    }
+                }
+            }
+            None => {
+                let open =
+                    [("link_address", self.link_address), ("peer_address", self.peer_address)]
+                        .into_iter()
+                        .chain(self.seeds.iter().map(|&seed| ("seeds", seed)))
+                        .filter(|(_, addr)| !addr.ip().is_loopback());
+                for (key, addr) in open {
+                    problems.push(format!(
+                        "{key}: {addr} is not a loopback address; set pool_credentials so that only the pool's \
+                         members can use it"
+                    ));
+                }
+            }
+        }
         let storage = &self.storage;
         if storage.provider == ProviderKind::Sqlite && storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir: must name a directory".to_string());
@@ -234,6 +263,7 @@ mod tests {
         );
         let packaged = Config::parse(include_str!("../../packaging/foundation-1.toml")).unwrap();
         assert_eq!(packaged.id, "foundation-1");
+        assert_eq!(packaged.pool_credentials, Some(PathBuf::from("/etc/thingport/pool")));
         assert!(Config::parse("unknown_key = 1").is_err());
     }
 }

@@ -64,6 +64,7 @@ pub struct Worker {
     addrs: Addrs,
     storage: Arc<Storage>,
     version: watch::Sender<u64>,
+    pool: Option<thingport_shell::pool::Credentials>,
 }
 
 /// Binds UDP and TCP on the same port: the configured one, or with port 0 one that is free for both.
@@ -88,6 +89,13 @@ impl Worker {
         let keys = std::fs::read_to_string(&config.api_keys_file)
             .with_context(|| format!("reading {}", config.api_keys_file.display()))?;
         let api_keys = api::parse_keys(&keys);
+        let pool = match &config.pool_credentials {
+            Some(dir) => Some(
+                thingport_shell::pool::Credentials::load(dir)
+                    .context("loading the pool's credentials")?,
+            ),
+            None => None,
+        };
         let link = TcpListener::bind(config.link_address)
             .await
             .with_context(|| format!("binding links to tcp/{}", config.link_address))?;
@@ -124,6 +132,7 @@ impl Worker {
             addrs,
             storage,
             version: watch::channel(0).0,
+            pool,
         })
     }
 
@@ -140,8 +149,11 @@ impl Worker {
     /// for); the store is opened — retrying until it opens — and what it holds is loaded before the worker joins
     /// the pool and serves links and the API.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Worker { config, api_keys, link, api, admin, peer, udp, addrs, storage, version } =
+        let Worker { config, api_keys, link, api, admin, peer, udp, addrs, storage, version, pool } =
             self;
+        let acceptor = |alpn| pool.as_ref().map(|p| p.acceptor(alpn)).transpose();
+        let link_tls = acceptor(thingport_shell::pool::LINK_ALPN)?;
+        let peer_tls = acceptor(thingport_shell::pool::PEER_ALPN)?;
         let stop = CancellationToken::new();
         let storage_stop = CancellationToken::new();
         let cluster_cell: Arc<OnceLock<Arc<ring::Cluster>>> = Arc::new(OnceLock::new());
@@ -157,7 +169,7 @@ impl Worker {
                 stop.cancel();
                 return Ok(());
             }
-            cluster = start_ring(&config, addrs, udp, storage.clone(), version, stop.clone()) => cluster,
+            cluster = start_ring(&config, addrs, udp, storage.clone(), version, pool.as_ref(), stop.clone()) => cluster,
         };
         let (cluster, leaving) = cluster?;
         tracing::info!(
@@ -175,6 +187,7 @@ impl Worker {
             peer,
             shared.config.max_peer_message,
             handler,
+            peer_tls,
             stop.clone(),
         ));
         tokio::spawn(shared.cluster.clone().coordinate(stop.clone()));
@@ -183,6 +196,7 @@ impl Worker {
         tokio::spawn(links::serve(
             shared.clone(),
             link,
+            link_tls,
             drain.clone(),
             stop.clone(),
             links.clone(),
@@ -275,6 +289,7 @@ async fn start_ring(
     udp: UdpSocket,
     storage: Arc<Storage>,
     version: watch::Sender<u64>,
+    pool: Option<&thingport_shell::pool::Credentials>,
     stop: CancellationToken,
 ) -> Result<(Arc<ring::Cluster>, tokio::task::JoinHandle<()>)> {
     storage.opened().await;
@@ -291,6 +306,7 @@ async fn start_ring(
         limits: config.limits(),
         max_message: config.max_peer_message,
         durability: config.durability,
+        peer_tls: pool.map(|p| p.connector(thingport_shell::pool::PEER_ALPN)).transpose()?,
     };
     let timing = ring::membership::Timing {
         probe_period: config.probe_period,
@@ -298,8 +314,9 @@ async fn start_ring(
     };
     // the ring's handle on membership exists before membership runs, so that nothing is announced before the
     // state is loaded
+    let seal = pool.map(thingport_shell::pool::Credentials::swim);
     let (membership, start) =
-        ring::membership::prepare(me, udp, config.seeds.clone(), timing, stop.child_token());
+        ring::membership::prepare(me, udp, config.seeds.clone(), timing, seal, stop.child_token());
     let cluster = ring::Cluster::new(&membership, ring_config, storage.clone(), version);
     let mut pause = Duration::from_millis(100);
     loop {

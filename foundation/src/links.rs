@@ -25,8 +25,9 @@ use thingport_protocol::link::{self, LINK_VERSION, MAX_ROUTED_WORKERS};
 use thingport_protocol::peer::{CallOutcome, Op};
 use thingport_protocol::{ByteString, DataHeader, ErrorCode, Frame, FrameType, LinkFrame};
 use thingport_shell::batch::{Batch, Flush, gather};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use thingport_shell::pool::{self, Acceptor, PoolStream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -120,6 +121,7 @@ impl Links {
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
+    tls: Option<Acceptor>,
     drain: CancellationToken,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -130,9 +132,19 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tracker.spawn(serve_link(shared.clone(), stream, drain.clone(), stop.clone()));
+            Ok((tcp, from)) => {
+                let (shared, tls, drain, stop) =
+                    (shared.clone(), tls.clone(), drain.clone(), stop.clone());
+                tracker.spawn(async move {
+                    match pool::accept(tls.as_ref(), tcp).await {
+                        Ok(stream) => serve_link(shared, stream, drain, stop).await,
+                        Err(e) => {
+                            ::metrics::counter!("thingport_foundation_handshakes_refused_total", "port" => "link")
+                                .increment(1);
+                            tracing::warn!(%from, error = %e, "a gateway link was refused: no pool credentials");
+                        }
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "link accept failed");
@@ -144,11 +156,11 @@ pub async fn serve(
 
 async fn serve_link(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: PoolStream,
     drain: CancellationToken,
     stop: CancellationToken,
 ) {
-    let (reader, mut writer) = stream.into_split();
+    let (reader, mut writer) = tokio::io::split(stream);
     let codec = LinkCodec::new(shared.config.limits());
     let mut frames = FramedRead::with_capacity(reader, codec, 64 * 1024);
     // the first frame is the gateway's HELLO
@@ -222,7 +234,7 @@ async fn serve_link(
 
 /// Writes a link's replies, many per write. The `STORED` answers gathered for one write are sorted and folded:
 /// consecutive data frames of a session become one `STORED_RUN`, a lone one stays `STORED`.
-async fn write_replies(mut writer: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) {
+async fn write_replies(mut writer: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Reply>) {
     let mut batch = Batch::default();
     let mut stored: Vec<(u64, u64)> = Vec::new();
     let policy = Flush::now(MAX_WRITE);
@@ -238,7 +250,12 @@ async fn write_replies(mut writer: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc
         };
         gather(&mut rx, first, &mut batch, policy, put).await;
         put_stored(&mut stored, &mut batch);
-        if batch.write_to(&mut writer).await.is_err() || end {
+        if batch.write_to(&mut writer).await.is_err() {
+            return;
+        }
+        if end {
+            // TLS close_notify and FIN: the gateway reads a clean end after the last answer
+            let _ = writer.shutdown().await;
             return;
         }
     }

@@ -43,3 +43,47 @@ fn a_bad_configuration_lists_every_problem_and_exits_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[test]
+fn internal_ports_off_loopback_need_the_pools_credentials_which_pool_init_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, "key-1\n").unwrap();
+    let path = dir.path().join("foundation.toml");
+    let open = format!(
+        "api_keys_file = \"{}\"\nlink_address = \"0.0.0.0:7101\"\nseeds = [\"10.0.0.2:7201\"]\n",
+        keys.display()
+    );
+    std::fs::write(&path, &open).unwrap();
+    let out = foundation().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for problem in ["link_address: 0.0.0.0:7101 is not a loopback address", "seeds: 10.0.0.2:7201"]
+    {
+        assert!(stderr.contains(problem), "{problem} not reported in\n{stderr}");
+    }
+
+    let pool = dir.path().join("pool");
+    let init = foundation().args(["pool", "init", "--host", "host-1", "--dir"]).arg(&pool).output();
+    assert!(init.unwrap().status.success());
+    let again = foundation().args(["pool", "init", "--dir"]).arg(&pool).output().unwrap();
+    assert!(!again.status.success(), "a second init must not replace the pool");
+    std::fs::write(&path, format!("{open}pool_credentials = \"{}\"\n", pool.display())).unwrap();
+    let out = foundation().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // what a second host gets: its own certificate, the CA's certificate and the membership key, not the CA's key
+    let host2 = dir.path().join("host-2");
+    let issue = foundation()
+        .args(["pool", "issue", "--host", "host-2", "--dir"])
+        .arg(&pool)
+        .arg("--out")
+        .arg(&host2)
+        .output()
+        .unwrap();
+    assert!(issue.status.success(), "{}", String::from_utf8_lossy(&issue.stderr));
+    for file in ["ca.pem", "node.pem", "node.key", "swim.key"] {
+        assert!(host2.join(file).is_file(), "{file} issued");
+    }
+    assert!(!host2.join("ca.key").exists());
+}

@@ -92,6 +92,9 @@ pub struct Upstream {
     pub flush_delay: Duration,
     /// A write goes out at once when it holds this many bytes, whatever `flush_delay` says.
     pub flush_bytes: usize,
+    /// The pool's credentials directory (made by `thingport-foundation pool init` / `pool issue`): links are
+    /// mutual TLS with the pool's CA. Without it every worker address must be a loopback address.
+    pub pool_credentials: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -216,6 +219,7 @@ impl Default for Upstream {
             heartbeat: Duration::from_secs(2),
             flush_delay: Duration::ZERO,
             flush_bytes: 32 * 1024,
+            pool_credentials: None,
         }
     }
 }
@@ -306,6 +310,27 @@ impl Config {
             !self.upstream.foundations.is_empty(),
             "upstream.foundations: list at least one worker",
         );
+        match &self.upstream.pool_credentials {
+            Some(dir) => {
+                for file in thingport_shell::pool::HOST_FILES {
+                    check(
+                        dir.join(file).is_file(),
+                        &format!("upstream.pool_credentials: no {file} in {}", dir.display()),
+                    );
+                }
+            }
+            None => {
+                for addr in self.upstream.foundations.iter().filter(|a| !a.ip().is_loopback()) {
+                    check(
+                        false,
+                        &format!(
+                            "upstream.foundations: {addr} is not a loopback address; set \
+                             upstream.pool_credentials so that links are authenticated and encrypted"
+                        ),
+                    );
+                }
+            }
+        }
         check(
             (1..=64).contains(&self.upstream.links_per_foundation),
             "upstream.links_per_foundation: must be 1 to 64",
@@ -405,5 +430,6 @@ mod tests {
         assert_eq!(packaged.tls.cert, PathBuf::from("/etc/thingport/tls/cert.pem"));
         assert_eq!(packaged.auth.secret_file, PathBuf::from("/etc/thingport/provisioning.key"));
         assert_eq!(packaged.upstream.foundations, vec![SocketAddr::from(([127, 0, 0, 1], 7101))]);
+        assert_eq!(packaged.upstream.pool_credentials, Some(PathBuf::from("/etc/thingport/pool")));
     }
 }

@@ -154,7 +154,15 @@ impl Gateway {
         };
         let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let registry = Arc::new(Registry::default());
-        let pool = Pool::new(&config, registry.clone());
+        let link_tls = match &config.upstream.pool_credentials {
+            Some(dir) => Some(
+                thingport_shell::pool::Credentials::load(dir)
+                    .and_then(|p| p.connector(thingport_shell::pool::LINK_ALPN))
+                    .context("loading the pool's credentials")?,
+            ),
+            None => None,
+        };
+        let pool = Pool::new(&config, registry.clone(), link_tls);
         let server_config = ServerConfig {
             handshake_timeout: config.limits.handshake_timeout,
             default_keepalive_secs: config.session.keepalive_secs,

@@ -35,9 +35,9 @@ use thingport_protocol::codec::{CodecError, LinkCodec};
 use thingport_protocol::link::{self, LINK_VERSION};
 use thingport_protocol::{ByteString, ErrorCode, LinkFrame};
 use thingport_shell::batch::{Batch, Flush, gather};
+use thingport_shell::pool::{self, Connector, PoolStream};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -183,10 +183,16 @@ pub struct Pool {
     routes: ArcSwap<Routes>,
     /// Held while `routes` is replaced, so that two updates do not undo each other.
     routes_update: Mutex<()>,
+    /// Mutual TLS with the pool's credentials; plain TCP (loopback only) without.
+    tls: Option<Connector>,
 }
 
 impl Pool {
-    pub fn new(config: &config::Config, registry: Arc<Registry>) -> Arc<Pool> {
+    pub fn new(
+        config: &config::Config,
+        registry: Arc<Registry>,
+        tls: Option<Connector>,
+    ) -> Arc<Pool> {
         let upstream = &config.upstream;
         let mut links = Vec::new();
         for addr in &upstream.foundations {
@@ -218,6 +224,7 @@ impl Pool {
             max_bindings: config.limits.max_sessions.saturating_mul(2),
             routes: ArcSwap::default(),
             routes_update: Mutex::default(),
+            tls,
         })
     }
 
@@ -537,6 +544,8 @@ impl Pool {
 #[derive(Debug)]
 enum LinkEnd {
     Cancelled,
+    /// The worker closed the link after its `GOAWAY` (it is stopping).
+    Drained,
     Failed(anyhow::Error),
 }
 
@@ -601,6 +610,9 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
         let unacked: Vec<Pending> = link.inflight().drain().map(|(_, p)| p).collect();
         match end {
             LinkEnd::Cancelled => return,
+            LinkEnd::Drained => {
+                tracing::info!(link = link.index, addr = %link.addr, unacked = unacked.len(), "link closed by a draining worker");
+            }
             LinkEnd::Failed(e) => {
                 ::metrics::counter!(metrics::LINK_EVENTS, "event" => "failed").increment(1);
                 tracing::warn!(link = link.index, addr = %link.addr, error = %e, unacked = unacked.len(), "link failed");
@@ -610,14 +622,10 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
     }
 }
 
-async fn connect(
-    pool: &Pool,
-    link: &Link,
-) -> anyhow::Result<(LinkReader, OwnedWriteHalf, ByteString)> {
+async fn connect(pool: &Pool, link: &Link) -> anyhow::Result<(LinkReader, LinkWriter, ByteString)> {
     let timeout = pool.config.connect_timeout;
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(link.addr)).await??;
-    stream.set_nodelay(true)?;
-    let (reader, mut writer) = stream.into_split();
+    let stream = pool::connect(pool.tls.as_ref(), link.addr, timeout).await?;
+    let (reader, mut writer) = tokio::io::split(stream);
     let hello = LinkFrame::Hello {
         version: LINK_VERSION,
         gateway_id: pool.gateway_id.clone(),
@@ -636,7 +644,9 @@ async fn connect(
 }
 
 /// A link's incoming frames.
-type LinkReader = FramedRead<OwnedReadHalf, LinkCodec>;
+type LinkReader = FramedRead<ReadHalf<PoolStream>, LinkCodec>;
+/// A link's outgoing side.
+type LinkWriter = WriteHalf<PoolStream>;
 
 async fn read_loop(
     pool: &Pool,
@@ -665,6 +675,7 @@ async fn read_loop(
         last_frame = tokio::time::Instant::now();
         match next {
             Some(Ok(frame)) => pool.handle(link, frame),
+            None if link.state.load(Ordering::Acquire) == DRAINING => return LinkEnd::Drained,
             None => return LinkEnd::Failed(anyhow::anyhow!("worker closed the link")),
             Some(Err(CodecError::Decode(e))) => {
                 return LinkEnd::Failed(anyhow::anyhow!("undecodable link frame: {e}"));
@@ -698,7 +709,7 @@ impl Outbound {
 async fn write_loop(
     pool: Arc<Pool>,
     link: Arc<Link>,
-    mut writer: OwnedWriteHalf,
+    mut writer: LinkWriter,
     mut rx: mpsc::Receiver<Outbound>,
     stop: CancellationToken,
 ) -> mpsc::Receiver<Outbound> {

@@ -43,6 +43,23 @@ fn a_bad_configuration_lists_every_problem_and_exits_64() {
     for problem in ["limits.max_frame", "limits.max_sessions", "upstream.foundations", "tls.cert"] {
         assert!(stderr.contains(problem), "{problem} not reported in\n{stderr}");
     }
+    // a worker off loopback needs the pool's credentials, and those name files that must be there
+    std::fs::write(&path, "[upstream]\nfoundations = [\"10.0.0.2:7101\"]\n").unwrap();
+    let out = gateway().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("upstream.foundations: 10.0.0.2:7101 is not a loopback address"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &path,
+        "[upstream]\nfoundations = [\"10.0.0.2:7101\"]\npool_credentials = \"/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = gateway().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("upstream.pool_credentials: no ca.pem in /nonexistent"), "{stderr}");
+    assert!(!stderr.contains("loopback"), "{stderr}");
     // unknown keys and wrong types are all reported too, each with its key
     std::fs::write(
         &path,

@@ -7,6 +7,8 @@
 //! - [`Process`]: logging (to stderr; stdout carries one JSON line of bound addresses), a multi-threaded runtime,
 //!   SIGTERM and SIGINT as shutdown, SIGHUP as reload, and systemd notification (`READY`, `WATCHDOG`, `STOPPING`).
 //! - [`admin`]: the admin router (`/metrics`, `/healthz`, `/readyz`).
+//! - [`pool`]: the pool's credentials (a CA of its own), mutual TLS on the internal connections and sealed
+//!   membership datagrams.
 //! - [`batch`]: the batched, vectored writer of the internal connections (gateway ↔ worker links, peer
 //!   connections).
 //!
@@ -17,6 +19,7 @@
 pub mod admin;
 pub mod batch;
 pub mod config;
+pub mod pool;
 mod process;
 
 pub use config::ServerConfig;

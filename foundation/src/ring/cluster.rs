@@ -66,6 +66,8 @@ pub struct RingConfig {
     pub max_message: usize,
     /// When a write is acknowledged.
     pub durability: Durability,
+    /// Mutual TLS on peer connections (the pool's credentials); plain TCP without.
+    pub peer_tls: Option<thingport_shell::pool::Connector>,
 }
 
 /// Why a write or a read failed.
@@ -135,7 +137,7 @@ impl Cluster {
         Arc::new_cyclic(|this| Cluster {
             this: this.clone(),
             calls: Calls::new(&me),
-            peers: Peers::new(me.clone(), config.max_message),
+            peers: Peers::new(me.clone(), config.max_message, config.peer_tls.clone()),
             me,
             config,
             store: Store::default(),

@@ -18,6 +18,7 @@ use foca::{Config as FocaConfig, Foca, OwnedNotification, PeriodicParams, Postca
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
+use thingport_shell::pool::SwimKey;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -150,6 +151,7 @@ pub fn prepare(
     socket: UdpSocket,
     seeds: Vec<SocketAddr>,
     timing: Timing,
+    seal: Option<Arc<SwimKey>>,
     stop: CancellationToken,
 ) -> (Membership, impl FnOnce() -> tokio::task::JoinHandle<()>) {
     let mut initial = BTreeMap::new();
@@ -159,14 +161,51 @@ pub fn prepare(
     let (tx, rx) = mpsc::channel::<Input>(1024);
     let inputs = (tx.clone(), rx);
     let node = me.clone();
-    let start =
-        move || tokio::spawn(run(node, Arc::new(socket), seeds, timing, members_tx, stop, inputs));
+    let socket = Datagrams { socket: Arc::new(socket), seal };
+    let start = move || tokio::spawn(run(node, socket, seeds, timing, members_tx, stop, inputs));
     (Membership { me, members, gone: tx }, start)
+}
+
+/// The membership socket: datagrams sealed with the pool's key when the pool has credentials.
+#[derive(Debug, Clone)]
+struct Datagrams {
+    socket: Arc<UdpSocket>,
+    seal: Option<Arc<SwimKey>>,
+}
+
+impl Datagrams {
+    async fn send_to(&self, data: &[u8], to: SocketAddr) {
+        match &self.seal {
+            None => {
+                let _ = self.socket.send_to(data, to).await;
+            }
+            Some(key) => match key.seal(data) {
+                Ok(sealed) => {
+                    let _ = self.socket.send_to(&sealed, to).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "a membership datagram could not be sealed"),
+            },
+        }
+    }
+
+    /// The next datagram that opens with the pool's key (all of them without credentials); the others are
+    /// counted and dropped.
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<Bytes> {
+        loop {
+            let (n, from) = self.socket.recv_from(buf).await?;
+            let Some(key) = &self.seal else { return Ok(Bytes::copy_from_slice(&buf[..n])) };
+            if let Some(plain) = key.open(&mut buf[..n]) {
+                return Ok(Bytes::copy_from_slice(plain));
+            }
+            ::metrics::counter!("thingport_foundation_membership_refused_total").increment(1);
+            tracing::debug!(%from, "a membership datagram that does not open with the pool's key was dropped");
+        }
+    }
 }
 
 async fn run(
     me: Node,
-    socket: Arc<UdpSocket>,
+    socket: Datagrams,
     seeds: Vec<SocketAddr>,
     timing: Timing,
     members: watch::Sender<Members>,
@@ -180,8 +219,8 @@ async fn run(
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
-            while let Ok((n, _)) = socket.recv_from(&mut buf).await {
-                let _ = tx.try_send(Input::Data(Bytes::copy_from_slice(&buf[..n])));
+            while let Ok(data) = socket.recv(&mut buf).await {
+                let _ = tx.try_send(Input::Data(data));
             }
         })
     };
@@ -234,13 +273,13 @@ async fn run(
 /// Sends, schedules and publishes what foca asked for; false once this worker is defunct.
 async fn flush(
     runtime: &mut foca::AccumulatingRuntime<Node>,
-    socket: &UdpSocket,
+    socket: &Datagrams,
     tx: &mpsc::Sender<Input>,
     members: &watch::Sender<Members>,
     foca: &Foca<Node, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
 ) -> bool {
     while let Some((to, data)) = runtime.to_send() {
-        let _ = socket.send_to(&data, to.addr).await;
+        socket.send_to(&data, to.addr).await;
     }
     while let Some((after, timer)) = runtime.to_schedule() {
         let tx = tx.clone();

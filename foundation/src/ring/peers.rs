@@ -18,9 +18,9 @@ use futures_util::StreamExt;
 use thingport_protocol::codec::{CodecError, PeerCodec};
 use thingport_protocol::peer::{PEER_VERSION, PeerMessage, Refusal, Request, Response};
 use thingport_shell::batch::Flush;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use thingport_shell::pool::{self, Acceptor, Connector, PoolStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -79,13 +79,16 @@ pub struct Peers {
     /// Held while connecting, so that requests arriving together open one connection, not one each (a burst of
     /// connections overflows the listener's backlog, and a dropped SYN costs a second).
     connecting: tokio::sync::Mutex<()>,
+    /// Mutual TLS with the pool's credentials; plain TCP without them.
+    tls: Option<Connector>,
 }
 
 impl Peers {
-    pub fn new(me: String, max_message: usize) -> Peers {
+    pub fn new(me: String, max_message: usize, tls: Option<Connector>) -> Peers {
         Peers {
             me,
             max_message,
+            tls,
             conns: Arc::default(),
             failed: Mutex::default(),
             connecting: tokio::sync::Mutex::new(()),
@@ -148,18 +151,19 @@ impl Peers {
         if lock(&self.failed).get(key).is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
             return Err(PeerError::Connect);
         }
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-        let stream = match connected {
-            Ok(Ok(stream)) => stream,
-            failed => {
+        let stream = match pool::connect(self.tls.as_ref(), addr, CONNECT_TIMEOUT).await {
+            Ok(stream) => stream,
+            Err(e) => {
                 lock(&self.failed).insert(key.to_string(), Instant::now());
-                let refused = matches!(&failed, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+                if e.kind() != std::io::ErrorKind::ConnectionRefused {
+                    tracing::debug!(member = key, error = %e, "connecting to a member failed");
+                }
+                let refused = e.kind() == std::io::ErrorKind::ConnectionRefused;
                 return Err(if refused { PeerError::Refused } else { PeerError::Connect });
             }
         };
         lock(&self.failed).remove(key);
-        let _ = stream.set_nodelay(true);
-        let (reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = tokio::io::split(stream);
         let hello = PeerMessage::Hello { version: PEER_VERSION, member: self.me.clone() };
         let hello = hello.to_framed_bytes().map_err(|_| PeerError::Connect)?;
         writer.write_all(&hello).await.map_err(|_| PeerError::Connect)?;
@@ -199,11 +203,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Writes queued messages, as many per write as are ready (up to 256 KiB), until the queue closes or a write fails.
-pub(crate) async fn write_batches(writer: OwnedWriteHalf, rx: mpsc::Receiver<Bytes>) {
+pub(crate) async fn write_batches(writer: impl AsyncWrite + Unpin, rx: mpsc::Receiver<Bytes>) {
     thingport_shell::batch::write_queue(writer, rx, Flush::now(MAX_BATCH)).await;
 }
 
-async fn read_responses(reader: OwnedReadHalf, conn: &Conn, max_message: usize) {
+async fn read_responses(reader: impl AsyncRead + Unpin, conn: &Conn, max_message: usize) {
     let mut messages = FramedRead::with_capacity(reader, PeerCodec { max_message }, 64 * 1024);
     while let Some(Ok(PeerMessage::Response { id, body })) = messages.next().await {
         if let Some(tx) = lock(&conn.waiting).remove(&id) {
@@ -212,11 +216,13 @@ async fn read_responses(reader: OwnedReadHalf, conn: &Conn, max_message: usize) 
     }
 }
 
-/// Serves peer connections until `stop`, answering each request with `handle`.
+/// Serves peer connections until `stop`, answering each request with `handle`. With `tls`, only members of the
+/// pool (a certificate its CA signed) get past the handshake.
 pub async fn serve<H, F>(
     listener: TcpListener,
     max_message: usize,
     handle: H,
+    tls: Option<Acceptor>,
     stop: CancellationToken,
 ) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
@@ -228,14 +234,20 @@ pub async fn serve<H, F>(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
+            Ok((tcp, from)) => {
                 let handle = handle.clone();
                 let stop = stop.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
+                    let serving = async {
+                        match pool::accept(tls.as_ref(), tcp).await {
+                            Ok(stream) => serve_conn(stream, max_message, handle).await,
+                            Err(e) => refused(from, &e),
+                        }
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => {}
-                        _ = serve_conn(stream, max_message, handle) => {}
+                        _ = serving => {}
                     }
                 });
             }
@@ -247,12 +259,19 @@ pub async fn serve<H, F>(
     }
 }
 
-async fn serve_conn<H, F>(stream: TcpStream, max_message: usize, handle: H)
+/// A peer connection whose handshake failed (no pool certificate, another pool's, or no TLS at all).
+fn refused(from: SocketAddr, e: &std::io::Error) {
+    ::metrics::counter!("thingport_foundation_handshakes_refused_total", "port" => "peer")
+        .increment(1);
+    tracing::warn!(%from, error = %e, "a peer connection was refused: no pool credentials");
+}
+
+async fn serve_conn<H, F>(stream: PoolStream, max_message: usize, handle: H)
 where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response> + Send + 'static,
 {
-    let (reader, writer) = stream.into_split();
+    let (reader, writer) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let writing = tokio::spawn(write_batches(writer, rx));
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -342,8 +361,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, MAX, answer, stop.clone()));
-        let peers = Peers::new("me".to_string(), MAX);
+        tokio::spawn(serve(listener, MAX, answer, None, stop.clone()));
+        let peers = Peers::new("me".to_string(), MAX, None);
         let call =
             |thing: String, timeout| peers.request("w2", addr, Request::Read { thing }, timeout);
 

@@ -33,6 +33,15 @@ pub struct TestGateway {
 }
 
 pub async fn gateway(dir: &std::path::Path, foundations: Vec<SocketAddr>) -> TestGateway {
+    gateway_tuned(dir, foundations, |_| {}).await
+}
+
+/// [`gateway`], with `tune` applied to its configuration last.
+pub async fn gateway_tuned(
+    dir: &std::path::Path,
+    foundations: Vec<SocketAddr>,
+    tune: impl FnOnce(&mut GatewayConfig),
+) -> TestGateway {
     let (cert, key) = thingport_gateway::tls::self_signed(&["localhost".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), &cert).unwrap();
     std::fs::write(dir.join("key.pem"), key).unwrap();
@@ -47,6 +56,7 @@ pub async fn gateway(dir: &std::path::Path, foundations: Vec<SocketAddr>) -> Tes
     config.upstream.heartbeat = Duration::from_millis(250);
     let links = foundations.len() * config.upstream.links_per_foundation;
     config.upstream.foundations = foundations;
+    tune(&mut config);
     let gateway = Gateway::bind(config).await.unwrap();
     let wss = gateway.addrs().wss.unwrap();
     let handle = gateway.handle();
