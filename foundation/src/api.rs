@@ -798,6 +798,7 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
                 "member": key,
                 "id": membership::name_of(key),
                 "peer_address": node.map(|n| n.addr.to_string()),
+                "link_address": node.map(|n| n.link.to_string()),
                 "in_table": table.as_ref().is_some_and(|t| t.members.contains(key)),
                 "partitions_held": counts.map(|c| c.1),
                 "primaries": counts.map(|c| c.2),

@@ -294,7 +294,13 @@ async fn start_ring(
 ) -> Result<(Arc<ring::Cluster>, tokio::task::JoinHandle<()>)> {
     storage.opened().await;
     let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let me = ring::membership::Node { name: config.id.clone(), addr: addrs.peer, boot, renewal: 0 };
+    let me = ring::membership::Node {
+        name: config.id.clone(),
+        addr: addrs.peer,
+        link: addrs.link,
+        boot,
+        renewal: 0,
+    };
     let ring_config = ring::RingConfig {
         replicas: config.replicas,
         bootstrap_members: config.bootstrap_members,

@@ -6,6 +6,8 @@
 //!
 //! - **Routes**: each link is told the committed partition table's primaries (`ROUTES`) after `WELCOME` and on
 //!   every table change, so the gateway sends a thing's frames to its primary and no worker has to pass them on.
+//! - **Workers**: each link is told the pool's workers and their link addresses (`WORKERS`) after `WELCOME` and
+//!   whenever the membership changes, so that a gateway links to workers its configuration does not list.
 //! - **Load**: a link whose `link_in_flight` writes are all in progress is marked saturated (`LOAD`), so the
 //!   gateway sends new frames on other links while it has any; the mark is lifted when half are free again.
 //! - **Drain**: when the worker stops, each link is told `GOAWAY`, then a `PING`. The gateway answers `PONG` after
@@ -187,7 +189,7 @@ async fn serve_link(
         told: Mutex::new(()),
         tx: tx.clone(),
     });
-    let routes = send_routes(&shared, &tx);
+    let routes = async { tokio::join!(send_routes(&shared, &tx), send_workers(&shared, &tx)) };
     let drain_nonce: u64 = rand::random();
     let drain_pong = Notify::new();
     let read = async {
@@ -298,6 +300,42 @@ async fn send_routes(shared: &Shared, tx: &mpsc::Sender<Reply>) {
             return std::future::pending().await;
         }
     }
+}
+
+/// Tells the link the pool's workers and their link addresses, now and whenever the membership changes.
+async fn send_workers(shared: &Shared, tx: &mpsc::Sender<Reply>) {
+    let mut members = shared.cluster.watch_members();
+    let mut sent = None;
+    loop {
+        let frame = workers(&members.borrow_and_update());
+        if sent.as_ref() != Some(&frame) {
+            if tx.send(frame.clone().into()).await.is_err() {
+                return;
+            }
+            sent = Some(frame);
+        }
+        if members.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// The `WORKERS` frame of the active `members`: one entry per worker id (its latest run), leaving out a worker whose
+/// link address no gateway could connect to.
+pub fn workers(members: &crate::ring::membership::Members) -> LinkFrame {
+    let mut by_id: BTreeMap<&str, &crate::ring::membership::Node> = BTreeMap::new();
+    for node in members.values() {
+        let newer = by_id.get(node.name.as_str()).is_none_or(|known| node.boot > known.boot);
+        if newer && !node.link.ip().is_unspecified() && node.link.port() != 0 {
+            by_id.insert(&node.name, node);
+        }
+    }
+    let workers = by_id
+        .into_iter()
+        .take(MAX_ROUTED_WORKERS)
+        .map(|(id, node)| (ByteString::from(id), node.link))
+        .collect();
+    LinkFrame::Workers { workers }
 }
 
 /// The `ROUTES` frame of `table`: each partition's primary, named by worker id (a member key without its boot

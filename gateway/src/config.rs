@@ -69,7 +69,7 @@ pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Upstream {
-    /// Link addresses of the foundation workers.
+    /// Link addresses of foundation workers; the gateway also links to every worker they list (`WORKERS`).
     pub foundations: Vec<SocketAddr>,
     /// Persistent links to each worker.
     pub links_per_foundation: usize,

@@ -115,6 +115,12 @@ impl Handle {
     pub fn routes_version(&self) -> u64 {
         self.shared.pool.routes_version()
     }
+
+    /// The link addresses of the workers this gateway links to: configured ones and those the pool's workers list
+    /// (`WORKERS`), not those that left.
+    pub fn linked_workers(&self) -> Vec<std::net::SocketAddr> {
+        self.shared.pool.linked_workers()
+    }
 }
 
 /// A gateway with its sockets bound, ready to run.

@@ -48,6 +48,9 @@ use crate::registry::{Downstream, Push, Registry};
 
 use crate::config::MAX_BATCH_BYTES;
 
+/// Workers a gateway links to at most, configured and learned together.
+const MAX_LINKED_WORKERS: usize = 256;
+
 const DOWN: u8 = 0;
 const UP: u8 = 1;
 const SATURATED: u8 = 2;
@@ -88,6 +91,12 @@ struct Link {
     inflight: Mutex<HashMap<(u64, u64), Pending>>,
     /// The worker behind the link, from its last `WELCOME`.
     worker: Mutex<Option<ByteString>>,
+    /// Named in the configuration (else learned from a worker's `WORKERS`).
+    configured: bool,
+    /// Set while no worker lists this link's address any more: the link is not opened again.
+    retired: tokio::sync::watch::Sender<bool>,
+    /// The link addresses the worker behind the link listed in its last `WORKERS` (empty while the link is down).
+    listed: Mutex<Vec<SocketAddr>>,
 }
 
 impl Link {
@@ -125,6 +134,23 @@ impl Link {
         metrics::per_frame().link_queue_bytes.increment(len as f64);
         true
     }
+}
+
+fn new_link(index: usize, addr: SocketAddr, configured: bool, queue_frames: usize) -> Arc<Link> {
+    let (tx, rx) = mpsc::channel(queue_frames);
+    Arc::new(Link {
+        index,
+        addr,
+        state: AtomicU8::new(DOWN),
+        queued: AtomicUsize::new(0),
+        tx,
+        rx: Mutex::new(Some(rx)),
+        inflight: Mutex::default(),
+        worker: Mutex::default(),
+        configured,
+        retired: tokio::sync::watch::Sender::new(false),
+        listed: Mutex::default(),
+    })
 }
 
 /// Where each partition's frames go: the links of its primary, by the newest `ROUTES` any worker sent.
@@ -167,7 +193,13 @@ impl Routes {
 #[derive(Debug)]
 pub struct Pool {
     gateway_id: ByteString,
-    links: Vec<Arc<Link>>,
+    /// Every link, configured and learned; it only grows, so an index stays valid (a link of a worker that left is
+    /// retired, not removed).
+    links: ArcSwap<Vec<Arc<Link>>>,
+    /// Held while links are added or retired.
+    discovery: Mutex<()>,
+    /// The stop of the link tasks, for links added after the start.
+    cancel: std::sync::OnceLock<CancellationToken>,
     next: AtomicUsize,
     high_water: usize,
     ready: Notify,
@@ -197,22 +229,14 @@ impl Pool {
         let mut links = Vec::new();
         for addr in &upstream.foundations {
             for _ in 0..upstream.links_per_foundation {
-                let (tx, rx) = mpsc::channel(upstream.queue_frames);
-                links.push(Arc::new(Link {
-                    index: links.len(),
-                    addr: *addr,
-                    state: AtomicU8::new(DOWN),
-                    queued: AtomicUsize::new(0),
-                    tx,
-                    rx: Mutex::new(Some(rx)),
-                    inflight: Mutex::default(),
-                    worker: Mutex::default(),
-                }));
+                links.push(new_link(links.len(), *addr, true, upstream.queue_frames));
             }
         }
         Arc::new(Pool {
             gateway_id: ByteString::from(config.id.clone()),
-            links,
+            links: ArcSwap::from_pointee(links),
+            discovery: Mutex::default(),
+            cancel: std::sync::OnceLock::new(),
             next: AtomicUsize::new(0),
             high_water: upstream.high_water_bytes,
             ready: Notify::new(),
@@ -230,9 +254,12 @@ impl Pool {
 
     /// Starts every link's task; they run until `cancel`.
     pub fn start(self: &Arc<Self>, cancel: CancellationToken) {
-        for link in &self.links {
+        let _discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.cancel.set(cancel.clone());
+        for link in self.links.load().iter() {
             tokio::spawn(run_link(self.clone(), link.clone(), cancel.clone()));
         }
+        drop(_discovery);
         let pool = self.clone();
         tokio::spawn(async move {
             let period = pool.config.heartbeat * 4;
@@ -304,26 +331,95 @@ impl Pool {
     /// Links that are up (saturated or not).
     pub fn links_up(&self) -> usize {
         self.links
+            .load()
             .iter()
             .filter(|l| matches!(l.state.load(Ordering::Acquire), UP | SATURATED))
             .count()
+    }
+
+    /// The addresses of the workers this gateway links to: those it is configured with and those the workers
+    /// list (`WORKERS`), not those that left.
+    pub fn linked_workers(&self) -> Vec<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> =
+            self.links.load().iter().filter(|l| !*l.retired.borrow()).map(|l| l.addr).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    /// A worker listed its pool's workers: links are added for those not linked yet, and those that no linked
+    /// worker lists any more (and the configuration does not name) are retired.
+    fn discovered(self: &Arc<Self>, link: &Link, workers: Vec<(ByteString, SocketAddr)>) {
+        let listed: Vec<SocketAddr> = workers.into_iter().map(|(_, addr)| addr).collect();
+        *link.listed.lock().unwrap_or_else(|e| e.into_inner()) = listed;
+        self.rediscover();
+    }
+
+    /// Applies the union of what the linked workers list.
+    fn rediscover(self: &Arc<Self>) {
+        let _discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.links.load_full();
+        let mut wanted: Vec<SocketAddr> = Vec::new();
+        for link in current.iter() {
+            for addr in link.listed.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                if !wanted.contains(addr) {
+                    wanted.push(*addr);
+                }
+            }
+        }
+        // without the pool's credentials a link stays on loopback, as the configuration check requires
+        let allowed = |addr: &SocketAddr| self.tls.is_some() || addr.ip().is_loopback();
+        for addr in wanted.iter().filter(|a| !allowed(a)) {
+            tracing::warn!(%addr, "a worker listed at a non-loopback address is not linked: upstream.pool_credentials is not set");
+        }
+        wanted.retain(allowed);
+        let mut grown: Vec<Arc<Link>> = current.as_ref().clone();
+        let mut added = Vec::new();
+        for addr in &wanted {
+            let known = grown.iter().any(|l| l.addr == *addr);
+            if !known && grown.len() < MAX_LINKED_WORKERS * self.config.links_per_foundation {
+                for _ in 0..self.config.links_per_foundation {
+                    let link = new_link(grown.len(), *addr, false, self.config.queue_frames);
+                    added.push(link.clone());
+                    grown.push(link);
+                }
+                ::metrics::counter!(metrics::LINK_EVENTS, "event" => "discovered").increment(1);
+                tracing::info!(%addr, "a worker the pool lists is linked");
+            }
+        }
+        for link in grown.iter().filter(|l| !l.configured) {
+            let retire = !wanted.contains(&link.addr);
+            let was = link.retired.send_replace(retire);
+            if retire && !was && link.index % self.config.links_per_foundation == 0 {
+                ::metrics::counter!(metrics::LINK_EVENTS, "event" => "retired").increment(1);
+                tracing::info!(addr = %link.addr, "no worker lists this worker any more; its links are not opened again");
+            }
+        }
+        if !added.is_empty() {
+            self.links.store(Arc::new(grown));
+            if let Some(cancel) = self.cancel.get() {
+                for link in added {
+                    tokio::spawn(run_link(self.clone(), link, cancel.clone()));
+                }
+            }
+        }
     }
 
     /// Sends a device data frame on a link of its partition's primary (the session's one of them, or another if
     /// that one cannot take it), else on the next link that can take it.
     pub fn send(&self, pending: Pending) -> Result<(), Busy> {
         let routes = self.routes.load();
+        let links = self.links.load();
         let primary = routes.links_for(pending.partition);
         let k = primary.len();
         let first = pending.session_id as usize;
-        if (0..k).any(|i| self.links[primary[(first + i) % k]].try_send(&pending, self.high_water))
-        {
+        if (0..k).any(|i| links[primary[(first + i) % k]].try_send(&pending, self.high_water)) {
             metrics::per_frame().routed_primary.increment(1);
             return Ok(());
         }
-        let n = self.links.len();
+        let n = links.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        if (0..n).any(|i| self.links[(start + i) % n].try_send(&pending, self.high_water)) {
+        if (0..n).any(|i| links[(start + i) % n].try_send(&pending, self.high_water)) {
             metrics::per_frame().routed_other.increment(1);
             return Ok(());
         }
@@ -341,7 +437,7 @@ impl Pool {
         if version <= self.routes.load().version {
             return;
         }
-        self.routes.store(Arc::new(Routes::new(version, workers, primaries, &self.links)));
+        self.routes.store(Arc::new(Routes::new(version, workers, primaries, &self.links.load())));
         ::metrics::gauge!(metrics::ROUTES_VERSION).set(version as f64);
     }
 
@@ -349,7 +445,7 @@ impl Pool {
     /// from empty stores numbers its tables from 1, and a gateway that kept the old version would ignore them.
     fn unlinked(&self) {
         let _update = self.routes_update.lock().unwrap_or_else(|e| e.into_inner());
-        if self.links.iter().all(|l| l.state.load(Ordering::Acquire) == DOWN) {
+        if self.links.load().iter().all(|l| l.state.load(Ordering::Acquire) == DOWN) {
             self.routes.store(Arc::default());
             ::metrics::gauge!(metrics::ROUTES_VERSION).set(0.0);
         }
@@ -368,7 +464,7 @@ impl Pool {
             current.version,
             current.workers.clone(),
             current.primaries.clone(),
-            &self.links,
+            &self.links.load(),
         );
         self.routes.store(Arc::new(routes));
     }
@@ -380,10 +476,11 @@ impl Pool {
 
     /// Sends a control frame (`OPEN`, `CLOSE`) on any link that is up and not draining; returns false if none is.
     pub fn send_control(&self, frame: LinkFrame) -> bool {
-        let n = self.links.len();
+        let links = self.links.load();
+        let n = links.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n).any(|i| {
-            let link = &self.links[(start + i) % n];
+            let link = &links[(start + i) % n];
             link.state.load(Ordering::Acquire) != DRAINING && link.send_control(frame.clone())
         })
     }
@@ -399,7 +496,7 @@ impl Pool {
     }
 
     fn send_control_on(&self, link: usize, frame: LinkFrame) {
-        if let Some(link) = self.links.get(link) {
+        if let Some(link) = self.links.load().get(link) {
             link.send_control(frame);
         }
     }
@@ -432,12 +529,12 @@ impl Pool {
 
     /// Tells every worker this gateway is draining.
     pub fn goaway(&self) {
-        for link in &self.links {
+        for link in self.links.load().iter() {
             link.send_control(LinkFrame::Goaway);
         }
     }
 
-    fn handle(&self, link: &Link, frame: LinkFrame) {
+    fn handle(self: &Arc<Self>, link: &Link, frame: LinkFrame) {
         match frame {
             LinkFrame::Stored { session_id, seq } => {
                 if let Some(pending) = link.inflight().remove(&(session_id, seq)) {
@@ -532,6 +629,7 @@ impl Pool {
             LinkFrame::Routes { version, workers, primaries } => {
                 self.reroute(version, workers, primaries);
             }
+            LinkFrame::Workers { workers } => self.discovered(link, workers),
             LinkFrame::Pong { .. } | LinkFrame::Welcome { .. } => {}
             other => {
                 tracing::debug!(link = link.index, frame = ?other, "unexpected link frame from worker")
@@ -554,7 +652,13 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
         return;
     };
     let mut backoff = pool.config.reconnect_min;
+    let mut retired = link.retired.subscribe();
     loop {
+        // a worker no other worker lists any more is not linked again, unless a list names it again
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = retired.wait_for(|retired| !retired) => {}
+        }
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
             r = connect(&pool, &link) => r,
@@ -603,6 +707,11 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>, cancel: CancellationToken) {
         link.state.store(DOWN, Ordering::Release);
         ::metrics::gauge!(metrics::LINKS_UP).decrement(1.0);
         pool.unlinked();
+        // what this worker listed no longer counts: a worker gone stops vouching for itself
+        let listed = std::mem::take(&mut *link.listed.lock().unwrap_or_else(|e| e.into_inner()));
+        if !listed.is_empty() {
+            pool.rediscover();
+        }
         // frames queued but not written are in `inflight` too: drop the queue, resend from `inflight`
         while rx.try_recv().is_ok() {}
         let queued = link.queued.swap(0, Ordering::Relaxed);
@@ -649,7 +758,7 @@ type LinkReader = FramedRead<ReadHalf<PoolStream>, LinkCodec>;
 type LinkWriter = WriteHalf<PoolStream>;
 
 async fn read_loop(
-    pool: &Pool,
+    pool: &Arc<Pool>,
     link: &Link,
     mut frames: LinkReader,
     stop: &CancellationToken,

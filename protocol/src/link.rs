@@ -1,8 +1,10 @@
 //! The gateway ↔ foundation link format (`docs/PROTOCOL.md` §8).
 //!
-//! A link is one TCP connection (TLS optional) carrying length-prefixed link frames both ways, many per write. A
+//! A link is one TCP connection (mutual TLS when the pool has credentials) carrying length-prefixed link frames both ways, many per write. A
 //! device frame travels inside `UPSTREAM` / `DOWNSTREAM` behind a short routing header, its bytes unchanged, so the
 //! gateway forwards without re-encoding.
+
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
@@ -15,7 +17,7 @@ use crate::varint;
 use crate::wire::{Reader, len_prefixed_len, put_len_prefixed};
 
 /// Version of the link format.
-pub const LINK_VERSION: u8 = 5;
+pub const LINK_VERSION: u8 = 6;
 
 /// Bytes a routing header adds at most to a device frame: type, session id, incarnation, thing name at its length
 /// limit.
@@ -35,11 +37,24 @@ pub fn max_routes_len(limits: &Limits) -> usize {
         + crate::partition::PARTITIONS * index
 }
 
+/// Bytes of one `WORKERS` address: the family byte, an IPv6 address, the port.
+const MAX_ADDRESS_LEN: usize = 1 + 16 + 2;
+
+/// The longest `WORKERS` frame (type and fields): [`MAX_ROUTED_WORKERS`] ids at the name limit, each with an IPv6
+/// link address.
+pub fn max_workers_len(limits: &Limits) -> usize {
+    let name = varint::encoded_len(limits.max_name as u64) + limits.max_name;
+    1 + varint::encoded_len(MAX_ROUTED_WORKERS as u64)
+        + MAX_ROUTED_WORKERS * (name + MAX_ADDRESS_LEN)
+}
+
 /// The longest link frame (type and fields) a receiver with `limits` accepts (§8.1): a device frame at its limit
-/// behind a routing header, or the longest `ROUTES`, whichever is longer. It does not depend on `max_frame` alone,
-/// so a gateway with small device frames still takes a worker's `ROUTES`.
+/// behind a routing header, the longest `ROUTES` or the longest `WORKERS`, whichever is longest. It does not depend
+/// on `max_frame` alone, so a gateway with small device frames still takes a worker's `ROUTES` and `WORKERS`.
 pub fn max_link_frame(limits: &Limits) -> usize {
-    (limits.max_frame + max_overhead(limits)).max(max_routes_len(limits))
+    (limits.max_frame + max_overhead(limits))
+        .max(max_routes_len(limits))
+        .max(max_workers_len(limits))
 }
 
 /// Link frame type bytes.
@@ -64,6 +79,7 @@ pub enum LinkType {
     Delivered = 0x0f,
     Routes = 0x10,
     StoredRun = 0x11,
+    Workers = 0x12,
 }
 
 impl LinkType {
@@ -86,6 +102,7 @@ impl LinkType {
             0x0f => LinkType::Delivered,
             0x10 => LinkType::Routes,
             0x11 => LinkType::StoredRun,
+            0x12 => LinkType::Workers,
             other => return Err(DecodeError::UnknownFrameType(other)),
         })
     }
@@ -201,6 +218,12 @@ pub enum LinkFrame {
         first: u64,
         last: u64,
     },
+    /// Worker → gateway: the workers of the pool as the sender's membership sees them, each with the address its
+    /// links are opened to, so that a gateway links to workers its configuration does not name. At most
+    /// [`MAX_ROUTED_WORKERS`].
+    Workers {
+        workers: Vec<(ByteString, SocketAddr)>,
+    },
 }
 
 /// Most data frames one `STORED_RUN` covers.
@@ -229,6 +252,7 @@ impl LinkFrame {
             LinkFrame::Delivered { .. } => LinkType::Delivered,
             LinkFrame::Routes { .. } => LinkType::Routes,
             LinkFrame::StoredRun { .. } => LinkType::StoredRun,
+            LinkFrame::Workers { .. } => LinkType::Workers,
         }
     }
 
@@ -277,6 +301,13 @@ impl LinkFrame {
             }
             LinkFrame::StoredRun { session_id, first, last } => {
                 v(*session_id) + v(*first) + v(*last)
+            }
+            LinkFrame::Workers { workers } => {
+                v(workers.len() as u64)
+                    + workers
+                        .iter()
+                        .map(|(id, addr)| len_prefixed_len(id.as_bytes()) + address_len(addr))
+                        .sum::<usize>()
             }
         }
     }
@@ -357,6 +388,13 @@ impl LinkFrame {
                 varint::put(dst, *session_id);
                 varint::put(dst, *first);
                 varint::put(dst, *last);
+            }
+            LinkFrame::Workers { workers } => {
+                varint::put(dst, workers.len() as u64);
+                for (id, addr) in workers {
+                    put_len_prefixed(dst, id.as_bytes());
+                    put_address(dst, addr);
+                }
             }
         }
     }
@@ -484,6 +522,7 @@ impl LinkFrame {
                 }
                 LinkFrame::StoredRun { session_id, first, last }
             }
+            LinkType::Workers => decode_workers(&mut r, limits)?,
         };
         r.finish()?;
         Ok(frame)
@@ -497,14 +536,7 @@ fn route_index(primary: Option<u16>) -> u64 {
 
 fn decode_routes(r: &mut Reader, limits: &Limits) -> Result<LinkFrame, DecodeError> {
     let version = r.varint()?;
-    let count: usize = r.varint_as("worker count")?;
-    if count > MAX_ROUTED_WORKERS {
-        return Err(DecodeError::TooLong {
-            what: "worker count",
-            len: count as u64,
-            limit: MAX_ROUTED_WORKERS,
-        });
-    }
+    let count = worker_count(r)?;
     let mut workers = Vec::with_capacity(count.min(r.remaining() / 2));
     for _ in 0..count {
         workers.push(r.name("worker id", limits.max_name)?);
@@ -526,6 +558,67 @@ fn decode_routes(r: &mut Reader, limits: &Limits) -> Result<LinkFrame, DecodeErr
         });
     }
     Ok(LinkFrame::Routes { version, workers, primaries })
+}
+
+/// An address as `WORKERS` encodes it: 4 or 6, the address's bytes, the port (big-endian).
+fn put_address(dst: &mut impl BufMut, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            dst.put_u8(4);
+            dst.put_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            dst.put_u8(6);
+            dst.put_slice(&ip.octets());
+        }
+    }
+    dst.put_u16(addr.port());
+}
+
+fn address_len(addr: &SocketAddr) -> usize {
+    if addr.is_ipv4() { 1 + 4 + 2 } else { MAX_ADDRESS_LEN }
+}
+
+/// The worker count of `ROUTES` or `WORKERS`, refused past [`MAX_ROUTED_WORKERS`] before anything is read.
+fn worker_count(r: &mut Reader) -> Result<usize, DecodeError> {
+    let count: usize = r.varint_as("worker count")?;
+    if count > MAX_ROUTED_WORKERS {
+        return Err(DecodeError::TooLong {
+            what: "worker count",
+            len: count as u64,
+            limit: MAX_ROUTED_WORKERS,
+        });
+    }
+    Ok(count)
+}
+
+fn decode_workers(r: &mut Reader, limits: &Limits) -> Result<LinkFrame, DecodeError> {
+    let count = worker_count(r)?;
+    let mut workers = Vec::with_capacity(count.min(r.remaining() / 8));
+    for _ in 0..count {
+        let id = r.name("worker id", limits.max_name)?;
+        let ip = match r.u8()? {
+            4 => {
+                let b = r.bytes(4)?;
+                IpAddr::from([b[0], b[1], b[2], b[3]])
+            }
+            6 => {
+                let b = r.bytes(16)?;
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&b);
+                IpAddr::from(octets)
+            }
+            other => {
+                return Err(DecodeError::InvalidField {
+                    what: "address family",
+                    value: other.into(),
+                });
+            }
+        };
+        let port = r.bytes(2)?;
+        workers.push((id, SocketAddr::new(ip, u16::from_be_bytes([port[0], port[1]]))));
+    }
+    Ok(LinkFrame::Workers { workers })
 }
 
 /// The rest of a link frame as a device frame: non-empty and within the device frame limit.
@@ -649,6 +742,29 @@ mod tests {
             ],
             "a run longer than the limit is split"
         );
+    }
+
+    #[test]
+    fn the_longest_workers_passes_a_decoder_and_bad_addresses_are_refused() {
+        let limits = Limits { max_frame: 64, ..Limits::DEFAULT };
+        let name = "w".repeat(limits.max_name);
+        let v6: SocketAddr = "[2001:db8::1]:7101".parse().unwrap_or_else(|_| unreachable!());
+        let workers: Vec<(ByteString, SocketAddr)> = (0..MAX_ROUTED_WORKERS)
+            .map(|i| (ByteString::from(format!("{i:03}{}", &name[3..])), v6))
+            .collect();
+        let frame = LinkFrame::Workers { workers };
+        assert_eq!(frame.encoded_len(), max_workers_len(&limits));
+        let mut buf = BytesMut::new();
+        frame.encode_framed(&mut buf);
+        assert_eq!(LinkDecoder::new(limits).decode(&mut buf), Ok(Some(frame)));
+        // family 5 is neither IPv4 nor IPv6; one worker more than the limit is refused before it is read
+        let bad = Bytes::from_static(&[0x12, 0x01, 0x02, b'w', b'1', 0x05, 0, 0, 0, 0, 0x1b, 0xbd]);
+        assert_eq!(
+            LinkFrame::decode(bad, &limits),
+            Err(DecodeError::InvalidField { what: "address family", value: 5 })
+        );
+        let many = Bytes::from_static(&[0x12, 0x81, 0x02]);
+        assert!(matches!(LinkFrame::decode(many, &limits), Err(DecodeError::TooLong { .. })));
     }
 
     #[test]

@@ -165,8 +165,8 @@ fn link_frames_carry_only_bounded_nonempty_device_frames() {
         Err(DecodeError::InvalidField { what: "saturated", value: 2 })
     );
     assert_eq!(
-        LinkFrame::decode(Bytes::from_static(&[0x12]), &limits),
-        Err(DecodeError::UnknownFrameType(0x12))
+        LinkFrame::decode(Bytes::from_static(&[0x13]), &limits),
+        Err(DecodeError::UnknownFrameType(0x13))
     );
     // STORED_RUN: last not before first, and at most 65,536 frames
     assert_eq!(

@@ -226,6 +226,16 @@ fn vectors() -> Vec<(&'static str, &'static str, Vector)> {
             "Link STORED_RUN (with its length prefix): the data frames 1 to 5 of session 42 are stored.",
             Link(LinkFrame::StoredRun { session_id: 42, first: 1, last: 5 }),
         ),
+        (
+            "link-workers",
+            "Link WORKERS (with its length prefix): worker `w1` has its links at 127.0.0.1:7101 and `w2` at [::1]:7102.",
+            Link(LinkFrame::Workers {
+                workers: vec![
+                    ("w1".into(), "127.0.0.1:7101".parse().unwrap()),
+                    ("w2".into(), "[::1]:7102".parse().unwrap()),
+                ],
+            }),
+        ),
     ]
 }
 

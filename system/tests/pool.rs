@@ -380,3 +380,73 @@ async fn all_forwarded(workers: &[WorkerProcess]) -> Vec<u64> {
     }
     counts
 }
+
+/// A worker's `thingport_foundation_frames_stored_total`.
+async fn stored(worker: &WorkerProcess) -> u64 {
+    let (_, body) = get_text(worker.admin, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("thingport_foundation_frames_stored_total "))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+/// Waits until `done` holds of the gateway.
+async fn gateway_until(
+    gateway: &support::TestGateway,
+    what: &str,
+    done: impl Fn(&thingport_gateway::Handle) -> bool,
+) {
+    within(what, async {
+        while !done(&gateway.handle) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_links_to_a_worker_that_joins_and_lets_one_that_leaves_go() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    let w1 = spawn_worker(dir.path(), "w1", &[], 2).await;
+    let w2 = spawn_worker(dir.path(), "w2", &[w1.peer], 2).await;
+    cluster_until(w1.api, "two members", |v| settled_on(v, &["w1", "w2"])).await;
+    // the gateway is configured with w1 alone, and w1 lists w2
+    let gateway = support::gateway(dir.path(), vec![w1.link]).await;
+    gateway_until(&gateway, "links to w2", |h| h.links_up() == 4).await;
+    let mut expected = vec![w1.link, w2.link];
+    expected.sort();
+    assert_eq!(gateway.handle.linked_workers(), expected);
+
+    let started = Instant::now();
+    let mut w3 = spawn_worker(dir.path(), "w3", &[w1.peer], 2).await;
+    gateway_until(&gateway, "links to w3", |h| {
+        h.linked_workers().contains(&w3.link) && h.links_up() == 6
+    })
+    .await;
+    // not asserted (timing belongs in benchmarks), reported by the test's output
+    eprintln!("w3 linked {} ms after its process started", started.elapsed().as_millis());
+
+    // once the table includes w3, the frames of its partitions reach it with no configuration change
+    let view =
+        cluster_until(w1.api, "w3 in the table", |v| settled_on(v, &["w1", "w2", "w3"])).await;
+    routes_reach(&gateway, &view).await;
+    let stop = CancellationToken::new();
+    let acked = Acked::new();
+    let devices = start_devices(12, &gateway, &stop, &acked);
+    acked.total.grow_by(300, "with w3 linked").await;
+    assert!(stored(&w3).await > 0, "w3 stored no device frame");
+
+    // w3 stops: it drains its links, the pool drops it, and the gateway does not open them again
+    signal(&w3.child, "-TERM");
+    let _ = within("w3's exit", w3.child.wait()).await;
+    gateway_until(&gateway, "w3 let go", |h| {
+        !h.linked_workers().contains(&w3.link) && h.links_up() == 4
+    })
+    .await;
+    acked.total.grow_by(300, "after w3 left").await;
+    stop.cancel();
+    for device in devices {
+        within("device end", device).await.unwrap().unwrap();
+    }
+    let _ = gateway.stop.send(());
+}

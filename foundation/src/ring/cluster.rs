@@ -255,6 +255,11 @@ impl Cluster {
         self.members.borrow().clone()
     }
 
+    /// The active members, as they change.
+    pub fn watch_members(&self) -> watch::Receiver<Members> {
+        self.members.clone()
+    }
+
     /// Whether more than half of the table's members are active as this worker sees them. A worker cut off with a
     /// minority stops acknowledging writes once failure detection notices (`probe_period` + `suspect_timeout`): the
     /// majority side will move its partitions away.

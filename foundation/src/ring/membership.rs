@@ -30,6 +30,8 @@ pub struct Node {
     pub name: String,
     /// The peer address: UDP for membership, TCP for the ring's requests.
     pub addr: SocketAddr,
+    /// Where gateways open their links to this worker (told to them in `WORKERS`).
+    pub link: SocketAddr,
     /// Distinguishes this run of the worker from earlier ones.
     pub boot: u64,
     /// Counts the times this run rejoined after being declared down.
@@ -236,7 +238,9 @@ async fn run(
                 // until some member answers, keep announcing to the seeds
                 if foca.num_members() == 0 {
                     for &seed in seeds.iter().filter(|&&s| s != me.addr) {
-                        let target = Node { name: String::new(), addr: seed, boot: 0, renewal: 0 };
+                        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+                        let target =
+                            Node { name: String::new(), addr: seed, link: unknown, boot: 0, renewal: 0 };
                         let _ = foca.announce(target, &mut runtime);
                     }
                 }

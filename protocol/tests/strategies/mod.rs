@@ -209,5 +209,14 @@ pub fn link_frame() -> impl Strategy<Value = LinkFrame> {
         (any::<u64>(), 0..u64::MAX - 70_000, 0..65_536u64).prop_map(|(session_id, first, n)| {
             LinkFrame::StoredRun { session_id, first, last: first + n }
         }),
+        // the format carries an address and a port, not an IPv6 flow label or scope
+        prop::collection::vec((name(), any::<std::net::IpAddr>(), any::<u16>()), 0..8).prop_map(
+            |workers| LinkFrame::Workers {
+                workers: workers
+                    .into_iter()
+                    .map(|(id, ip, port)| (id, std::net::SocketAddr::new(ip, port)))
+                    .collect(),
+            }
+        ),
     ]
 }
