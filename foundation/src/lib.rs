@@ -17,6 +17,7 @@ pub mod model;
 pub mod ring;
 pub mod services;
 pub mod storage;
+pub mod telemetry;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -151,6 +152,10 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let Worker { config, api_keys, link, api, admin, peer, udp, addrs, storage, version, pool } =
             self;
+        metrics_handle();
+        if let Some(pool) = &pool {
+            pool.export_expiry();
+        }
         let acceptor = |alpn| pool.as_ref().map(|p| p.acceptor(alpn)).transpose();
         let link_tls = acceptor(thingport_shell::pool::LINK_ALPN)?;
         let peer_tls = acceptor(thingport_shell::pool::PEER_ALPN)?;
@@ -380,11 +385,13 @@ pub(crate) fn per_op() -> &'static PerOp {
     PER_OP.get_or_init(|| {
         metrics_handle();
         PerOp {
-            ring_writes: metrics::counter!("thingport_ring_writes_total"),
-            ring_reads: metrics::counter!("thingport_ring_reads_total"),
-            ring_replications: metrics::counter!("thingport_ring_replications_total"),
-            frames_stored: metrics::counter!("thingport_foundation_frames_stored_total"),
-            frames_forwarded: metrics::counter!("thingport_foundation_frames_forwarded_total"),
+            ring_writes: metrics::counter!(crate::telemetry::RING_WRITES_TOTAL),
+            ring_reads: metrics::counter!(crate::telemetry::RING_READS_TOTAL),
+            ring_replications: metrics::counter!(crate::telemetry::RING_REPLICATIONS_TOTAL),
+            frames_stored: metrics::counter!(crate::telemetry::FOUNDATION_FRAMES_STORED_TOTAL),
+            frames_forwarded: metrics::counter!(
+                crate::telemetry::FOUNDATION_FRAMES_FORWARDED_TOTAL
+            ),
         }
     })
 }
@@ -395,9 +402,13 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            thingport_shell::admin::install(
+            let handle = thingport_shell::admin::install(
                 metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder(),
-            )
+            );
+            telemetry::describe();
+            telemetry::register_zeroes();
+            thingport_shell::admin::build_info("foundation", env!("CARGO_PKG_VERSION"));
+            handle
         })
         .clone()
 }

@@ -141,7 +141,7 @@ pub async fn serve(
                     match pool::accept(tls.as_ref(), tcp).await {
                         Ok(stream) => serve_link(shared, stream, drain, stop).await,
                         Err(e) => {
-                            ::metrics::counter!("thingport_foundation_handshakes_refused_total", "port" => "link")
+                            ::metrics::counter!(crate::telemetry::FOUNDATION_HANDSHAKES_REFUSED_TOTAL, "port" => "link")
                                 .increment(1);
                             tracing::warn!(%from, error = %e, "a gateway link was refused: no pool credentials");
                         }
@@ -388,7 +388,7 @@ impl InFlight {
         {
             self.saturated.store(saturated, Ordering::Relaxed);
             let event = if saturated { "saturated" } else { "unsaturated" };
-            ::metrics::counter!("thingport_foundation_link_load_total", "event" => event)
+            ::metrics::counter!(crate::telemetry::FOUNDATION_LINK_LOAD_TOTAL, "event" => event)
                 .increment(1);
         }
     }
@@ -486,7 +486,7 @@ async fn handle(
                                 RingError::Invalid => "invalid",
                                 RingError::Unavailable => "unavailable",
                             };
-                            ::metrics::counter!("thingport_foundation_frames_refused_total", "reason" => reason)
+                            ::metrics::counter!(crate::telemetry::FOUNDATION_FRAMES_REFUSED_TOTAL, "reason" => reason)
                                 .increment(1);
                             LinkFrame::Rejected { session_id, seq, code: e.code() }.into()
                         }

@@ -91,6 +91,12 @@ impl Handle {
     /// the one in use kept; the error is returned.
     pub fn reload(&self) -> Result<()> {
         let cert = self.shared.tls.cert.reload();
+        if cert.is_ok() {
+            thingport_shell::admin::certificate_expiry(
+                "device",
+                self.shared.tls.cert.leaf().as_ref(),
+            );
+        }
         ::metrics::counter!(metrics::CERT_RELOADS, "result" => if cert.is_ok() { "ok" } else { "refused" })
             .increment(1);
         if let Some(path) = &self.shared.config.auth.revocation_file {
@@ -160,12 +166,16 @@ impl Gateway {
         };
         let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let registry = Arc::new(Registry::default());
+        metrics::handle();
+        ::metrics::gauge!(metrics::SESSIONS_LIMIT).set(config.limits.max_sessions as f64);
+        thingport_shell::admin::certificate_expiry("device", tls.cert.leaf().as_ref());
         let link_tls = match &config.upstream.pool_credentials {
-            Some(dir) => Some(
-                thingport_shell::pool::Credentials::load(dir)
-                    .and_then(|p| p.connector(thingport_shell::pool::LINK_ALPN))
-                    .context("loading the pool's credentials")?,
-            ),
+            Some(dir) => {
+                let credentials = thingport_shell::pool::Credentials::load(dir)
+                    .context("loading the pool's credentials")?;
+                credentials.export_expiry();
+                Some(credentials.connector(thingport_shell::pool::LINK_ALPN)?)
+            }
             None => None,
         };
         let pool = Pool::new(&config, registry.clone(), link_tls);

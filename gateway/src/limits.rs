@@ -26,6 +26,18 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every refusal, for metrics exported before the first one.
+    pub const ALL: [Refusal; 8] = [
+        Refusal::MaxSessions,
+        Refusal::MaxSessionsPerIp,
+        Refusal::AcceptRate,
+        Refusal::MaxHandshakes,
+        Refusal::MaxHandshakesPerIp,
+        Refusal::MaxWaiting,
+        Refusal::MaxWaitingPerIp,
+        Refusal::Draining,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             Refusal::MaxSessions => "max_sessions",

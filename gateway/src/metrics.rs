@@ -3,6 +3,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `thingport_gateway_sessions_active` | gauge | `transport` |
+//! | `thingport_gateway_sessions_limit` | gauge | | `limits.max_sessions` |
 //! | `thingport_gateway_connections_waiting` | gauge | `transport` (`wss`) | accepted, no byte received yet |
 //! | `thingport_gateway_handshakes_active` | gauge | `transport` | in TLS, upgrade or `HELLO` |
 //! | `thingport_gateway_handshakes_total` | counter | `transport`, `result` (`ok` or a refusal reason) |
@@ -12,7 +13,7 @@
 //! | `thingport_gateway_dropped_total` | counter | `reason` |
 //! | `thingport_gateway_sessions_closed_total` | counter | `reason` |
 //! | `thingport_gateway_links_up` | gauge | |
-//! | `thingport_gateway_link_events_total` | counter | `event` (`connected`, `failed`, `saturated`, `unsaturated`, `binding_resent`, `binding_forgotten`) |
+//! | `thingport_gateway_link_events_total` | counter | `event` (`connected`, `failed`, `saturated`, `unsaturated`, `goaway`, `discovered`, `retired`, `binding_resent`, `binding_forgotten`) |
 //! | `thingport_gateway_link_frames_per_write` | histogram | |
 //! | `thingport_gateway_link_queue_bytes` | gauge | |
 //! | `thingport_gateway_frames_routed_total` | counter | `route` (`primary`, `other`) | device data frames sent to their partition's primary, or to another link |
@@ -21,6 +22,8 @@
 //! | `thingport_gateway_send_queue_frames` | histogram | | depth of a session's send queue when it grows |
 //! | `thingport_gateway_worker_round_trip_seconds` | histogram | | gateway → worker → `STORED` |
 //! | `thingport_gateway_cert_reloads_total` | counter | `result` |
+//! | `thingport_build_info` | gauge | `server`, `version` | always 1 |
+//! | `thingport_certificate_expiry_timestamp_seconds` | gauge | `cert` (`device`, `pool`) | Unix time |
 
 use std::sync::OnceLock;
 
@@ -28,6 +31,7 @@ use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const SESSIONS_ACTIVE: &str = "thingport_gateway_sessions_active";
+pub const SESSIONS_LIMIT: &str = "thingport_gateway_sessions_limit";
 pub const HANDSHAKES: &str = "thingport_gateway_handshakes_total";
 pub const WAITING: &str = "thingport_gateway_connections_waiting";
 pub const HANDSHAKES_ACTIVE: &str = "thingport_gateway_handshakes_active";
@@ -77,6 +81,9 @@ pub fn handle() -> &'static PrometheusHandle {
         };
         let handle = thingport_shell::admin::install(recorder);
         describe();
+        register_zeroes();
+        thingport_shell::admin::describe_build_info();
+        thingport_shell::admin::build_info("gateway", env!("CARGO_PKG_VERSION"));
         handle
     })
 }
@@ -118,9 +125,21 @@ pub fn per_frame() -> &'static PerFrame {
     })
 }
 
+/// Exports, at 0, the counters of rare events that alert rules and dashboards name, so that a scrape tells "none
+/// yet" from "not exported".
+fn register_zeroes() {
+    for transport in ["wss", "quic"] {
+        for reason in crate::limits::Refusal::ALL.map(crate::limits::Refusal::reason) {
+            metrics::counter!(REFUSED, "transport" => transport, "reason" => reason).absolute(0);
+        }
+    }
+    metrics::counter!(RETRIED).absolute(0);
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(SESSIONS_ACTIVE, "Device sessions open, by transport");
+    describe_gauge!(SESSIONS_LIMIT, "Device sessions allowed at once (limits.max_sessions)");
     describe_counter!(HANDSHAKES, "Device handshakes finished, by transport and result");
     describe_gauge!(
         WAITING,

@@ -36,6 +36,38 @@ pub fn install(recorder: PrometheusRecorder) -> PrometheusHandle {
     handle
 }
 
+/// `thingport_build_info{server, version}`, always 1: which program and release answers a scrape.
+pub const BUILD_INFO: &str = "thingport_build_info";
+/// `thingport_certificate_expiry_timestamp_seconds{cert}`: when a certificate the server presents stops being valid
+/// (Unix time), `cert` `device` (the gateway's device-facing certificate) or `pool` (this host's pool certificate).
+pub const CERT_EXPIRY: &str = "thingport_certificate_expiry_timestamp_seconds";
+
+/// Sets [`BUILD_INFO`] for this process; the recorder must be installed.
+pub fn build_info(server: &'static str, version: &'static str) {
+    metrics::gauge!(BUILD_INFO, "server" => server, "version" => version).set(1.0);
+}
+
+/// Help texts of the metrics this module sets.
+pub fn describe_build_info() {
+    metrics::describe_gauge!(
+        BUILD_INFO,
+        "The server and release that answer this scrape (always 1)"
+    );
+    metrics::describe_gauge!(
+        CERT_EXPIRY,
+        metrics::Unit::Seconds,
+        "When a certificate the server presents expires (Unix time), by cert (device, pool)"
+    );
+}
+
+/// Sets [`CERT_EXPIRY`] for `cert` from the leaf certificate `der` (nothing if it does not parse).
+pub fn certificate_expiry(cert: &'static str, der: &[u8]) {
+    if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) {
+        let not_after = parsed.validity().not_after.timestamp();
+        metrics::gauge!(CERT_EXPIRY, "cert" => cert).set(not_after as f64);
+    }
+}
+
 /// A server's readiness: `Ok(detail)` when ready, `Err(reason)` when not.
 pub type Readiness = Result<String, String>;
 

@@ -162,6 +162,12 @@ impl Credentials {
     pub fn swim(&self) -> Arc<SwimKey> {
         self.swim.clone()
     }
+
+    /// Exports when this host's pool certificate expires (`thingport_certificate_expiry_timestamp_seconds`,
+    /// `cert="pool"`); the recorder must be installed.
+    pub fn export_expiry(&self) {
+        crate::admin::certificate_expiry("pool", self.chain[0].as_ref());
+    }
 }
 
 /// The server side of an internal connection: mutual TLS when `acceptor` is set, bounded by

@@ -337,9 +337,9 @@ impl Cluster {
                     _ => {}
                 }
             }
-            ::metrics::counter!("thingport_ring_retries_total").increment(1);
+            ::metrics::counter!(crate::telemetry::RING_RETRIES_TOTAL).increment(1);
             if !self.backoff(deadline).await {
-                ::metrics::counter!("thingport_ring_write_failures_total").increment(1);
+                ::metrics::counter!(crate::telemetry::RING_WRITE_FAILURES_TOTAL).increment(1);
                 return Err(RingError::Unavailable);
             }
         }
@@ -724,7 +724,7 @@ impl Cluster {
         let deadline = Instant::now() + self.config.write_timeout;
         while !self.copy_to_holders(partition, op.clone()).await {
             if !self.backoff(deadline).await {
-                ::metrics::counter!("thingport_ring_background_replication_failures_total")
+                ::metrics::counter!(crate::telemetry::RING_BACKGROUND_REPLICATION_FAILURES_TOTAL)
                     .increment(1);
                 tracing::warn!(
                     partition,
@@ -865,7 +865,7 @@ impl Cluster {
                 }
             }
         }
-        ::metrics::counter!("thingport_ring_things_copied_total").increment(copied as u64);
+        ::metrics::counter!(crate::telemetry::RING_THINGS_COPIED_TOTAL).increment(copied as u64);
         // with `disk`, the new copy is on disk before the table that relies on it can commit
         if let (Durability::Disk, Some(ticket)) = (self.config.durability, last) {
             let deadline = Instant::now() + self.config.write_timeout;
@@ -918,9 +918,9 @@ impl Cluster {
             self.keep(changes);
         }
         tracing::info!(version = table.version, members = ?table.members, "partition table committed");
-        ::metrics::gauge!("thingport_ring_table_version").set(table.version as f64);
+        ::metrics::gauge!(crate::telemetry::RING_TABLE_VERSION).set(table.version as f64);
         let held = (0..PARTITIONS as u16).filter(|&p| table.holds(p, &self.me)).count();
-        ::metrics::gauge!("thingport_ring_partitions_held").set(held as f64);
+        ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_HELD).set(held as f64);
         self.version.send_replace(table.version);
     }
 
@@ -1091,8 +1091,8 @@ impl Cluster {
         }
         let version = next.version;
         self.adopt(Arc::new(next));
-        ::metrics::counter!("thingport_ring_table_changes_total").increment(1);
-        ::metrics::counter!("thingport_ring_partitions_moved_total").increment(moved as u64);
+        ::metrics::counter!(crate::telemetry::RING_TABLE_CHANGES_TOTAL).increment(1);
+        ::metrics::counter!(crate::telemetry::RING_PARTITIONS_MOVED_TOTAL).increment(moved as u64);
         Ok((version, moved))
     }
 }

@@ -158,6 +158,7 @@ pub fn prepare(
 ) -> (Membership, impl FnOnce() -> tokio::task::JoinHandle<()>) {
     let mut initial = BTreeMap::new();
     initial.insert(me.key(), me.clone());
+    ::metrics::gauge!(crate::telemetry::RING_MEMBERS).set(1.0);
     let (members_tx, members) = watch::channel(Arc::new(initial));
     // bounded: datagrams beyond it are dropped, as the network could drop them
     let (tx, rx) = mpsc::channel::<Input>(1024);
@@ -199,7 +200,7 @@ impl Datagrams {
             if let Some(plain) = key.open(&mut buf[..n]) {
                 return Ok(Bytes::copy_from_slice(plain));
             }
-            ::metrics::counter!("thingport_foundation_membership_refused_total").increment(1);
+            ::metrics::counter!(crate::telemetry::FOUNDATION_MEMBERSHIP_REFUSED_TOTAL).increment(1);
             tracing::debug!(%from, "a membership datagram that does not open with the pool's key was dropped");
         }
     }
@@ -316,7 +317,7 @@ async fn flush(
         let mut active: BTreeMap<String, Node> =
             foca.iter_members().map(|m| (m.id().key(), m.id().clone())).collect();
         active.insert(foca.identity().key(), foca.identity().clone());
-        ::metrics::gauge!("thingport_ring_members").set(active.len() as f64);
+        ::metrics::gauge!(crate::telemetry::RING_MEMBERS).set(active.len() as f64);
         members.send_replace(Arc::new(active));
     }
     true

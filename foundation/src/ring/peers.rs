@@ -261,7 +261,7 @@ pub async fn serve<H, F>(
 
 /// A peer connection whose handshake failed (no pool certificate, another pool's, or no TLS at all).
 fn refused(from: SocketAddr, e: &std::io::Error) {
-    ::metrics::counter!("thingport_foundation_handshakes_refused_total", "port" => "peer")
+    ::metrics::counter!(crate::telemetry::FOUNDATION_HANDSHAKES_REFUSED_TOTAL, "port" => "peer")
         .increment(1);
     tracing::warn!(%from, error = %e, "a peer connection was refused: no pool credentials");
 }

@@ -266,10 +266,10 @@ impl Storage {
                 let started = Instant::now();
                 match provider.write(batch.clone()).await {
                     Ok(()) => {
-                        ::metrics::histogram!("thingport_storage_commit_seconds")
+                        ::metrics::histogram!(crate::telemetry::STORAGE_COMMIT_SECONDS)
                             .record(started.elapsed().as_secs_f64());
-                        ::metrics::counter!("thingport_storage_commits_total").increment(1);
-                        ::metrics::counter!("thingport_storage_changes_total")
+                        ::metrics::counter!(crate::telemetry::STORAGE_COMMITS_TOTAL).increment(1);
+                        ::metrics::counter!(crate::telemetry::STORAGE_CHANGES_TOTAL)
                             .increment(batch.len() as u64);
                         if !self.health.borrow().is_ok() {
                             tracing::info!("store writable again");
@@ -278,7 +278,7 @@ impl Storage {
                         break;
                     }
                     Err(e) => {
-                        ::metrics::counter!("thingport_storage_errors_total").increment(1);
+                        ::metrics::counter!(crate::telemetry::STORAGE_ERRORS_TOTAL).increment(1);
                         let message = e.to_string();
                         if !matches!(&*self.health.borrow(), Health::Failing(m) if *m == message) {
                             tracing::error!(error = %message, changes = batch.len(), "store commit failed; keeping the batch and retrying");
@@ -299,7 +299,7 @@ impl Storage {
     }
 
     fn set_health(&self, health: Health) {
-        ::metrics::gauge!("thingport_storage_up").set(if health.is_ok() { 1.0 } else { 0.0 });
+        ::metrics::gauge!(crate::telemetry::STORAGE_UP).set(if health.is_ok() { 1.0 } else { 0.0 });
         self.health.send_replace(health);
     }
 
@@ -332,7 +332,7 @@ impl Storage {
             Ok(Ok(permit)) => Ok(Reservation(permit)),
             Ok(Err(_)) => Err(StorageError::Unavailable("the store is closed".into())),
             Err(_) => {
-                ::metrics::counter!("thingport_storage_queue_full_total").increment(1);
+                ::metrics::counter!(crate::telemetry::STORAGE_QUEUE_FULL_TOTAL).increment(1);
                 Err(StorageError::Timeout)
             }
         }

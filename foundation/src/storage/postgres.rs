@@ -607,7 +607,7 @@ async fn sweep_once(
         }
     }
     if removed > 0 {
-        ::metrics::counter!("thingport_storage_retention_removed_total").increment(removed);
+        ::metrics::counter!(crate::telemetry::STORAGE_RETENTION_REMOVED_TOTAL).increment(removed);
     }
     client.execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK]).await.map_err(db_error)?;
     Ok(())
@@ -653,7 +653,7 @@ impl Provider for Postgres {
         Box::pin(async move {
             let started = std::time::Instant::now();
             let result = self.write_batch(&batch).await;
-            ::metrics::histogram!("thingport_storage_write_seconds", "store" => "postgres")
+            ::metrics::histogram!(crate::telemetry::STORAGE_WRITE_SECONDS, "store" => "postgres")
                 .record(started.elapsed().as_secs_f64());
             result
         })

@@ -467,7 +467,7 @@ impl Writer {
         }
         self.next_id = next_id;
         self.forget(folded);
-        ::metrics::histogram!("thingport_storage_write_seconds", "store" => "sqlite")
+        ::metrics::histogram!(crate::telemetry::STORAGE_WRITE_SECONDS, "store" => "sqlite")
             .record(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -593,7 +593,7 @@ impl Writer {
                 }
             }
             tx.commit().map_err(sql_error)?;
-            ::metrics::counter!("thingport_storage_journal_folds_total")
+            ::metrics::counter!(crate::telemetry::STORAGE_JOURNAL_FOLDS_TOTAL)
                 .increment(done.len() as u64);
             self.forget(done);
         }
@@ -692,7 +692,8 @@ impl Writer {
         }
         tx.commit().map_err(sql_error)?;
         if removed > 0 {
-            ::metrics::counter!("thingport_storage_retention_removed_total").increment(removed);
+            ::metrics::counter!(crate::telemetry::STORAGE_RETENTION_REMOVED_TOTAL)
+                .increment(removed);
         }
         Ok(())
     }

@@ -5,7 +5,8 @@
 //!
 //! The same binary runs either server: `thingport-demo gateway ARGS` is `thingport-gateway ARGS` and
 //! `thingport-demo foundation ARGS` is `thingport-foundation ARGS` (one build gives the whole-system tests real
-//! server processes).
+//! server processes). The demo runs each server that way, as a child process with its configuration and log in the
+//! demo's directory, so each serves its own metrics at its own admin address.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -115,76 +116,65 @@ async fn demo(args: Args) -> Result<()> {
     }
     std::fs::write(&keys, format!("{API_KEY}\n"))?;
 
-    // two foundation workers sharing the ring: the second joins through the first
-    let mut workers = Vec::new();
-    let mut stops = Vec::new();
-    for i in 0..2u16 {
-        let api_port = if args.api_port == 0 { 0 } else { free_or_any(args.api_port + i) };
-        let seeds = workers.iter().map(|a: &thingport_foundation::Addrs| a.peer).collect();
-        let worker_config = thingport_foundation::Config {
-            id: format!("foundation-{}", i + 1),
-            link_address: loopback(0),
-            api_address: loopback(api_port),
-            admin_address: Some(loopback(0)),
-            peer_address: loopback(0),
-            seeds,
-            bootstrap_members: 2,
-            api_keys_file: keys.clone(),
+    // each server is a process of its own (this binary's `foundation` and `gateway` commands), so that each serves
+    // its own metrics; their logs go to files in `dir`
+    let exe = std::env::current_exe().context("finding this program")?;
+    let mut workers: Vec<Addrs> = Vec::new();
+    let mut children = Vec::new();
+    for i in 1..=2u16 {
+        let api_port = if args.api_port == 0 { 0 } else { free_or_any(args.api_port + i - 1) };
+        let seeds: Vec<String> = workers.iter().map(|w| format!("\"{}\"", w.peer)).collect();
+        let config = format!(
+            "id = \"foundation-{i}\"\nlink_address = \"{any}\"\napi_address = \"{api}\"\n\
+             admin_address = \"{any}\"\npeer_address = \"{any}\"\nseeds = [{seeds}]\nbootstrap_members = 2\n\
+             api_keys_file = \"{keys}\"\n[storage]\ndata_dir = \"{data}\"\n",
+            any = loopback(0),
+            api = loopback(api_port),
+            seeds = seeds.join(", "),
+            keys = keys.display(),
             // each worker's store; with --dir, what the demo stored is there at the next start
-            storage: thingport_foundation::config::StorageConfig {
-                data_dir: dir.join(format!("foundation-{}", i + 1)),
-                ..Default::default()
-            },
-            ..thingport_foundation::Config::default()
-        };
-        let worker = thingport_foundation::Worker::bind(worker_config).await?;
-        workers.push(worker.addrs());
-        let mut table = worker.table_version();
-        let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(worker.run(async move {
-            let _ = worker_stopped.await;
-        }));
-        stops.push(stop_worker);
-        if i == 1 {
-            // the pool's first partition table, made once both are members
-            tokio::time::timeout(Duration::from_secs(30), table.wait_for(|v| *v > 0))
-                .await
-                .context("the two workers did not form a pool")??;
-        }
+            data = dir.join(format!("foundation-{i}")).display(),
+        );
+        let (child, addrs) =
+            spawn_server(&exe, dir, "foundation", &format!("foundation-{i}"), &config).await?;
+        children.push(child);
+        workers.push(addrs);
     }
+    // the pool's first partition table is made once both are members
+    wait_ready(workers[1].admin).await.context("the two workers did not form a pool")?;
     let worker_addrs = workers[0];
 
-    // the gateway
-    let mut config = thingport_gateway::Config::default();
-    config.listen.address = loopback(free_or_any(args.port));
-    config.admin.address = Some(loopback(0));
-    config.tls.cert = cert.clone();
-    config.tls.key = key.clone();
-    config.auth.secret_file = secret.clone();
-    config.upstream.foundations = workers.iter().map(|w| w.link).collect();
-    // every device of a demo (and of a load test against it) comes from loopback: caps per source address
-    // would only refuse them
-    config.limits.max_sessions_per_ip = config.limits.max_sessions;
-    config.limits.max_handshakes_per_ip = config.limits.max_handshakes;
-    config.limits.max_waiting_per_ip = config.limits.max_waiting;
-    let problems = config.validate();
-    anyhow::ensure!(problems.is_empty(), "demo configuration: {problems:?}");
-    let gateway = thingport_gateway::Gateway::bind(config).await?;
-    let gw = gateway.addrs();
-    let (stop_gateway, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
-    let gateway_task = tokio::spawn(gateway.run(async move {
-        let _ = gateway_stopped.await;
-    }));
+    // the gateway; every device of a demo (and of a load test against it) comes from loopback, so the caps per
+    // source address are lifted: they would only refuse them
+    let limits = thingport_gateway::Config::default().limits;
+    let foundations: Vec<String> = workers.iter().map(|w| format!("\"{}\"", w.link)).collect();
+    let config = format!(
+        "[listen]\naddress = \"{listen}\"\n[admin]\naddress = \"{any}\"\n\
+         [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n[auth]\nsecret_file = \"{secret}\"\n\
+         [upstream]\nfoundations = [{foundations}]\n\
+         [limits]\nmax_sessions_per_ip = {sessions}\nmax_handshakes_per_ip = {handshakes}\nmax_waiting_per_ip = {waiting}\n",
+        listen = loopback(free_or_any(args.port)),
+        any = loopback(0),
+        cert = cert.display(),
+        key = key.display(),
+        secret = secret.display(),
+        foundations = foundations.join(", "),
+        sessions = limits.max_sessions,
+        handshakes = limits.max_handshakes,
+        waiting = limits.max_waiting,
+    );
+    let (gateway, gw) = spawn_server(&exe, dir, "gateway", "gateway", &config).await?;
 
     let tokens = thingport_gateway::token::TokenKey::from_file(&secret)?;
     let token = tokens.issue("demo-device", now() + 365 * 86_400);
-    let wss = gw.wss.context("WSS listener")?;
+    let wss = gw.wss;
     println!(
-        "thingport demo is running (Ctrl-C stops it)\n\
+        "thingport demo is running (Ctrl-C or SIGTERM stops it)\n\
          \n  gateway      wss://localhost:{port}/v1/device and quic://localhost:{port} (ALPN thingport/1)\n\
          \x20 certificate  {cert}\n\
          \x20 foundation   REST API http://{api} and http://{api2}, two workers sharing the ring (application key: {API_KEY})\n\
          \x20 metrics      http://{gw_admin}/metrics (gateway), http://{fd_admin}/metrics and http://{fd_admin2}/metrics (foundation)\n\
+         \x20 logs         {dir}/gateway.log, foundation-1.log, foundation-2.log\n\
          \n  connect a device:\n\
          \x20   cargo run --release -p thingport-device --example device -- --target {wss} --ca {cert} --thing demo-device --token {token}\n\
          \x20 more tokens:\n\
@@ -199,10 +189,11 @@ async fn demo(args: Args) -> Result<()> {
         cert = cert.display(),
         api = worker_addrs.api,
         api2 = workers[1].api,
-        fd_admin2 = workers[1].admin.map(|a| a.to_string()).unwrap_or_default(),
-        gw_admin = gw.admin.map(|a| a.to_string()).unwrap_or_default(),
-        fd_admin = worker_addrs.admin.map(|a| a.to_string()).unwrap_or_default(),
+        fd_admin2 = workers[1].admin,
+        gw_admin = gw.admin,
+        fd_admin = worker_addrs.admin,
         secret = secret.display(),
+        dir = dir.display(),
     );
 
     if !args.no_device {
@@ -232,14 +223,106 @@ async fn demo(args: Args) -> Result<()> {
         });
     }
 
-    tokio::signal::ctrl_c().await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
     println!("stopping: the gateway drains first");
-    let _ = stop_gateway.send(());
-    let _ = gateway_task.await;
-    for stop_worker in stops {
-        let _ = stop_worker.send(());
+    stop(gateway).await;
+    for child in children.into_iter().rev() {
+        stop(child).await;
     }
     Ok(())
+}
+
+/// Where a server listens, from the JSON line it prints on start.
+#[derive(Debug, Clone, Copy)]
+struct Addrs {
+    link: SocketAddr,
+    peer: SocketAddr,
+    api: SocketAddr,
+    admin: SocketAddr,
+    wss: SocketAddr,
+}
+
+/// Starts `exe SERVER --config DIR/NAME.toml run` with its log in `DIR/NAME.log`, and reads the addresses it bound.
+async fn spawn_server(
+    exe: &Path,
+    dir: &Path,
+    server: &str,
+    name: &str,
+    config: &str,
+) -> Result<(tokio::process::Child, Addrs)> {
+    use tokio::io::AsyncBufReadExt;
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config)?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg(server)
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        // a group of its own: Ctrl-C reaches the demo alone, which stops the gateway first and then the workers
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let stdout = child.stdout.take().context("the server's output")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .with_context(|| {
+        format!("{name} did not start; see {}", dir.join(format!("{name}.log")).display())
+    })??;
+    let printed: serde_json::Value = serde_json::from_str(&line).with_context(|| {
+        format!("{name} did not start; see {}", dir.join(format!("{name}.log")).display())
+    })?;
+    let addr = |key: &str| -> SocketAddr {
+        printed[key].as_str().and_then(|a| a.parse().ok()).unwrap_or_else(|| loopback(0))
+    };
+    let addrs = Addrs {
+        link: addr("link"),
+        peer: addr("peer"),
+        api: addr("api"),
+        admin: addr("admin"),
+        wss: addr("wss"),
+    };
+    Ok((child, addrs))
+}
+
+/// Waits until a server's `/readyz` answers 200.
+async fn wait_ready(admin: SocketAddr) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
+            let request = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            let mut response = String::new();
+            if stream.write_all(request).await.is_ok()
+                && stream.read_to_string(&mut response).await.is_ok()
+                && response.starts_with("HTTP/1.1 200")
+            {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "not ready within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM, and waits for the process to exit (its drain included).
+async fn stop(mut child: tokio::process::Child) {
+    let pid = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let _ = child.wait().await;
 }
 
 fn ring_fill(bytes: &mut [u8]) -> Result<()> {
