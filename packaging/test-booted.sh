@@ -95,7 +95,7 @@ eventually() {
 units=(thingport.target thingport-gateway.service thingport-foundation@1.service)
 active() { in_ct systemctl is-active --quiet "${units[@]}"; }
 enabled() { [ "$(in_ct systemctl is-enabled "${units[@]}" | sort -u)" = enabled ]; }
-api() { in_ct curl -sf -H "x-api-key: $(in_ct cat /etc/thingport/api-keys)" "$@"; }
+api() { in_ct curl -sf -H "x-api-key: $(in_ct cat /etc/thingport/admin-api-key)" "$@"; }
 device_acked() {
     in_ct sh -c 'thingport-gateway token issue --thing booted- --count 1 --secret-file /etc/thingport/provisioning.key \
         > /root/tokens && thingport-loadtest run --target 127.0.0.1:8443 --ca /etc/thingport/tls/cert.pem \
@@ -116,6 +116,12 @@ mode() { in_ct stat -c '%a %U:%G' "/etc/thingport/pool/$1"; }
 check "postinst made the pool's credentials, the CA's key root's alone" \
     test "$(mode ca.key)/$(mode node.key)/$(mode swim.key)/$(mode ca.pem)" = \
     "600 root:root/640 root:thingport/640 root:thingport/644 root:thingport"
+hashed_keys() {
+    in_ct grep -q '^sha256:[0-9a-f]\{64\} role=admin name=admin$' /etc/thingport/api-keys &&
+        ! in_ct grep -qF "$(in_ct cat /etc/thingport/admin-api-key)" /etc/thingport/api-keys &&
+        [ "$(in_ct stat -c '%a %U' /etc/thingport/admin-api-key)" = "600 root" ]
+}
+check "the API keys file holds the admin key's hash, the key itself is root's alone" hashed_keys
 tls_links() { in_ct journalctl -u thingport-gateway.service -o cat | grep -q "link up"; }
 check "the gateway's links (mutual TLS with the pool's credentials) are up" tls_links
 

@@ -1,13 +1,15 @@
 //! The REST API for people and applications (documented in `docs/API.md`). Every request carries an application
-//! key in `x-api-key`; every error is a JSON object `{"error": ...}`.
+//! key in `x-api-key`, whose role and thing-name prefixes ([`crate::keys`]) decide what it may do; every error is a
+//! JSON object `{"error": ...}`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Extension, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +25,7 @@ use thingport_protocol::{
 use crate::Shared;
 use crate::calls::CallOutcome;
 use crate::json::{from_json, to_json};
+use crate::keys::{Access, Role};
 use crate::links::now_ms;
 use crate::model::{PropertyState, ThingState};
 use crate::ring::{RingError, membership};
@@ -33,15 +36,6 @@ pub const MAX_PAGE: u32 = 10_000;
 pub const DEFAULT_PAGE: u32 = 1_000;
 /// Recent events shown with a thing.
 pub const RECENT_EVENTS: u32 = 100;
-
-/// Application keys read from the keys file: one per line, `#` comments.
-pub fn parse_keys(text: &str) -> HashSet<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(String::from)
-        .collect()
-}
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -127,13 +121,92 @@ impl IntoResponse for Refusal {
     }
 }
 
-async fn authenticate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    let key = request.headers().get("x-api-key").and_then(|v| v.to_str().ok());
-    match key {
-        Some(key) if shared.api_keys.contains(key) => next.run(request).await,
-        Some(_) => error(StatusCode::UNAUTHORIZED, "unknown application key"),
-        None => error(StatusCode::UNAUTHORIZED, "send an application key in the x-api-key header"),
+/// Checks the request's key (401), its role and thing prefixes for the route (403), and slows down an address
+/// that keeps sending unknown keys (429); the request then carries its [`Access`].
+async fn authenticate(
+    State(shared): State<Arc<Shared>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    if let Some(wait) = client.and_then(|addr| shared.failures.blocked(addr)) {
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many unknown keys from this address; retry in {} s", wait.as_secs() + 1),
+        );
+        if let Ok(value) = HeaderValue::from_str(&(wait.as_secs() + 1).to_string()) {
+            response.headers_mut().insert("retry-after", value);
+        }
+        return response;
     }
+    let Some(key) = request.headers().get("x-api-key").and_then(|v| v.to_str().ok()) else {
+        return error(StatusCode::UNAUTHORIZED, "send an application key in the x-api-key header");
+    };
+    let Some(access) = shared.keys.check(key) else {
+        if let Some(addr) = client {
+            shared.failures.failed(addr);
+        }
+        return error(StatusCode::UNAUTHORIZED, "unknown application key");
+    };
+    let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    if let Some(route) = route {
+        let needed = required_role(request.method(), &route);
+        if access.role < needed {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this key's role is {}; this request needs {}",
+                    access.role.name(),
+                    needed.name()
+                ),
+            );
+        }
+        if let Some(thing) = thing_of(request.uri().path())
+            && !access.reaches(&thing)
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                "this key does not reach that thing (its prefixes)",
+            );
+        }
+    }
+    request.extensions_mut().insert(access);
+    next.run(request).await
+}
+
+/// The least role a route and method need: reads are for every key, property writes and service calls for
+/// operators, the rest (things, definitions, deleting) for admins.
+fn required_role(method: &Method, route: &str) -> Role {
+    match (method, route) {
+        (&Method::GET | &Method::HEAD, _) => Role::Viewer,
+        (&Method::PUT, "/v1/things/{thing}/properties/{name}")
+        | (&Method::POST, "/v1/things/{thing}/services/{service}") => Role::Operator,
+        _ => Role::Admin,
+    }
+}
+
+/// The thing a `/v1/things/{thing}…` path names, percent-decoded.
+fn thing_of(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/things/")?;
+    let segment = rest.split('/').next().filter(|s| !s.is_empty())?;
+    percent_decode(segment)
+}
+
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn property_json(p: &PropertyState) -> JsonValue {
@@ -280,10 +353,14 @@ async fn read_thing(shared: &Shared, thing: &str) -> Result<ThingState, Response
     }
 }
 
-async fn list_things(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
+async fn list_things(
+    State(shared): State<Arc<Shared>>,
+    Extension(access): Extension<Access>,
+) -> Json<JsonValue> {
     let (things, complete) = shared.cluster.list().await;
     let things: Vec<JsonValue> = things
         .iter()
+        .filter(|t| access.reaches(&t.name))
         .map(|t| {
             json!({
                 "thing": t.name,

@@ -1,6 +1,6 @@
 //! The `thingport-foundation` command line: `run` (the default), `check-config`, `print-default-config`, all
 //! through the shared process shell ([`thingport_shell`]), and `pool init` / `pool issue`, which make the pool's
-//! credentials ([`thingport_shell::pool`]).
+//! credentials ([`thingport_shell::pool`]), and `api-key add|list|revoke` ([`crate::keys`]).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -31,6 +31,34 @@ enum Command {
         #[command(subcommand)]
         command: PoolCommand,
     },
+    /// The REST API's application keys (kept hashed in api_keys_file; a change counts from the next request).
+    ApiKey {
+        /// The keys file (by default, the configuration's api_keys_file).
+        #[arg(long, global = true)]
+        file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Make a new key and print it: it is shown only now; the file keeps its hash.
+    Add {
+        /// viewer (reads), operator (reads, property writes, service calls) or admin (everything).
+        #[arg(long)]
+        role: String,
+        /// Limit the key to things whose names start with PREFIX (repeatable).
+        #[arg(long = "prefix")]
+        prefixes: Vec<String>,
+        /// A name to list and revoke it by.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List the keys: id, role, prefixes, name.
+    List,
+    /// Remove a key, by name or by id (at least 8 of its hex digits).
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +98,10 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             thingport_shell::pool::issue(&dir, &out, &host)
                 .map(|()| println!("credentials for {host} in {}", out.display()))
         }
+        Command::ApiKey { file, command } => {
+            let file = file.unwrap_or_else(|| keys_file(&cli.config));
+            api_key(&file, command)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,6 +110,38 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration's `api_keys_file`, or the default one when the configuration cannot be read.
+fn keys_file(config: &std::path::Path) -> PathBuf {
+    std::fs::read_to_string(config)
+        .ok()
+        .and_then(|text| Config::parse(&text).ok())
+        .unwrap_or_default()
+        .api_keys_file
+}
+
+fn api_key(file: &std::path::Path, command: KeyCommand) -> anyhow::Result<()> {
+    use crate::keys;
+    match command {
+        KeyCommand::Add { role, prefixes, name } => {
+            let role = keys::Role::parse(&role)
+                .ok_or_else(|| anyhow::anyhow!("--role is viewer, operator or admin"))?;
+            let key = keys::add(file, role, &prefixes, &name)?;
+            println!("{key}");
+            eprintln!("added to {}; this is the only time the key is shown", file.display());
+        }
+        KeyCommand::List => {
+            for line in keys::list(file)? {
+                println!("{line}");
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            keys::revoke(file, &id)?;
+            eprintln!("revoked; it is refused from the next request");
+        }
+    }
+    Ok(())
 }
 
 fn host_name() -> String {

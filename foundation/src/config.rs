@@ -151,8 +151,18 @@ impl Config {
         if self.id.is_empty() || self.id.len() > 64 {
             problems.push("id: must be 1 to 64 bytes".to_string());
         }
-        if !self.api_keys_file.is_file() {
-            problems.push(format!("api_keys_file: no file at {}", self.api_keys_file.display()));
+        match std::fs::read_to_string(&self.api_keys_file) {
+            Err(_) if !self.api_keys_file.is_file() => {
+                problems.push(format!("api_keys_file: no file at {}", self.api_keys_file.display()))
+            }
+            Err(e) => {
+                problems.push(format!("api_keys_file: {}: {e}", self.api_keys_file.display()))
+            }
+            Ok(text) => {
+                if let Err(bad) = crate::keys::parse(&text) {
+                    problems.extend(bad.into_iter().map(|p| format!("api_keys_file: {p}")));
+                }
+            }
         }
         if !(64..=16 << 20).contains(&self.max_frame) {
             problems.push("max_frame: must be 64 bytes to 16 MiB".to_string());

@@ -12,6 +12,7 @@ pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod json;
+pub mod keys;
 pub mod links;
 pub mod model;
 pub mod ring;
@@ -19,7 +20,6 @@ pub mod services;
 pub mod storage;
 pub mod telemetry;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -39,7 +39,8 @@ pub struct Shared {
     pub config: Config,
     pub cluster: Arc<ring::Cluster>,
     pub links: links::Links,
-    pub api_keys: HashSet<String>,
+    pub keys: keys::Keys,
+    pub failures: keys::Failures,
 }
 
 /// Where a bound worker listens.
@@ -56,7 +57,7 @@ pub struct Addrs {
 #[derive(Debug)]
 pub struct Worker {
     config: Config,
-    api_keys: HashSet<String>,
+    keys: keys::Keys,
     link: TcpListener,
     api: TcpListener,
     admin: Option<TcpListener>,
@@ -87,9 +88,7 @@ async fn bind_peer(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
 
 impl Worker {
     pub async fn bind(config: Config) -> Result<Worker> {
-        let keys = std::fs::read_to_string(&config.api_keys_file)
-            .with_context(|| format!("reading {}", config.api_keys_file.display()))?;
-        let api_keys = api::parse_keys(&keys);
+        let keys = keys::Keys::load(&config.api_keys_file)?;
         let pool = match &config.pool_credentials {
             Some(dir) => Some(
                 thingport_shell::pool::Credentials::load(dir)
@@ -124,7 +123,7 @@ impl Worker {
         });
         Ok(Worker {
             config,
-            api_keys,
+            keys,
             link,
             api,
             admin,
@@ -150,7 +149,7 @@ impl Worker {
     /// for); the store is opened — retrying until it opens — and what it holds is loaded before the worker joins
     /// the pool and serves links and the API.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Worker { config, api_keys, link, api, admin, peer, udp, addrs, storage, version, pool } =
+        let Worker { config, keys, link, api, admin, peer, udp, addrs, storage, version, pool } =
             self;
         metrics_handle();
         if let Some(pool) = &pool {
@@ -182,7 +181,9 @@ impl Worker {
             "store loaded; joining the pool"
         );
         let _ = cluster_cell.set(cluster.clone());
-        let shared = Arc::new(Shared { config, cluster, links: links::Links::default(), api_keys });
+        let failures = keys::Failures::default();
+        let links = links::Links::default();
+        let shared = Arc::new(Shared { config, cluster, links, keys, failures });
         let peer_cluster = shared.cluster.clone();
         let handler = move |request| {
             let cluster = peer_cluster.clone();
@@ -209,8 +210,10 @@ impl Worker {
         let router = api::router(shared.clone());
         let api_stop = stop.clone();
         tokio::spawn(async move {
+            // the client's address: an address that keeps sending unknown keys is slowed down
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
             let _ =
-                axum::serve(api, router).with_graceful_shutdown(api_stop.cancelled_owned()).await;
+                axum::serve(api, service).with_graceful_shutdown(api_stop.cancelled_owned()).await;
         });
         tracing::info!(id = %shared.config.id, "foundation worker running");
         let mut leaving = leaving;

@@ -87,3 +87,41 @@ fn internal_ports_off_loopback_need_the_pools_credentials_which_pool_init_makes(
     }
     assert!(!host2.join("ca.key").exists());
 }
+
+#[test]
+fn api_keys_are_added_listed_and_revoked_from_the_command_line_and_kept_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("api-keys");
+    std::fs::write(&file, "").unwrap();
+    let key = |args: &[&str]| {
+        foundation().arg("api-key").args(args).arg("--file").arg(&file).output().unwrap()
+    };
+    let added = key(&["add", "--role", "operator", "--prefix", "pump-", "--name", "line-3"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let secret = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    assert!(secret.len() >= 32, "{secret:?}");
+    assert!(
+        !std::fs::read_to_string(&file).unwrap().contains(&secret),
+        "the file keeps no key in clear"
+    );
+    let listed = String::from_utf8(key(&["list"]).stdout).unwrap();
+    assert!(
+        listed.contains("operator") && listed.contains("pump-") && listed.contains("line-3"),
+        "{listed}"
+    );
+    assert!(!key(&["add", "--role", "root"]).status.success());
+    assert!(key(&["revoke", "line-3"]).status.success());
+    assert!(String::from_utf8(key(&["list"]).stdout).unwrap().trim().is_empty());
+
+    // a keys file broken by hand is a configuration problem, line by line
+    std::fs::write(&file, "sha256:12 role=admin\nsha256:0000000000000000000000000000000000000000000000000000000000000000 role=boss\n").unwrap();
+    let path = dir.path().join("foundation.toml");
+    std::fs::write(&path, format!("api_keys_file = \"{}\"\n", file.display())).unwrap();
+    let out = foundation().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("api_keys_file: line 1") && stderr.contains("api_keys_file: line 2"),
+        "{stderr}"
+    );
+}

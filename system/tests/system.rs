@@ -188,6 +188,74 @@ async fn the_api_needs_an_application_key() {
 }
 
 #[tokio::test]
+async fn each_role_does_what_it_may_and_a_revoked_key_is_refused_at_once() {
+    use thingport_foundation::keys::{self, Role};
+    let system = start().await;
+    let file = system._dir.path().join("api-keys");
+    let viewer = keys::add(&file, Role::Viewer, &[], "viewer").unwrap();
+    let operator = keys::add(&file, Role::Operator, &["pump-".into()], "operator").unwrap();
+    let api = system.api;
+    let call = |method: &'static str,
+                path: &'static str,
+                key: String,
+                body: Option<serde_json::Value>| async move {
+        http(api, method, path, Some(&key), body).await
+    };
+    let admin = KEY.to_string();
+    for thing in ["/v1/things/pump-1", "/v1/things/boiler-1"] {
+        assert_eq!(call("PUT", thing, admin.clone(), None).await.0, 201, "{thing}");
+    }
+    let value = || Some(json!({"value": 1}));
+
+    // a viewer reads, and nothing else
+    assert_eq!(call("GET", "/v1/things/pump-1", viewer.clone(), None).await.0, 200);
+    assert_eq!(call("GET", "/v1/cluster", viewer.clone(), None).await.0, 200);
+    let (status, body) =
+        call("PUT", "/v1/things/pump-1/properties/p", viewer.clone(), value()).await;
+    assert_eq!(status, 403);
+    assert!(body["error"].as_str().unwrap().contains("viewer"), "{body}");
+    let echo = "/v1/things/pump-1/services/echo";
+    assert_eq!(call("POST", echo, viewer.clone(), Some(json!({}))).await.0, 403);
+
+    // an operator writes values within its prefixes, and changes no thing
+    assert_eq!(
+        call("PUT", "/v1/things/pump-1/properties/p", operator.clone(), value()).await.0,
+        200
+    );
+    assert_eq!(
+        call("PUT", "/v1/things/boiler-1/properties/p", operator.clone(), value()).await.0,
+        403
+    );
+    assert_eq!(call("GET", "/v1/things/boiler-1", operator.clone(), None).await.0, 403);
+    assert_eq!(call("DELETE", "/v1/things/pump-1", operator.clone(), None).await.0, 403);
+    assert_eq!(call("PUT", "/v1/things/pump-2", operator.clone(), None).await.0, 403);
+    let (_, listed) = call("GET", "/v1/things", operator.clone(), None).await;
+    let names: Vec<&str> =
+        listed["things"].as_array().unwrap().iter().map(|t| t["thing"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pump-1"], "a key with prefixes lists only the things it reaches");
+
+    // an admin does everything; a revoked key is refused from the next request
+    assert_eq!(call("DELETE", "/v1/things/boiler-1", admin.clone(), None).await.0, 204);
+    keys::revoke(&file, "viewer").unwrap();
+    assert_eq!(call("GET", "/v1/things/pump-1", viewer.clone(), None).await.0, 401);
+    assert_eq!(call("GET", "/v1/things/pump-1", operator.clone(), None).await.0, 200);
+
+    // an address that keeps sending unknown keys is slowed down, whatever key it then sends (the revoked key's
+    // refusal above was the first)
+    for _ in 0..thingport_foundation::keys::MAX_FAILURES - 2 {
+        assert_eq!(call("GET", "/v1/things", "guess".into(), None).await.0, 401);
+    }
+    let (status, _) = call("GET", "/v1/things", admin.clone(), None).await;
+    assert_eq!(status, 200, "below the limit a good key still works");
+    assert_eq!(call("GET", "/v1/things", "guess".into(), None).await.0, 401);
+    let (status, body) = call("GET", "/v1/things", admin.clone(), None).await;
+    assert_eq!(status, 429, "{body}");
+    for stop in system.stop {
+        let _ = stop.send(());
+    }
+}
+
+#[tokio::test]
 async fn requests_a_device_could_not_decode_are_refused_and_the_session_survives() {
     let system = start().await;
     let mut pump = device("pump-2");

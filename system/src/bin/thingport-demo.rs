@@ -114,7 +114,10 @@ async fn demo(args: Args) -> Result<()> {
         ring_fill(&mut bytes)?;
         std::fs::write(&secret, bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
     }
-    std::fs::write(&keys, format!("{API_KEY}\n"))?;
+    // the demo's key, hashed as `thingport-foundation api-key add` keeps keys
+    let hash: String =
+        thingport_foundation::keys::hash(API_KEY).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&keys, format!("sha256:{hash} role=admin name=demo\n"))?;
 
     // each server is a process of its own (this binary's `foundation` and `gateway` commands), so that each serves
     // its own metrics; their logs go to files in `dir`

@@ -21,7 +21,9 @@ pub const KEY: &str = "app-key-1";
 /// Writes the application keys file into `dir`.
 pub fn api_keys(dir: &std::path::Path) -> std::path::PathBuf {
     let keys = dir.join("api-keys");
-    std::fs::write(&keys, format!("# test\n{KEY}\n")).unwrap();
+    let hash: String =
+        thingport_foundation::keys::hash(KEY).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&keys, format!("# test\nsha256:{hash} role=admin name=test\n")).unwrap();
     keys
 }
 
