@@ -66,6 +66,8 @@ bootstrap_members = 3
 write_timeout = "3s"
 request_timeout = "1s"
 api_keys_file = "$WORK/api-keys"
+# the API in the clear inside the test's own namespaces (the links and the ring are mutual TLS)
+api_plain_http = true
 pool_credentials = "$WORK/pool-$i"
 [storage]
 data_dir = "$WORK/store-$i"

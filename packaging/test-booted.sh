@@ -95,7 +95,7 @@ eventually() {
 units=(thingport.target thingport-gateway.service thingport-foundation@1.service)
 active() { in_ct systemctl is-active --quiet "${units[@]}"; }
 enabled() { [ "$(in_ct systemctl is-enabled "${units[@]}" | sort -u)" = enabled ]; }
-api() { in_ct curl -sf -H "x-api-key: $(in_ct cat /etc/thingport/admin-api-key)" "$@"; }
+api() { in_ct curl -sf --cacert /etc/thingport/tls/cert.pem -H "x-api-key: $(in_ct cat /etc/thingport/admin-api-key)" "$@"; }
 device_acked() {
     in_ct sh -c 'thingport-gateway token issue --thing booted- --count 1 --secret-file /etc/thingport/provisioning.key \
         > /root/tokens && thingport-loadtest run --target 127.0.0.1:8443 --ca /etc/thingport/tls/cert.pem \
@@ -122,6 +122,8 @@ hashed_keys() {
         [ "$(in_ct stat -c '%a %U' /etc/thingport/admin-api-key)" = "600 root" ]
 }
 check "the API keys file holds the admin key's hash, the key itself is root's alone" hashed_keys
+plain_refused() { ! in_ct curl -sf -m 5 http://127.0.0.1:8080/v1/cluster >/dev/null 2>&1 && api https://127.0.0.1:8080/v1/cluster >/dev/null; }
+check "the packaged API answers HTTPS, not plain HTTP" plain_refused
 tls_links() { in_ct journalctl -u thingport-gateway.service -o cat | grep -q "link up"; }
 check "the gateway's links (mutual TLS with the pool's credentials) are up" tls_links
 
@@ -139,12 +141,12 @@ check "the gateway still serves with the certificate it had" device_acked
 echo "== restart keeps what the store keeps"
 written() {
     api -X PUT -H 'content-type: application/json' -d '{"value": 42}' \
-        http://127.0.0.1:8080/v1/things/booted-0/properties/setpoint >/dev/null
+        https://127.0.0.1:8080/v1/things/booted-0/properties/setpoint >/dev/null
 }
 check "an application writes a property" written
 check "systemctl restart thingport.target" in_ct systemctl restart thingport.target
 check "everything is active again" eventually active
-kept() { api http://127.0.0.1:8080/v1/things/booted-0/properties/setpoint | grep -q '"value":42'; }
+kept() { api https://127.0.0.1:8080/v1/things/booted-0/properties/setpoint | grep -q '"value":42'; }
 check "the property is there after the restart" eventually kept
 
 echo "== stop drains the gateway before the worker, and waits"

@@ -3,7 +3,6 @@
 //! JSON object `{"error": ...}`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,7 +127,10 @@ async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<thingport_shell::https::ClientAddr>>()
+        .map(|c| c.0.0.ip());
     if let Some(wait) = client.and_then(|addr| shared.failures.blocked(addr)) {
         let mut response = error(
             StatusCode::TOO_MANY_REQUESTS,

@@ -20,6 +20,11 @@ pub struct Config {
     pub link_address: SocketAddr,
     /// The REST API for people and applications.
     pub api_address: SocketAddr,
+    /// HTTPS for the API: a PEM certificate chain and its key (both or neither).
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
+    /// Serve the API as plain HTTP on a non-loopback address (behind a proxy that terminates TLS, say).
+    pub api_plain_http: bool,
     /// `/metrics`, `/healthz`, `/readyz`; loopback by default.
     pub admin_address: Option<SocketAddr>,
     /// File of application keys, one per line, accepted in the `x-api-key` header.
@@ -116,6 +121,9 @@ impl Default for Config {
             id: "foundation-1".into(),
             link_address: SocketAddr::from(([127, 0, 0, 1], 7101)),
             api_address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_tls_cert: None,
+            api_tls_key: None,
+            api_plain_http: false,
             admin_address: Some(SocketAddr::from(([127, 0, 0, 1], 9101))),
             api_keys_file: "/etc/thingport/api-keys".into(),
             auto_provision: true,
@@ -200,6 +208,25 @@ impl Config {
         if self.max_peer_message < 1 << 20 {
             problems.push("max_peer_message: must be at least 1 MiB".to_string());
         }
+        match (&self.api_tls_cert, &self.api_tls_key) {
+            (Some(cert), Some(key)) => {
+                for (name, file) in [("api_tls_cert", cert), ("api_tls_key", key)] {
+                    if !file.is_file() {
+                        problems.push(format!("{name}: no file at {}", file.display()));
+                    }
+                }
+            }
+            (None, None) => {
+                if !self.api_address.ip().is_loopback() && !self.api_plain_http {
+                    problems.push(format!(
+                        "api_address: {} is not a loopback address; set api_tls_cert and api_tls_key (HTTPS), or \
+                         api_plain_http = true",
+                        self.api_address
+                    ));
+                }
+            }
+            _ => problems.push("api_tls_cert, api_tls_key: set both or neither".to_string()),
+        }
         match &self.pool_credentials {
             Some(dir) => {
                 for file in thingport_shell::pool::HOST_FILES {
@@ -274,6 +301,7 @@ mod tests {
         let packaged = Config::parse(include_str!("../../packaging/foundation-1.toml")).unwrap();
         assert_eq!(packaged.id, "foundation-1");
         assert_eq!(packaged.pool_credentials, Some(PathBuf::from("/etc/thingport/pool")));
+        assert_eq!(packaged.api_tls_cert, Some(PathBuf::from("/etc/thingport/tls/cert.pem")));
         assert!(Config::parse("unknown_key = 1").is_err());
     }
 }

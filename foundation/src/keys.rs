@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -321,6 +321,9 @@ fn replace(path: &Path, text: &str) -> Result<()> {
         .mode(mode)
         .open(&temp)
         .with_context(|| format!("creating {}", temp.display()))?;
+    // the mode asked for at creation passes through the umask: set it as it was
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", temp.display()))?;
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", temp.display()))?;
@@ -410,6 +413,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api-keys");
         std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let keys = Keys::load(&path).unwrap();
         let viewer = add(&path, Role::Viewer, &["pump-".into()], "dash").unwrap();
         let admin = add(&path, Role::Admin, &[], "ops").unwrap();
@@ -430,6 +434,8 @@ mod tests {
         revoke(&path, id).unwrap();
         assert_eq!(keys.check(&admin), None);
         assert!(revoke(&path, "ops").is_err());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "a rewrite keeps the file's mode");
         // a file broken by hand keeps the keys read before
         let third = add(&path, Role::Operator, &[], "").unwrap();
         assert!(keys.check(&third).is_some());

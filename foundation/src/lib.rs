@@ -67,6 +67,7 @@ pub struct Worker {
     storage: Arc<Storage>,
     version: watch::Sender<u64>,
     pool: Option<thingport_shell::pool::Credentials>,
+    api_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Binds UDP and TCP on the same port: the configured one, or with port 0 one that is free for both.
@@ -88,7 +89,15 @@ async fn bind_peer(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
 
 impl Worker {
     pub async fn bind(config: Config) -> Result<Worker> {
+        metrics_handle();
         let keys = keys::Keys::load(&config.api_keys_file)?;
+        let api_tls = match (&config.api_tls_cert, &config.api_tls_key) {
+            (Some(cert), Some(key)) => Some(
+                thingport_shell::https::server_config(cert, key)
+                    .context("the API's certificate")?,
+            ),
+            _ => None,
+        };
         let pool = match &config.pool_credentials {
             Some(dir) => Some(
                 thingport_shell::pool::Credentials::load(dir)
@@ -133,6 +142,7 @@ impl Worker {
             storage,
             version: watch::channel(0).0,
             pool,
+            api_tls,
         })
     }
 
@@ -149,8 +159,20 @@ impl Worker {
     /// for); the store is opened — retrying until it opens — and what it holds is loaded before the worker joins
     /// the pool and serves links and the API.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Worker { config, keys, link, api, admin, peer, udp, addrs, storage, version, pool } =
-            self;
+        let Worker {
+            config,
+            keys,
+            link,
+            api,
+            admin,
+            peer,
+            udp,
+            addrs,
+            storage,
+            version,
+            pool,
+            api_tls,
+        } = self;
         metrics_handle();
         if let Some(pool) = &pool {
             pool.export_expiry();
@@ -211,9 +233,15 @@ impl Worker {
         let api_stop = stop.clone();
         tokio::spawn(async move {
             // the client's address: an address that keeps sending unknown keys is slowed down
-            let service = router.into_make_service_with_connect_info::<SocketAddr>();
-            let _ =
-                axum::serve(api, service).with_graceful_shutdown(api_stop.cancelled_owned()).await;
+            let service =
+                router.into_make_service_with_connect_info::<thingport_shell::https::ClientAddr>();
+            match thingport_shell::https::ApiListener::new(api, api_tls, api_stop.clone()) {
+                Ok(listener) => {
+                    let stopped = api_stop.cancelled_owned();
+                    let _ = axum::serve(listener, service).with_graceful_shutdown(stopped).await;
+                }
+                Err(e) => tracing::error!(error = %e, "the API cannot listen"),
+            }
         });
         tracing::info!(id = %shared.config.id, "foundation worker running");
         let mut leaving = leaving;

@@ -39,7 +39,8 @@ pub fn install(recorder: PrometheusRecorder) -> PrometheusHandle {
 /// `thingport_build_info{server, version}`, always 1: which program and release answers a scrape.
 pub const BUILD_INFO: &str = "thingport_build_info";
 /// `thingport_certificate_expiry_timestamp_seconds{cert}`: when a certificate the server presents stops being valid
-/// (Unix time), `cert` `device` (the gateway's device-facing certificate) or `pool` (this host's pool certificate).
+/// (Unix time), `cert` `device` (the gateway's device-facing certificate), `api` (a worker's HTTPS certificate) or
+/// `pool` (this host's pool certificate).
 pub const CERT_EXPIRY: &str = "thingport_certificate_expiry_timestamp_seconds";
 
 /// Sets [`BUILD_INFO`] for this process; the recorder must be installed.
@@ -56,7 +57,7 @@ pub fn describe_build_info() {
     metrics::describe_gauge!(
         CERT_EXPIRY,
         metrics::Unit::Seconds,
-        "When a certificate the server presents expires (Unix time), by cert (device, pool)"
+        "When a certificate the server presents expires (Unix time), by cert (device, api, pool)"
     );
 }
 

@@ -7,6 +7,7 @@
 //! - [`Process`]: logging (to stderr; stdout carries one JSON line of bound addresses), a multi-threaded runtime,
 //!   SIGTERM and SIGINT as shutdown, SIGHUP as reload, and systemd notification (`READY`, `WATCHDOG`, `STOPPING`).
 //! - [`admin`]: the admin router (`/metrics`, `/healthz`, `/readyz`).
+//! - [`https`]: the listener that serves a server's HTTP API over TLS (or plain TCP without a certificate).
 //! - [`pool`]: the pool's credentials (a CA of its own), mutual TLS on the internal connections and sealed
 //!   membership datagrams.
 //! - [`batch`]: the batched, vectored writer of the internal connections (gateway ↔ worker links, peer
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod batch;
 pub mod config;
+pub mod https;
 pub mod pool;
 mod process;
 
