@@ -163,13 +163,20 @@ async fn authenticate(
                 ),
             );
         }
-        if let Some(thing) = thing_of(request.uri().path())
-            && !access.reaches(&thing)
-        {
-            return error(
-                StatusCode::FORBIDDEN,
-                "this key does not reach that thing (its prefixes)",
-            );
+        match thing_of(request.uri().path()) {
+            Ok(Some(thing)) if !access.reaches(&thing) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "this key does not reach that thing (its prefixes)",
+                );
+            }
+            Ok(_) => {}
+            Err(()) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "the thing's name is not valid percent-encoded UTF-8",
+                );
+            }
         }
     }
     request.extensions_mut().insert(access);
@@ -187,11 +194,12 @@ fn required_role(method: &Method, route: &str) -> Role {
     }
 }
 
-/// The thing a `/v1/things/{thing}…` path names, percent-decoded.
-fn thing_of(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/things/")?;
-    let segment = rest.split('/').next().filter(|s| !s.is_empty())?;
-    percent_decode(segment)
+/// The thing a `/v1/things/{thing}…` path names, percent-decoded; an error when it does not decode (refused, so
+/// that no name escapes the prefix check).
+fn thing_of(path: &str) -> Result<Option<String>, ()> {
+    let Some(rest) = path.strip_prefix("/v1/things/") else { return Ok(None) };
+    let Some(segment) = rest.split('/').next().filter(|s| !s.is_empty()) else { return Ok(None) };
+    percent_decode(segment).map(Some).ok_or(())
 }
 
 fn percent_decode(segment: &str) -> Option<String> {
@@ -200,8 +208,10 @@ fn percent_decode(segment: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = segment.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(i + 1..i + 3)?;
+            let high = (hex[0] as char).to_digit(16)?;
+            let low = (hex[1] as char).to_digit(16)?;
+            out.push((high * 16 + low) as u8);
             i += 3;
         } else {
             out.push(bytes[i]);

@@ -81,6 +81,9 @@ enum PoolCommand {
         /// The other host's name, written into its certificate.
         #[arg(long)]
         host: String,
+        /// worker (joins the ring; gets the membership key) or gateway (links to workers, nothing more).
+        #[arg(long, default_value = "worker")]
+        role: String,
     },
 }
 
@@ -94,13 +97,23 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             thingport_shell::pool::init(&dir, &host)
                 .map(|()| println!("pool credentials for {host} in {}", dir.display()))
         }
-        Command::Pool { command: PoolCommand::Issue { dir, out, host } } => {
-            thingport_shell::pool::issue(&dir, &out, &host)
-                .map(|()| println!("credentials for {host} in {}", out.display()))
+        Command::Pool { command: PoolCommand::Issue { dir, out, host, role } } => {
+            let member = match role.as_str() {
+                "worker" => Ok(thingport_shell::pool::Member::Worker),
+                "gateway" => Ok(thingport_shell::pool::Member::Gateway),
+                _ => Err(anyhow::anyhow!("--role is worker or gateway")),
+            };
+            member.and_then(|member| {
+                thingport_shell::pool::issue(&dir, &out, &host, member)
+                    .map(|()| println!("{role} credentials for {host} in {}", out.display()))
+            })
         }
         Command::ApiKey { file, command } => {
-            let file = file.unwrap_or_else(|| keys_file(&cli.config));
-            api_key(&file, command)
+            let file = match file {
+                Some(file) => Ok(file),
+                None => keys_file(&cli.config),
+            };
+            file.and_then(|file| api_key(&file, command))
         }
     };
     match result {
@@ -112,13 +125,21 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
-/// The configuration's `api_keys_file`, or the default one when the configuration cannot be read.
-fn keys_file(config: &std::path::Path) -> PathBuf {
-    std::fs::read_to_string(config)
-        .ok()
-        .and_then(|text| Config::parse(&text).ok())
-        .unwrap_or_default()
-        .api_keys_file
+/// The configuration's `api_keys_file`; the default one only when there is no configuration file.
+fn keys_file(config: &std::path::Path) -> anyhow::Result<PathBuf> {
+    match std::fs::read_to_string(config) {
+        Ok(text) => Config::parse(&text).map(|c| c.api_keys_file).map_err(|problems| {
+            anyhow::anyhow!(
+                "{}: {} (or name the file with --file)",
+                config.display(),
+                problems.join("; ")
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default().api_keys_file),
+        Err(e) => {
+            Err(anyhow::anyhow!("reading {}: {e} (or name the file with --file)", config.display()))
+        }
+    }
 }
 
 fn api_key(file: &std::path::Path, command: KeyCommand) -> anyhow::Result<()> {

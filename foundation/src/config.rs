@@ -229,7 +229,7 @@ impl Config {
         }
         match &self.pool_credentials {
             Some(dir) => {
-                for file in thingport_shell::pool::HOST_FILES {
+                for file in thingport_shell::pool::WORKER_FILES {
                     if !dir.join(file).is_file() {
                         problems.push(format!(
                             "pool_credentials: no {file} in {} (see `thingport-foundation pool init`)",

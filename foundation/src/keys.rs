@@ -12,6 +12,9 @@
 //! writes and service calls) or `admin` (everything: things, definitions, deleting). A key with `prefixes` reaches
 //! only things whose names start with one of them. A line holding a bare key (the format before hashing) is taken as
 //! an `admin` key stored in clear, with a warning at every load.
+//!
+//! At start a bad line is an error. Read again while running, a bad line is left out (with an error in the log) and
+//! the others count; a file that is gone or unreadable accepts no key until it is back.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -103,6 +106,12 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
 
 /// Parses the keys file; every bad line is reported, with its number.
 pub fn parse(text: &str) -> Result<Vec<Entry>, Vec<String>> {
+    let (entries, problems) = parse_lines(text);
+    if problems.is_empty() { Ok(entries) } else { Err(problems) }
+}
+
+/// The good lines' keys, and a problem for each bad line.
+fn parse_lines(text: &str) -> (Vec<Entry>, Vec<String>) {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -157,13 +166,14 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, Vec<String>> {
             None => {}
         }
     }
-    if problems.is_empty() { Ok(entries) } else { Err(problems) }
+    (entries, problems)
 }
 
 /// The file as last read: what identifies its content (inode, size, modification time), and its keys by hash.
 #[derive(Debug)]
 struct Loaded {
-    stamp: (u64, u64, i64, i64),
+    /// `None` while the file cannot be read.
+    stamp: Option<(u64, u64, i64, i64)>,
     keys: Arc<HashMap<[u8; 32], Access>>,
 }
 
@@ -182,43 +192,76 @@ pub struct Keys {
 impl Keys {
     /// Reads the file; an error names each bad line.
     pub fn load(path: &Path) -> Result<Keys> {
-        let loaded = read(path)?;
+        let stamp = stamp(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let entries = parse(&text)
+            .map_err(|problems| anyhow::anyhow!("{}: {}", path.display(), problems.join("; ")))?;
+        let loaded = Loaded { stamp: Some(stamp), keys: Arc::new(by_hash(path, entries)) };
         Ok(Keys { path: path.to_path_buf(), loaded: Mutex::new(loaded) })
     }
 
-    /// What `key` allows, or `None` for an unknown key. The file is checked for a change first (one `stat`); a
-    /// file that no longer parses leaves the keys as they were, and says so in the log.
+    /// What `key` allows, or `None` for an unknown key. The file is checked for a change first (one `stat`).
     pub fn check(&self, key: &str) -> Option<Access> {
         let keys = {
             let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-            if stamp(&self.path).ok() != Some(loaded.stamp) {
-                match read(&self.path) {
-                    Ok(fresh) => *loaded = fresh,
-                    Err(e) => {
-                        tracing::error!(error = %format!("{e:#}"), "the API keys file changed and cannot be read; the keys read before stay");
-                        if let Ok(s) = stamp(&self.path) {
-                            loaded.stamp = s;
-                        }
-                    }
-                }
+            let now = stamp(&self.path).ok();
+            if now != loaded.stamp {
+                *loaded = self.reread(now);
             }
             loaded.keys.clone()
         };
         keys.get(&hash(key)).cloned()
     }
+
+    /// The file read again after a change: its good lines, or no key while it cannot be read.
+    fn reread(&self, stamp: Option<(u64, u64, i64, i64)>) -> Loaded {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) if stamp.is_some() => text,
+            Ok(_) | Err(_) => {
+                tracing::error!(file = %self.path.display(), "the API keys file cannot be read; no key is accepted until it can");
+                return Loaded { stamp, keys: Arc::default() };
+            }
+        };
+        let (entries, problems) = parse_lines(&text);
+        for problem in &problems {
+            tracing::error!(file = %self.path.display(), problem = %problem, "a line of the API keys file is left out");
+        }
+        Loaded { stamp, keys: Arc::new(by_hash(&self.path, entries)) }
+    }
 }
 
-fn read(path: &Path) -> Result<Loaded> {
-    let stamp = stamp(path).with_context(|| format!("reading {}", path.display()))?;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let entries = parse(&text)
-        .map_err(|problems| anyhow::anyhow!("{}: {}", path.display(), problems.join("; ")))?;
+fn by_hash(path: &Path, entries: Vec<Entry>) -> HashMap<[u8; 32], Access> {
     if entries.iter().any(|e| e.clear) {
         tracing::warn!(file = %path.display(), "the API keys file holds keys in clear; replace them with `thingport-foundation api-key add` and revoke these");
     }
-    let keys = entries.into_iter().map(|e| (e.hash, e.access)).collect();
-    Ok(Loaded { stamp, keys: Arc::new(keys) })
+    entries.into_iter().map(|e| (e.hash, e.access)).collect()
+}
+
+/// Held while the keys file is read, changed and replaced, so that two commands do not undo each other's change.
+fn lock(path: &Path) -> Result<std::fs::File> {
+    let name =
+        path.file_name().map_or_else(|| "api-keys".into(), |n| n.to_string_lossy().into_owned());
+    let lock = path.with_file_name(format!(".{name}.lock"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock)
+        .with_context(|| format!("opening {}", lock.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("locking {}", lock.display()))?;
+    Ok(file)
+}
+
+/// The keys file's text; an empty one if there is no file yet.
+fn read_for_change(path: &Path) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Adds a new random key with `role`, limited to `prefixes` if any, and returns it: this is the only time it is
@@ -230,7 +273,8 @@ pub fn add(path: &Path, role: Role, prefixes: &[String], name: &str) -> Result<S
     if prefixes.iter().any(|p| p.is_empty() || p.contains(',') || p.contains(char::is_whitespace)) {
         bail!("a prefix is not empty and has no ',' or spaces");
     }
-    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let _locked = lock(path)?;
+    let existing = read_for_change(path)?;
     let entries =
         parse(&existing).map_err(|p| anyhow::anyhow!("{}: {}", path.display(), p.join("; ")))?;
     if !name.is_empty() && entries.iter().any(|e| e.name == name) {
@@ -285,6 +329,7 @@ pub fn list(path: &Path) -> Result<Vec<String>> {
 /// Removes the key whose name is `id`, or whose hash starts with `id` (at least 8 hex digits), and rewrites the
 /// file in one rename: the key stops working at the next request.
 pub fn revoke(path: &Path, id: &str) -> Result<()> {
+    let _locked = lock(path)?;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut kept = String::new();
@@ -436,11 +481,15 @@ mod tests {
         assert!(revoke(&path, "ops").is_err());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640, "a rewrite keeps the file's mode");
-        // a file broken by hand keeps the keys read before
-        let third = add(&path, Role::Operator, &[], "").unwrap();
+        // a line broken by hand is left out and the others count; a file that is gone accepts no key
+        let third = add(&path, Role::Operator, &[], "third").unwrap();
+        let good = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("sha256:zz role=admin\n{good}")).unwrap();
         assert!(keys.check(&third).is_some());
-        std::fs::write(&path, "sha256:zz role=admin\n").unwrap();
-        assert!(keys.check(&third).is_some());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(keys.check(&third), None);
+        std::fs::write(&path, good).unwrap();
+        assert!(keys.check(&third).is_some(), "back once the file is");
     }
 
     #[test]

@@ -99,10 +99,19 @@ impl Worker {
             _ => None,
         };
         let pool = match &config.pool_credentials {
-            Some(dir) => Some(
-                thingport_shell::pool::Credentials::load(dir)
-                    .context("loading the pool's credentials")?,
-            ),
+            Some(dir) => {
+                let credentials = thingport_shell::pool::Credentials::load(dir)
+                    .context("loading the pool's credentials")?;
+                if credentials.member() != thingport_shell::pool::Member::Worker
+                    || credentials.swim().is_none()
+                {
+                    anyhow::bail!(
+                        "{} holds a gateway's pool credentials; a worker needs a worker's (`pool issue --role worker`)",
+                        dir.display()
+                    );
+                }
+                Some(credentials)
+            }
             None => None,
         };
         let link = TcpListener::bind(config.link_address)
@@ -177,9 +186,11 @@ impl Worker {
         if let Some(pool) = &pool {
             pool.export_expiry();
         }
-        let acceptor = |alpn| pool.as_ref().map(|p| p.acceptor(alpn)).transpose();
-        let link_tls = acceptor(thingport_shell::pool::LINK_ALPN)?;
-        let peer_tls = acceptor(thingport_shell::pool::PEER_ALPN)?;
+        use thingport_shell::pool::{LINK_ALPN, Member, PEER_ALPN};
+        // links take a gateway's certificate or a worker's; the peer port a worker's only
+        let acceptor = |alpn, from| pool.as_ref().map(|p| p.acceptor(alpn, from)).transpose();
+        let link_tls = acceptor(LINK_ALPN, Member::Gateway)?;
+        let peer_tls = acceptor(PEER_ALPN, Member::Worker)?;
         let stop = CancellationToken::new();
         let storage_stop = CancellationToken::new();
         let cluster_cell: Arc<OnceLock<Arc<ring::Cluster>>> = Arc::new(OnceLock::new());
@@ -243,6 +254,9 @@ impl Worker {
                 Err(e) => tracing::error!(error = %e, "the API cannot listen"),
             }
         });
+        if addrs.link.ip().is_unspecified() {
+            tracing::warn!(link = %addrs.link, "link_address is unspecified: gateways cannot learn this worker from WORKERS; name the host's address");
+        }
         tracing::info!(id = %shared.config.id, "foundation worker running");
         let mut leaving = leaving;
         let ended = tokio::select! {
@@ -356,7 +370,7 @@ async fn start_ring(
     };
     // the ring's handle on membership exists before membership runs, so that nothing is announced before the
     // state is loaded
-    let seal = pool.map(thingport_shell::pool::Credentials::swim);
+    let seal = pool.and_then(thingport_shell::pool::Credentials::swim);
     let (membership, start) =
         ring::membership::prepare(me, udp, config.seeds.clone(), timing, seal, stop.child_token());
     let cluster = ring::Cluster::new(&membership, ring_config, storage.clone(), version);

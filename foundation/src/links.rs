@@ -166,8 +166,13 @@ async fn serve_link(
     let codec = LinkCodec::new(shared.config.limits());
     let mut frames = FramedRead::with_capacity(reader, codec, 64 * 1024);
     // the first frame is the gateway's HELLO
-    let gateway = match frames.next().await {
-        Some(Ok(LinkFrame::Hello { version: LINK_VERSION, gateway_id, .. })) => gateway_id,
+    // the first frame is the gateway's HELLO, within a bound and not past the drain
+    let hello = tokio::select! {
+        _ = drain.cancelled() => return,
+        hello = tokio::time::timeout(HELLO_TIMEOUT, frames.next()) => hello,
+    };
+    let gateway = match hello {
+        Ok(Some(Ok(LinkFrame::Hello { version: LINK_VERSION, gateway_id, .. }))) => gateway_id,
         _ => return,
     };
     let welcome = LinkFrame::Welcome {
@@ -262,6 +267,9 @@ async fn write_replies(mut writer: impl AsyncWrite + Unpin, mut rx: mpsc::Receiv
         }
     }
 }
+
+/// How long a new link has to send its `HELLO`.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes one write of a link carries at most (besides the `STORED` answers gathered with them).
 const MAX_WRITE: usize = 256 * 1024;

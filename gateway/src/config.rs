@@ -312,7 +312,7 @@ impl Config {
         );
         match &self.upstream.pool_credentials {
             Some(dir) => {
-                for file in thingport_shell::pool::HOST_FILES {
+                for file in thingport_shell::pool::GATEWAY_FILES {
                     check(
                         dir.join(file).is_file(),
                         &format!("upstream.pool_credentials: no {file} in {}", dir.display()),

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -62,13 +62,7 @@ impl ResolvesServerCert for ReloadableCert {
 }
 
 fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading certificate {}", cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing certificate {}", cert.display()))?;
-    if chain.is_empty() {
-        bail!("no certificate in {}", cert.display());
-    }
+    let chain = thingport_shell::https::read_chain(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading private key {}", key.display()))?;
     let signing = provider()

@@ -360,12 +360,20 @@ impl Pool {
         let _discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.links.load_full();
         let mut wanted: Vec<SocketAddr> = Vec::new();
+        let mut lists = 0;
         for link in current.iter() {
-            for addr in link.listed.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let listed = link.listed.lock().unwrap_or_else(|e| e.into_inner());
+            lists += usize::from(!listed.is_empty());
+            for addr in listed.iter() {
                 if !wanted.contains(addr) {
                     wanted.push(*addr);
                 }
             }
+        }
+        // with no link up that has listed the pool (this gateway is cut off, say), nothing is known to have left:
+        // the learned workers keep being tried
+        if lists == 0 {
+            return;
         }
         // without the pool's credentials a link stays on loopback, as the configuration check requires
         let allowed = |addr: &SocketAddr| self.tls.is_some() || addr.ip().is_loopback();
@@ -601,7 +609,15 @@ impl Pool {
                 }
             }
             LinkFrame::Ping { nonce } => {
-                link.send_control(LinkFrame::Pong { nonce });
+                // behind what is queued: a draining worker reads its PONG after every frame sent before it
+                if !link.send_control(LinkFrame::Pong { nonce })
+                    && link.state.load(Ordering::Acquire) != DOWN
+                {
+                    let tx = link.tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(Outbound::Control(LinkFrame::Pong { nonce })).await;
+                    });
+                }
             }
             LinkFrame::Load { saturated } => {
                 let (from, to) = if saturated { (UP, SATURATED) } else { (SATURATED, UP) };

@@ -25,15 +25,21 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once; past it, accepting waits.
 pub const MAX_HANDSHAKES: usize = 256;
 
+/// The certificates of a PEM file, the leaf first; an error if it holds none.
+pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificate {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificate {}", path.display()))?;
+    if chain.is_empty() {
+        bail!("no certificate in {}", path.display());
+    }
+    Ok(chain)
+}
+
 /// A TLS server configuration (TLS 1.3 and 1.2, ALPN `http/1.1`) from a PEM certificate chain and key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading certificate {}", cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing certificate {}", cert.display()))?;
-    if chain.is_empty() {
-        bail!("no certificate in {}", cert.display());
-    }
+    let chain = read_chain(cert)?;
     crate::admin::certificate_expiry("api", chain[0].as_ref());
     let key_der = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading private key {}", key.display()))?;

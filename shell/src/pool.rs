@@ -10,10 +10,12 @@
 //! | `swim.key` | 32 random bytes (hex) that seal membership datagrams |
 //! | `ca.key` | the CA's private key: only on the host that issues credentials for others |
 //!
-//! [`init`] creates them for a new pool; [`issue`] writes a directory for another host (everything above but
-//! `ca.key`). Any certificate the pool CA signed is accepted on either side of a connection, whatever address
-//! it is reached at: membership of the pool, not a host name, is what is checked. Every connection names the
-//! server [`SERVER_NAME`], which every node certificate carries.
+//! [`init`] creates them for a new pool, with a worker's certificate; [`issue`] writes a directory for another host
+//! (everything above but `ca.key`), for a worker or for a gateway. What a certificate is for is its name:
+//! [`WORKER_NAME`] or [`GATEWAY_NAME`], whatever address the host has. A worker's link port takes any certificate
+//! the pool CA signed; its peer port, and the membership, only workers: a gateway's directory holds no `swim.key`,
+//! and a gateway's certificate is refused on the peer port. Every connection is to a worker and names the server
+//! [`WORKER_NAME`], so no gateway can stand in for one.
 //!
 //! Without credentials a server keeps its internal ports on loopback addresses (each server's configuration check
 //! refuses others), and the connections are plain TCP and plain datagrams.
@@ -29,23 +31,38 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 use tokio_util::either::Either;
 
-/// The server name every connection inside the pool asks for, and every node certificate carries.
-pub const SERVER_NAME: &str = "thingport-pool";
+/// The name a worker's certificate carries, and the server name every connection inside the pool asks for.
+pub const WORKER_NAME: &str = "thingport-worker";
+/// The name a gateway's certificate carries.
+pub const GATEWAY_NAME: &str = "thingport-gateway";
+
+/// What a host's credentials are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    /// A foundation worker: its certificate passes the peer port, and it holds the membership key.
+    Worker,
+    /// A gateway: it opens links to workers, and can neither join the ring nor read its traffic.
+    Gateway,
+}
 /// ALPN of gateway ↔ worker links.
 pub const LINK_ALPN: &[u8] = b"thingport-link";
 /// ALPN of worker ↔ worker peer connections.
 pub const PEER_ALPN: &[u8] = b"thingport-peer";
-/// The files of a credentials directory that a host needs to take part ([`issue`] copies these).
-pub const HOST_FILES: [&str; 4] = ["ca.pem", "node.pem", "node.key", "swim.key"];
+/// The files of a worker's credentials directory.
+pub const WORKER_FILES: [&str; 4] = ["ca.pem", "node.pem", "node.key", "swim.key"];
+/// The files of a gateway's credentials directory.
+pub const GATEWAY_FILES: [&str; 3] = ["ca.pem", "node.pem", "node.key"];
 /// How long a TLS handshake on an internal connection may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -81,7 +98,8 @@ pub struct Credentials {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
-    swim: Arc<SwimKey>,
+    /// Only in a worker's credentials.
+    swim: Option<Arc<SwimKey>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -95,7 +113,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 impl Credentials {
-    /// Loads `dir`'s `ca.pem`, `node.pem`, `node.key` and `swim.key`.
+    /// Loads `dir`'s `ca.pem`, `node.pem`, `node.key` and, if it is there, `swim.key`.
     pub fn load(dir: &Path) -> Result<Credentials> {
         let ca = dir.join("ca.pem");
         let mut roots = RootCertStore::empty();
@@ -107,36 +125,45 @@ impl Credentials {
         if roots.is_empty() {
             bail!("no certificate in {}", ca.display());
         }
-        let cert = dir.join("node.pem");
-        let chain = CertificateDer::pem_file_iter(&cert)
-            .with_context(|| format!("reading {}", cert.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("parsing {}", cert.display()))?;
-        if chain.is_empty() {
-            bail!("no certificate in {}", cert.display());
-        }
+        let chain = crate::https::read_chain(&dir.join("node.pem"))?;
         let key_file = dir.join("node.key");
         let key = PrivateKeyDer::from_pem_file(&key_file)
             .with_context(|| format!("reading {}", key_file.display()))?;
         let swim_file = dir.join("swim.key");
-        let swim = std::fs::read_to_string(&swim_file)
-            .with_context(|| format!("reading {}", swim_file.display()))?;
-        let swim = SwimKey::from_hex(swim.trim())
-            .with_context(|| format!("{}: expected 64 hex digits", swim_file.display()))?;
-        let credentials =
-            Credentials { roots: Arc::new(roots), chain, key: Arc::new(key), swim: Arc::new(swim) };
+        let swim = match std::fs::read_to_string(&swim_file) {
+            Ok(text) => Some(Arc::new(
+                SwimKey::from_hex(text.trim())
+                    .with_context(|| format!("{}: expected 64 hex digits", swim_file.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", swim_file.display())),
+        };
+        let credentials = Credentials { roots: Arc::new(roots), chain, key: Arc::new(key), swim };
         // both configurations are built once here, so that a key that does not match its certificate is an error
         // at start
-        credentials.acceptor(LINK_ALPN)?;
+        credentials.acceptor(LINK_ALPN, Member::Gateway)?;
         credentials.connector(LINK_ALPN)?;
         Ok(credentials)
     }
 
-    /// Accepts connections from members only (they must present a certificate the pool CA signed).
-    pub fn acceptor(&self, alpn: &[u8]) -> Result<Acceptor> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+    /// What this host's certificate is for.
+    pub fn member(&self) -> Member {
+        if names(&self.chain[0]).iter().any(|n| n == WORKER_NAME) {
+            Member::Worker
+        } else {
+            Member::Gateway
+        }
+    }
+
+    /// Accepts connections that present a certificate the pool CA signed; with `Member::Worker`, only a worker's.
+    pub fn acceptor(&self, alpn: &[u8], from: Member) -> Result<Acceptor> {
+        let webpki = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .context("building the pool's client verifier")?;
+        let verifier: Arc<dyn ClientCertVerifier> = match from {
+            Member::Gateway => webpki,
+            Member::Worker => Arc::new(WorkersOnly(webpki)),
+        };
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -158,8 +185,8 @@ impl Credentials {
         Ok(Connector(TlsConnector::from(Arc::new(config))))
     }
 
-    /// The key that seals membership datagrams.
-    pub fn swim(&self) -> Arc<SwimKey> {
+    /// The key that seals membership datagrams (a worker's credentials only).
+    pub fn swim(&self) -> Option<Arc<SwimKey>> {
         self.swim.clone()
     }
 
@@ -167,6 +194,76 @@ impl Credentials {
     /// `cert="pool"`); the recorder must be installed.
     pub fn export_expiry(&self) {
         crate::admin::certificate_expiry("pool", self.chain[0].as_ref());
+    }
+}
+
+/// The DNS names of a certificate.
+fn names(der: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The pool's client verifier, and then the certificate must be a worker's.
+#[derive(Debug)]
+struct WorkersOnly(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for WorkersOnly {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        if names(end_entity).iter().any(|n| n == WORKER_NAME) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::General("not a worker's certificate".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 
@@ -193,7 +290,7 @@ pub async fn connect(
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let Some(connector) = connector else { return Ok(Either::Left(tcp)) };
-        let name = ServerName::try_from(SERVER_NAME).map_err(std::io::Error::other)?;
+        let name = ServerName::try_from(WORKER_NAME).map_err(std::io::Error::other)?;
         let tls = connector.0.connect(name, tcp).await?;
         Ok(Either::Right(TlsStream::Client(tls)))
     };
@@ -290,12 +387,12 @@ pub fn init(dir: &Path, host: &str) -> Result<()> {
     let hex: String = swim.iter().map(|b| format!("{b:02x}")).collect();
     write_secret(&dir.join("swim.key"), format!("{hex}\n").as_bytes())?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    write_node(dir, host, &issuer)
+    write_node(dir, host, Member::Worker, &issuer)
 }
 
 /// Writes into `out` what another host needs to join the pool whose credentials (with `ca.key`) are in `dir`: a
-/// new certificate for `host`, and the CA certificate and membership key.
-pub fn issue(dir: &Path, out: &Path, host: &str) -> Result<()> {
+/// new certificate for `host` as `member`, the CA certificate, and for a worker the membership key.
+pub fn issue(dir: &Path, out: &Path, host: &str, member: Member) -> Result<()> {
     let ca_key_file = dir.join("ca.key");
     let ca_key = std::fs::read_to_string(&ca_key_file).with_context(|| {
         format!("reading {} (issue on the host that made the pool)", ca_key_file.display())
@@ -308,9 +405,11 @@ pub fn issue(dir: &Path, out: &Path, host: &str) -> Result<()> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_public(&out.join("ca.pem"), ca_pem.as_bytes())?;
-    let swim = std::fs::read(dir.join("swim.key")).context("reading swim.key")?;
-    write_secret(&out.join("swim.key"), &swim)?;
-    write_node(out, host, &issuer)
+    if member == Member::Worker {
+        let swim = std::fs::read(dir.join("swim.key")).context("reading swim.key")?;
+        write_secret(&out.join("swim.key"), &swim)?;
+    }
+    write_node(out, host, member, &issuer)
 }
 
 fn ca_params(host: &str) -> Result<rcgen::CertificateParams> {
@@ -324,10 +423,19 @@ fn ca_params(host: &str) -> Result<rcgen::CertificateParams> {
     Ok(params)
 }
 
-fn write_node(dir: &Path, host: &str, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) -> Result<()> {
-    let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+fn write_node(
+    dir: &Path,
+    host: &str,
+    member: Member,
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+) -> Result<()> {
+    let (name, what) = match member {
+        Member::Worker => (WORKER_NAME, "worker"),
+        Member::Gateway => (GATEWAY_NAME, "gateway"),
+    };
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
     let mut subject = rcgen::DistinguishedName::new();
-    subject.push(rcgen::DnType::CommonName, format!("thingport pool member {host}"));
+    subject.push(rcgen::DnType::CommonName, format!("thingport pool {what} {host}"));
     params.distinguished_name = subject;
     params.extended_key_usages = vec![
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
@@ -377,11 +485,12 @@ mod tests {
     /// Serves one connection on a loopback port with `server`; the bytes it read, or the error.
     async fn exchange(
         server: &Credentials,
+        from: Member,
         client: Option<&Credentials>,
     ) -> std::io::Result<Vec<u8>> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let acceptor = server.acceptor(LINK_ALPN).unwrap();
+        let acceptor = server.acceptor(LINK_ALPN, from).unwrap();
         let serving = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut stream = accept(Some(&acceptor), tcp).await?;
@@ -404,21 +513,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = dir.path().join("pool");
         init(&pool, "host-1").unwrap();
-        issue(&pool, &dir.path().join("host-2"), "host-2").unwrap();
+        issue(&pool, &dir.path().join("host-2"), "host-2", Member::Worker).unwrap();
+        issue(&pool, &dir.path().join("gw"), "gw", Member::Gateway).unwrap();
         let host1 = Credentials::load(&pool).unwrap();
         let host2 = Credentials::load(&dir.path().join("host-2")).unwrap();
-        assert_eq!(exchange(&host1, Some(&host2)).await.unwrap(), b"hello");
-        assert_eq!(exchange(&host2, Some(&host1)).await.unwrap(), b"hello");
+        let gateway = Credentials::load(&dir.path().join("gw")).unwrap();
+        assert_eq!((host1.member(), gateway.member()), (Member::Worker, Member::Gateway));
+        assert!(gateway.swim().is_none(), "a gateway holds no membership key");
+        assert!(!dir.path().join("gw/swim.key").exists());
+        assert_eq!(exchange(&host1, Member::Worker, Some(&host2)).await.unwrap(), b"hello");
+        assert_eq!(exchange(&host2, Member::Worker, Some(&host1)).await.unwrap(), b"hello");
+        // a gateway links to a worker, and is refused where only workers are let in
+        assert_eq!(exchange(&host1, Member::Gateway, Some(&gateway)).await.unwrap(), b"hello");
+        assert!(exchange(&host1, Member::Worker, Some(&gateway)).await.is_err());
+        // no connection is to a gateway: its certificate does not name a worker
+        assert!(exchange(&gateway, Member::Gateway, Some(&host1)).await.is_err());
 
         // another pool's member, and a client with no certificate or no TLS at all, are refused
         let other = dir.path().join("other");
         init(&other, "host-9").unwrap();
         let stranger = Credentials::load(&other).unwrap();
-        assert!(exchange(&host1, Some(&stranger)).await.is_err());
-        assert!(exchange(&host1, None).await.is_err());
+        assert!(exchange(&host1, Member::Gateway, Some(&stranger)).await.is_err());
+        assert!(exchange(&host1, Member::Gateway, None).await.is_err());
         // one that trusts the pool's CA but holds another pool's certificate is refused by the server
         let impostor = Credentials { roots: host1.roots.clone(), ..stranger.clone() };
-        assert!(exchange(&host1, Some(&impostor)).await.is_err());
+        assert!(exchange(&host1, Member::Gateway, Some(&impostor)).await.is_err());
     }
 
     #[test]
@@ -446,6 +565,9 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join(secret)).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "{secret} is readable by others");
         }
-        assert!(issue(dir.path(), dir.path(), "again").is_err(), "issue refuses to overwrite");
+        assert!(
+            issue(dir.path(), dir.path(), "again", Member::Worker).is_err(),
+            "issue refuses to overwrite"
+        );
     }
 }

@@ -68,14 +68,16 @@ async fn only_members_of_the_pool_join_link_or_talk_to_its_workers() {
     let host1 = dir.join("pool");
     pool::init(&host1, "host-1").unwrap();
     let host2 = dir.join("host-2");
-    pool::issue(&host1, &host2, "host-2").unwrap();
+    pool::issue(&host1, &host2, "host-2", pool::Member::Worker).unwrap();
+    let gateway_host = dir.join("gateway-host");
+    pool::issue(&host1, &gateway_host, "gw-1", pool::Member::Gateway).unwrap();
     let w1 = with_pool(Spec::new(dir, "w1", &[], 2), &host1).spawn().await;
     let w2 = with_pool(Spec::new(dir, "w2", &[w1.peer], 2), &host2).spawn().await;
     cluster_until(w1.api, "two members", |v| settled_on(v, &["w1", "w2"])).await;
 
-    // a gateway with the credentials links to both, and what its devices send is stored and readable
+    // a gateway with a gateway's credentials links to both, and what its devices send is stored and readable
     let gateway = support::gateway_tuned(dir, vec![w1.link, w2.link], |c| {
-        c.upstream.pool_credentials = Some(host1.clone());
+        c.upstream.pool_credentials = Some(gateway_host.clone());
     })
     .await;
     let mut dev = device("pump-1");
@@ -138,6 +140,20 @@ async fn only_members_of_the_pool_join_link_or_talk_to_its_workers() {
     assert!(!String::from_utf8_lossy(&got).contains("level"), "a peer answer in the clear");
     metric_reaches(&w1, "thingport_foundation_handshakes_refused_total{port=\"link\"} ", 1).await;
     metric_reaches(&w1, "thingport_foundation_handshakes_refused_total{port=\"peer\"} ", 1).await;
+
+    // a gateway's credentials open links, and nothing on the peer port
+    let gateway_creds = pool::Credentials::load(&gateway_host).unwrap();
+    let as_peer = gateway_creds.connector(pool::PEER_ALPN).unwrap();
+    if let Ok(mut stream) = pool::connect(Some(&as_peer), w1.peer, Duration::from_secs(5)).await {
+        let _ = stream.write_all(&request).await;
+        let mut got = Vec::new();
+        let read = within("the refusal", stream.read_to_end(&mut got)).await;
+        assert!(
+            read.is_err() || got.is_empty(),
+            "a gateway's certificate was answered on the peer port"
+        );
+    }
+    metric_reaches(&w1, "thingport_foundation_handshakes_refused_total{port=\"peer\"} ", 2).await;
 
     // another pool's member cannot link either
     let stranger = pool::Credentials::load(&other).unwrap().connector(pool::LINK_ALPN).unwrap();
