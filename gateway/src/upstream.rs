@@ -385,7 +385,10 @@ impl Pool {
         let mut added = Vec::new();
         for addr in &wanted {
             let known = grown.iter().any(|l| l.addr == *addr);
-            if !known && grown.len() < MAX_LINKED_WORKERS * self.config.links_per_foundation {
+            if !known && grown.len() >= MAX_LINKED_WORKERS * self.config.links_per_foundation {
+                // retired links keep their slots (indices stay valid), so addresses that came and went count too
+                tracing::warn!(%addr, "not linked: this gateway has had links to {MAX_LINKED_WORKERS} workers; restart it to forget those that left");
+            } else if !known {
                 for _ in 0..self.config.links_per_foundation {
                     let link = new_link(grown.len(), *addr, false, self.config.queue_frames);
                     added.push(link.clone());
