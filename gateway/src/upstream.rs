@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,8 @@ struct Link {
     retired: tokio::sync::watch::Sender<bool>,
     /// The link addresses the worker behind the link listed in its last `WORKERS` (empty while the link is down).
     listed: Mutex<Vec<SocketAddr>>,
+    /// A PONG waits for room in the queue (at most one per link).
+    pong_waiting: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -150,6 +152,7 @@ fn new_link(index: usize, addr: SocketAddr, configured: bool, queue_frames: usiz
         configured,
         retired: tokio::sync::watch::Sender::new(false),
         listed: Mutex::default(),
+        pong_waiting: Arc::default(),
     })
 }
 
@@ -613,12 +616,15 @@ impl Pool {
             }
             LinkFrame::Ping { nonce } => {
                 // behind what is queued: a draining worker reads its PONG after every frame sent before it
+                // (with the queue full, one PONG per link waits for room; a PING past it is not answered)
                 if !link.send_control(LinkFrame::Pong { nonce })
                     && link.state.load(Ordering::Acquire) != DOWN
+                    && !link.pong_waiting.swap(true, Ordering::AcqRel)
                 {
-                    let tx = link.tx.clone();
+                    let (tx, waiting) = (link.tx.clone(), link.pong_waiting.clone());
                     tokio::spawn(async move {
                         let _ = tx.send(Outbound::Control(LinkFrame::Pong { nonce })).await;
+                        waiting.store(false, Ordering::Release);
                     });
                 }
             }
