@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
-use thingport_protocol::peer::{HistoryQuery, Op, PropertyDefinition, StreamPosition};
+use thingport_protocol::peer::{HistoryQuery, ListQuery, Op, PropertyDefinition, StreamPosition};
 use thingport_protocol::{
     ByteString, Frame, Limits, Properties, PropertyUpdate, Quality, ServiceRequest, ServiceResult,
     Value,
@@ -51,6 +51,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/things/{thing}/properties/{name}/history", get(property_history))
         .route("/v1/things/{thing}/events", get(event_history))
         .route("/v1/things/{thing}/services/{service}", post(call_service))
+        .route("/v1/things/{thing}/stream", get(crate::sse::thing_stream))
+        .route("/v1/stream", get(crate::sse::set_stream))
         .route("/v1/cluster", get(cluster))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource") })
         .method_not_allowed_fallback(|| async {
@@ -102,7 +104,7 @@ fn undeliverable(frame: &Frame) -> Option<Response> {
         .map(|e| error(StatusCode::BAD_REQUEST, format!("a device could not accept this: {e}")))
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
@@ -221,15 +223,19 @@ fn percent_decode(segment: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn property_json(p: &PropertyState) -> JsonValue {
-    let quality = match p.quality {
+/// A quality as the API names it.
+pub(crate) fn quality_name(quality: Quality) -> &'static str {
+    match quality {
         Quality::Good => "good",
         Quality::Uncertain => "uncertain",
         Quality::Bad => "bad",
-    };
+    }
+}
+
+fn property_json(p: &PropertyState) -> JsonValue {
     json!({
         "value": to_json(&p.value),
-        "quality": quality,
+        "quality": quality_name(p.quality),
         "timestamp_ms": p.version.timestamp_ms,
         "received_ms": p.received_ms,
     })
@@ -365,14 +371,42 @@ async fn read_thing(shared: &Shared, thing: &str) -> Result<ThingState, Response
     }
 }
 
+/// The query of `GET /v1/things`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    after: Option<String>,
+    limit: Option<u32>,
+    prefix: Option<String>,
+    search: Option<String>,
+    tag: Option<String>,
+    online: Option<bool>,
+}
+
+/// One page of things in name order, filtered by the query and the key's prefixes.
 async fn list_things(
     State(shared): State<Arc<Shared>>,
     Extension(access): Extension<Access>,
-) -> Json<JsonValue> {
-    let (things, complete) = shared.cluster.list().await;
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Response {
+    let params = part!(query(params));
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return error(StatusCode::BAD_REQUEST, format!("limit: 1 to {MAX_PAGE}"));
+    }
+    let query = ListQuery {
+        after: params.after,
+        limit,
+        prefix: params.prefix,
+        prefixes: access.prefixes.clone(),
+        search: params.search.filter(|s| !s.is_empty()),
+        tag: params.tag.filter(|t| !t.is_empty()),
+        online: params.online,
+    };
+    let (things, matching, complete) = shared.cluster.list(query).await;
+    let next = (things.len() == limit as usize).then(|| things.last().map(|t| t.name.clone()));
     let things: Vec<JsonValue> = things
         .iter()
-        .filter(|t| access.reaches(&t.name))
         .map(|t| {
             json!({
                 "thing": t.name,
@@ -384,7 +418,8 @@ async fn list_things(
             })
         })
         .collect();
-    Json(json!({ "things": things, "complete": complete }))
+    Json(json!({ "things": things, "matching": matching, "next": next.flatten(), "complete": complete }))
+        .into_response()
 }
 
 async fn get_thing(
@@ -392,10 +427,15 @@ async fn get_thing(
     thing: Result<Path<String>, PathRejection>,
 ) -> Response {
     let thing = part!(path(thing));
-    let t = match read_thing(&shared, &thing).await {
-        Ok(t) => t,
-        Err(response) => return response,
-    };
+    match thing_json(&shared, &thing).await {
+        Ok(t) => Json(t).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// A thing as `GET /v1/things/{thing}` shows it: its state, definitions, recent events and place in the ring.
+pub(crate) async fn thing_json(shared: &Shared, thing: &str) -> Result<JsonValue, Response> {
+    let t = read_thing(shared, thing).await?;
     let properties: BTreeMap<String, JsonValue> =
         t.properties.iter().map(|(k, v)| (k.to_string(), property_json(v))).collect();
     let definitions: BTreeMap<String, JsonValue> = t
@@ -404,7 +444,7 @@ async fn get_thing(
         .map(|(k, d)| (k.to_string(), definition_json(&d.definition)))
         .collect();
     let recent = HistoryQuery {
-        thing: thing.clone(),
+        thing: thing.to_string(),
         property: None,
         from_ms: 0,
         to_ms: u64::MAX,
@@ -414,7 +454,7 @@ async fn get_thing(
     };
     let (events, _) = shared.cluster.events(recent).await;
     let events: Vec<JsonValue> = events.iter().map(event_json).collect();
-    let mut summary = thing_summary(&thing, &t);
+    let mut summary = thing_summary(thing, &t);
     summary["properties"] = json!(properties);
     summary["definitions"] = json!(definitions);
     summary["events"] = json!(events);
@@ -425,7 +465,7 @@ async fn get_thing(
     summary["owners"] = json!(
         shared.cluster.table().map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
     );
-    Json(summary).into_response()
+    Ok(summary)
 }
 
 fn event_json(e: &thingport_protocol::peer::EventRecord) -> JsonValue {
@@ -638,12 +678,9 @@ fn cursor(p: StreamPosition) -> String {
     format!("{}-{}-{}", p.0, p.1, p.2)
 }
 
-fn quality_name(quality: u8) -> &'static str {
-    match Quality::from_u8(quality) {
-        Some(Quality::Good) => "good",
-        Some(Quality::Uncertain) => "uncertain",
-        _ => "bad",
-    }
+/// A quality byte of the peer format as the API names it (an unknown one as `bad`).
+pub(crate) fn quality_byte_name(quality: u8) -> &'static str {
+    quality_name(Quality::from_u8(quality).unwrap_or(Quality::Bad))
 }
 
 /// A page of a property's value stream.
@@ -669,7 +706,7 @@ async fn property_history(
             let value = Value::decode(v.value.clone(), &Limits::DEFAULT).unwrap_or_default();
             json!({
                 "value": to_json(&value),
-                "quality": quality_name(v.quality),
+                "quality": quality_byte_name(v.quality),
                 "timestamp_ms": v.timestamp_ms,
                 "received_ms": v.received_ms,
             })

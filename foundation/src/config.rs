@@ -69,6 +69,36 @@ pub struct Config {
     pub durability: Durability,
     /// Where things, values and history are kept.
     pub storage: StorageConfig,
+    /// Streams of changes to API clients (`GET /v1/things/{thing}/stream`, `GET /v1/stream`).
+    pub streams: StreamsConfig,
+}
+
+/// The `[streams]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Changes this worker acknowledged that it keeps in memory for streams to resume from (the oldest go first).
+    pub log_changes: usize,
+    /// The same log's bound in bytes.
+    pub log_bytes: usize,
+    /// Changes waiting for one client at most; a client that falls further behind is cut (it gets a `cut` event).
+    pub client_buffer: usize,
+    /// Streams this worker serves at once; beyond it a stream request gets 503.
+    pub max_clients: usize,
+    /// Thing names one stream may list.
+    pub max_things: usize,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            log_changes: 65_536,
+            log_bytes: 32 << 20,
+            client_buffer: 1_024,
+            max_clients: 10_000,
+            max_things: 1_000,
+        }
+    }
 }
 
 /// Which store keeps the worker's state.
@@ -143,6 +173,7 @@ impl Default for Config {
             pool_credentials: None,
             durability: Durability::Disk,
             storage: StorageConfig::default(),
+            streams: StreamsConfig::default(),
         }
     }
 }
@@ -267,6 +298,22 @@ impl Config {
         }
         if !(16..=1 << 24).contains(&storage.queue) {
             problems.push("storage.queue: must be 16 to 16777216".to_string());
+        }
+        let streams = &self.streams;
+        if !(16..=1 << 24).contains(&streams.log_changes) {
+            problems.push("streams.log_changes: must be 16 to 16777216".to_string());
+        }
+        if !(1 << 16..=1 << 34).contains(&streams.log_bytes) {
+            problems.push("streams.log_bytes: must be 64 KiB to 16 GiB".to_string());
+        }
+        if !(16..=1 << 20).contains(&streams.client_buffer) {
+            problems.push("streams.client_buffer: must be 16 to 1048576".to_string());
+        }
+        if !(1..=1 << 20).contains(&streams.max_clients) {
+            problems.push("streams.max_clients: must be 1 to 1048576".to_string());
+        }
+        if !(1..=100_000).contains(&streams.max_things) {
+            problems.push("streams.max_things: must be 1 to 100000".to_string());
         }
         problems
     }

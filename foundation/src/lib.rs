@@ -17,7 +17,9 @@ pub mod links;
 pub mod model;
 pub mod ring;
 pub mod services;
+pub mod sse;
 pub mod storage;
+pub mod streams;
 pub mod telemetry;
 
 use std::future::Future;
@@ -41,6 +43,7 @@ pub struct Shared {
     pub links: links::Links,
     pub keys: keys::Keys,
     pub failures: keys::Failures,
+    pub streams: Arc<streams::Streams>,
 }
 
 /// Where a bound worker listens.
@@ -216,7 +219,8 @@ impl Worker {
         let _ = cluster_cell.set(cluster.clone());
         let failures = keys::Failures::default();
         let links = links::Links::default();
-        let shared = Arc::new(Shared { config, cluster, links, keys, failures });
+        let streams = streams::Streams::new(cluster.clone(), config.streams.clone(), stop.clone());
+        let shared = Arc::new(Shared { config, cluster, links, keys, failures, streams });
         let peer_cluster = shared.cluster.clone();
         let handler = move |request| {
             let cluster = peer_cluster.clone();
@@ -363,6 +367,7 @@ async fn start_ring(
         max_message: config.max_peer_message,
         durability: config.durability,
         peer_tls: pool.map(|p| p.connector(thingport_shell::pool::PEER_ALPN)).transpose()?,
+        change_log: (config.streams.log_changes, config.streams.log_bytes),
     };
     let timing = ring::membership::Timing {
         probe_period: config.probe_period,

@@ -22,6 +22,10 @@ pub const RING_PARTITIONS_HELD: &str = "thingport_ring_partitions_held";
 pub const RING_TABLE_CHANGES_TOTAL: &str = "thingport_ring_table_changes_total";
 pub const RING_PARTITIONS_MOVED_TOTAL: &str = "thingport_ring_partitions_moved_total";
 pub const RING_THINGS_COPIED_TOTAL: &str = "thingport_ring_things_copied_total";
+pub const STREAMS: &str = "thingport_streams";
+pub const STREAM_CUTS_TOTAL: &str = "thingport_stream_cuts_total";
+pub const STREAM_EVENTS_TOTAL: &str = "thingport_stream_events_total";
+pub const CHANGE_LOG_CHANGES: &str = "thingport_change_log_changes";
 pub const STORAGE_UP: &str = "thingport_storage_up";
 pub const STORAGE_COMMITS_TOTAL: &str = "thingport_storage_commits_total";
 pub const STORAGE_CHANGES_TOTAL: &str = "thingport_storage_changes_total";
@@ -86,6 +90,16 @@ pub fn describe() {
         RING_THINGS_COPIED_TOTAL,
         "Things copied to this worker when it gained partitions"
     );
+    describe_gauge!(STREAMS, "Streams of changes (Server-Sent Events) this worker serves now");
+    describe_counter!(
+        STREAM_CUTS_TOTAL,
+        "Streams cut because their client fell behind by more than streams.client_buffer"
+    );
+    describe_counter!(STREAM_EVENTS_TOTAL, "Events sent on streams of changes");
+    describe_gauge!(
+        CHANGE_LOG_CHANGES,
+        "Changes held in this worker's change log (bounded by streams.log_changes and log_bytes)"
+    );
     describe_gauge!(STORAGE_UP, "1 while the store is open and its last commit succeeded, else 0");
     describe_counter!(STORAGE_COMMITS_TOTAL, "Group commits of the store");
     describe_counter!(STORAGE_CHANGES_TOTAL, "Changes the store's group commits carried");
@@ -124,6 +138,8 @@ pub fn register_zeroes() {
         RING_BACKGROUND_REPLICATION_FAILURES_TOTAL,
         STORAGE_ERRORS_TOTAL,
         STORAGE_QUEUE_FULL_TOTAL,
+        STREAM_CUTS_TOTAL,
+        STREAM_EVENTS_TOTAL,
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 3;
+pub const PEER_VERSION: u8 = 4;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,8 +209,8 @@ pub enum Request {
     Write { partition: u16, replica: bool, version: u64, op: Op },
     /// A thing's record, read on the partition's primary.
     Read { thing: String },
-    /// The things of the partitions this worker leads.
-    List,
+    /// One page of the things of the partitions this worker leads that match the query, in name order.
+    List { query: ListQuery },
     /// Copies of partitions this worker holds.
     Fetch { partitions: Vec<u16> },
     /// Counts for the cluster view.
@@ -232,6 +232,59 @@ pub enum Request {
     /// Removes a thing's history (or one property's) from this worker's store: sent to every member after the
     /// thing or property was removed, since a worker keeps the history of partitions it held before.
     Purge { thing: String, property: Option<String> },
+    /// Changes this worker acknowledged as a primary, from its change log: those after sequence number `after`
+    /// (none: only the log's position), at most `max`. With none to give, the answer waits up to `wait_ms` for one.
+    Watch { after: Option<u64>, max: u32, wait_ms: u32 },
+}
+
+/// Which things a listing wants: names after `after`, starting with `prefix` and with one of `prefixes` (if any),
+/// containing `search`, carrying `tag`, online or not; at most `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListQuery {
+    pub after: Option<String>,
+    pub limit: u32,
+    pub prefix: Option<String>,
+    pub prefixes: Vec<String>,
+    pub search: Option<String>,
+    pub tag: Option<String>,
+    pub online: Option<bool>,
+}
+
+impl ListQuery {
+    /// Whether a thing matches (everything but `after` and `limit`).
+    pub fn matches(&self, name: &str, tags: &[String], online: bool) -> bool {
+        self.prefix.as_ref().is_none_or(|p| name.starts_with(p.as_str()))
+            && (self.prefixes.is_empty()
+                || self.prefixes.iter().any(|p| name.starts_with(p.as_str())))
+            && self.search.as_ref().is_none_or(|s| name.contains(s.as_str()))
+            && self.tag.as_ref().is_none_or(|t| tags.iter().any(|x| x == t))
+            && self.online.is_none_or(|o| o == online)
+    }
+}
+
+/// One change in a worker's change log: what a stream of changes carries (`docs/API.md`, streams).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRecord {
+    /// Its place in the log of the worker that acknowledged it: 1, 2, 3, ... for each run of the worker.
+    pub seq: u64,
+    pub thing: String,
+    /// The thing's tags when the change was acknowledged.
+    pub tags: Vec<String>,
+    pub change: ChangeRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ChangeRecord {
+    /// A property took a new value (the device encoding, §4).
+    Property { name: String, value: Bytes, quality: u8, timestamp_ms: u64, received_ms: u64 },
+    /// An event, its payload in the device encoding.
+    Event { name: String, payload: Bytes, timestamp_ms: u64, received_ms: u64 },
+    /// The thing's device connected through this gateway.
+    Online { gateway: String, at_ms: u64 },
+    /// The thing's device disconnected.
+    Offline { at_ms: u64 },
+    /// A property, or without one the whole thing, was removed.
+    Removed { property: Option<String>, at_ms: u64 },
 }
 
 /// A page of a value or event stream.
@@ -296,7 +349,11 @@ pub enum Response {
         table_version: u64,
     },
     Thing(Option<ThingRecord>),
-    Things(Vec<ThingSummary>),
+    /// A page of a listing, and how many things of the receiver match the query in all.
+    Things {
+        things: Vec<ThingSummary>,
+        matching: u64,
+    },
     Partitions(Vec<(u16, Vec<ThingRecord>)>),
     Stats {
         things: u64,
@@ -305,6 +362,13 @@ pub enum Response {
     },
     Values(Vec<ValueRecord>),
     Events(Vec<EventRecord>),
+    /// Changes from the receiver's log: `first` is the oldest it still holds, `next` the number the next change
+    /// will get (so a watcher that asked for changes after a number below `first - 1` missed some).
+    Updates {
+        first: u64,
+        next: u64,
+        updates: Vec<UpdateRecord>,
+    },
     /// The table was prepared; or, if this worker already has a table at least as new as the one proposed, that
     /// table.
     Prepared {

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use thingport_protocol::peer::{
-    CallOutcome as CallWire, EventRecord, HistoryQuery, Op, Refusal, Request, Response,
-    StreamPosition, ThingRecord, ThingSummary, ValueRecord,
+    CallOutcome as CallWire, ChangeRecord, EventRecord, HistoryQuery, ListQuery, Op, Refusal,
+    Request, Response, StreamPosition, ThingRecord, ThingSummary, UpdateRecord, ValueRecord,
 };
 use thingport_protocol::{ByteString, ErrorCode, Frame, Limits};
 use tokio::sync::{Semaphore, watch};
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::calls::{CallOutcome, Calls, tag_of, tag_of_call};
 use crate::model::ThingState;
+use crate::ring::hub::{Hub, Page};
 use crate::ring::membership::{self, Members, Membership};
 use crate::ring::ops::{self, Refused};
 use crate::ring::peers::{PeerError, Peers};
@@ -68,6 +69,8 @@ pub struct RingConfig {
     pub durability: Durability,
     /// Mutual TLS on peer connections (the pool's credentials); plain TCP without.
     pub peer_tls: Option<thingport_shell::pool::Connector>,
+    /// Bounds of the change log: changes and bytes.
+    pub change_log: (usize, usize),
 }
 
 /// Why a write or a read failed.
@@ -106,6 +109,8 @@ pub struct Cluster {
     pub config: RingConfig,
     pub store: Store,
     pub calls: Calls,
+    /// The changes this worker acknowledged as a primary, for streams.
+    pub hub: Hub,
     tables: RwLock<Tables>,
     version: watch::Sender<u64>,
     members: watch::Receiver<Members>,
@@ -118,6 +123,29 @@ pub struct Cluster {
     previous_run: RwLock<Option<String>>,
     /// Replications still running after a `memory` acknowledgement.
     background: Arc<Semaphore>,
+}
+
+/// A thing of a listing, ordered by its name.
+struct ByName(ThingSummary);
+
+impl PartialEq for ByName {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for ByName {}
+
+impl PartialOrd for ByName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.name.cmp(&other.0.name)
+    }
 }
 
 /// Replications a primary runs behind `memory` acknowledgements at most; beyond it writes wait.
@@ -138,6 +166,7 @@ impl Cluster {
             this: this.clone(),
             calls: Calls::new(&me),
             peers: Peers::new(me.clone(), config.max_message, config.peer_tls.clone()),
+            hub: Hub::new(config.change_log.0, config.change_log.1),
             me,
             config,
             store: Store::default(),
@@ -371,24 +400,73 @@ impl Cluster {
         }
     }
 
-    /// Every thing, from each member's primaries; `false` if some member did not answer.
-    pub async fn list(&self) -> (Vec<ThingSummary>, bool) {
-        let Some(table) = self.table() else { return (Vec::new(), false) };
+    /// One page of the things matching `query`, in name order, from each member's primaries, with how many match
+    /// in all; `false` if some member did not answer.
+    pub async fn list(&self, query: ListQuery) -> (Vec<ThingSummary>, u64, bool) {
+        let Some(table) = self.table() else { return (Vec::new(), 0, false) };
+        let request = || Request::List { query: query.clone() };
         let answers = join_all(
-            table.members.iter().map(|m| self.call(m, Request::List, self.config.request_timeout)),
+            table.members.iter().map(|m| self.call(m, request(), self.config.request_timeout)),
         )
         .await;
         let mut complete = true;
         let mut things = BTreeMap::new();
+        let mut total = 0;
         for answer in answers {
             match answer {
-                Some(Response::Things(list)) => {
-                    things.extend(list.into_iter().map(|t| (t.name.clone(), t)));
+                Some(Response::Things { things: page, matching }) => {
+                    total += matching;
+                    things.extend(page.into_iter().map(|t| (t.name.clone(), t)));
                 }
                 _ => complete = false,
             }
         }
-        (things.into_values().collect(), complete)
+        let page = things.into_values().take(query.limit as usize).collect();
+        (page, total, complete)
+    }
+
+    /// This worker's page of a listing: of the partitions it leads, the first `limit` matching names after
+    /// `after`, and how many match.
+    fn list_led(&self, table: &Table, query: &ListQuery) -> Response {
+        let mine = |p: u16| table.primary(p) == Some(self.me.as_str());
+        let mut matching = 0u64;
+        // the `limit` smallest names after `after`: a max-heap by name, trimmed as it fills
+        let mut page: std::collections::BinaryHeap<ByName> = std::collections::BinaryHeap::new();
+        let limit = query.limit as usize;
+        self.store.list(mine, |name, thing| {
+            if !query.matches(name, &thing.tags, thing.binding.is_some()) {
+                return;
+            }
+            matching += 1;
+            if query.after.as_deref().is_some_and(|a| &**name <= a) || limit == 0 {
+                return;
+            }
+            if page.len() < limit {
+                page.push(ByName(ops::summary(name, thing)));
+            } else if page.peek().is_some_and(|top| **name < *top.0.name) {
+                page.pop();
+                page.push(ByName(ops::summary(name, thing)));
+            }
+        });
+        let things = page.into_sorted_vec().into_iter().map(|t| t.0).collect();
+        Response::Things { things, matching }
+    }
+
+    /// Changes from a member's change log (this worker's included): see [`Request::Watch`].
+    pub async fn watch(
+        &self,
+        member: &str,
+        after: Option<u64>,
+        max: u32,
+        wait: Duration,
+    ) -> Option<Page> {
+        let request = Request::Watch { after, max, wait_ms: wait.as_millis() as u32 };
+        match self.call(member, request, wait + self.config.request_timeout).await? {
+            Response::Updates { first, next, updates } => {
+                Some(Page { first, next, updates: updates.into_iter().map(Arc::new).collect() })
+            }
+            _ => None,
+        }
     }
 
     /// Counts from every active member: (member key, things held, partitions held, primaries).
@@ -540,10 +618,22 @@ impl Cluster {
                         None => self.refused(Refusal::NoTable),
                     }
                 }
-                Request::List => {
+                Request::List { query } => {
                     let Some(t) = self.table() else { return self.refused(Refusal::NoTable) };
-                    let mine = |p: u16| t.primary(p) == Some(self.me.as_str());
-                    Response::Things(self.store.list(mine, |name, thing| ops::summary(name, thing)))
+                    self.list_led(&t, &query)
+                }
+                Request::Watch { after, max, wait_ms } => {
+                    // an answer fits in half a peer message, whatever the changes weigh
+                    let wait = Duration::from_millis(u64::from(wait_ms).min(60_000));
+                    let page = self
+                        .hub
+                        .watch(after, max as usize, self.config.max_message / 2, wait)
+                        .await;
+                    Response::Updates {
+                        first: page.first,
+                        next: page.next,
+                        updates: page.updates.iter().map(|u| UpdateRecord::clone(u)).collect(),
+                    }
                 }
                 Request::Fetch { partitions } => {
                     let copies = partitions
@@ -620,10 +710,27 @@ impl Cluster {
             return self.refused(Refusal::Unavailable);
         }
         let deadline = Instant::now() + self.config.request_timeout;
-        let ticket = match self.apply_and_keep(partition, &mut op, false, deadline).await {
-            Ok(ticket) => ticket,
-            Err(refusal) => return self.refused(refusal),
-        };
+        let mut updates = Vec::new();
+        let ticket =
+            match self.apply_and_keep(partition, &mut op, Some(&mut updates), deadline).await {
+                Ok(ticket) => ticket,
+                Err(refusal) => return self.refused(refusal),
+            };
+        let response = self.acknowledge(partition, op, ticket, deadline).await;
+        if matches!(response, Response::Done) {
+            self.hub.publish(updates);
+        }
+        response
+    }
+
+    /// As the primary, after applying: the answer once the write is as durable as configured.
+    async fn acknowledge(
+        &self,
+        partition: u16,
+        op: Op,
+        ticket: Option<storage::Ticket>,
+        deadline: Instant,
+    ) -> Response {
         // the copies are sent after applying: a table prepared after this point is covered by the copy its owners
         // pull
         let replicate = |op: Op| self.copy_to_holders(partition, op);
@@ -666,14 +773,16 @@ impl Cluster {
     }
 
     /// Applies an operation to this worker's copy of its partition and queues what the store keeps of it, in the
-    /// order of the partition's lock; returns the ticket to wait for, if this worker writes the store.
+    /// order of the partition's lock; returns the ticket to wait for, if this worker writes the store. A primary
+    /// passes `updates`, which receives the changes a stream shows once the write is acknowledged.
     async fn apply_and_keep(
         &self,
         partition: u16,
         op: &mut Op,
-        replica: bool,
+        updates: Option<&mut Vec<(String, Vec<String>, ChangeRecord)>>,
         deadline: Instant,
     ) -> Result<Option<storage::Ticket>, Refusal> {
+        let replica = updates.is_none();
         let keeps = self.writes_store(!replica);
         let reservation = if keeps {
             Some(self.storage.reserve(deadline).await.map_err(|_| Refusal::Unavailable)?)
@@ -683,7 +792,12 @@ impl Cluster {
         let limits = self.config.limits;
         self.store.with(partition, |p| {
             let mut changes = Vec::new();
-            match ops::apply(p, partition, op, &limits, replica, &mut changes) {
+            let bound = updates.is_some().then(|| ops::bound(p, op.thing()));
+            let applied = ops::apply(p, partition, op, &limits, replica, &mut changes);
+            if let (Ok(()), Some(updates), Some(bound)) = (&applied, updates, bound) {
+                ops::updates(p, op, bound, &changes, updates);
+            }
+            match applied {
                 // nothing to keep (a binding): nothing to wait for
                 Ok(()) if changes.is_empty() => Ok(None),
                 Ok(()) => Ok(reservation.map(|r| self.storage.push(r, changes))),
@@ -756,7 +870,7 @@ impl Cluster {
             return self.refused(Refusal::NotOwner);
         }
         let deadline = Instant::now() + self.config.request_timeout;
-        let ticket = match self.apply_and_keep(partition, &mut op, true, deadline).await {
+        let ticket = match self.apply_and_keep(partition, &mut op, None, deadline).await {
             Ok(ticket) => ticket,
             Err(_) => return self.refused(Refusal::Invalid),
         };

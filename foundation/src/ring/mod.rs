@@ -6,8 +6,10 @@
 //! - [`membership`]: active members, with SWIM failure detection.
 //! - [`peers`]: requests between workers.
 //! - [`cluster`]: the write and read paths and table changes.
+//! - [`hub`]: the change log that streams of changes read.
 
 pub mod cluster;
+pub mod hub;
 pub mod membership;
 pub mod ops;
 pub mod peers;

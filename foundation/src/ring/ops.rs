@@ -5,7 +5,8 @@
 
 use bytes::BytesMut;
 use thingport_protocol::peer::{
-    BindingRecord, EventRecord as EventWire, Op, PropertyRecord, ThingRecord, ThingSummary,
+    BindingRecord, ChangeRecord, EventRecord as EventWire, Op, PropertyRecord, ThingRecord,
+    ThingSummary,
 };
 use thingport_protocol::{ByteString, Frame, Limits, PropertyUpdate, Quality, Value};
 
@@ -199,6 +200,98 @@ fn encode_value(value: &Value) -> bytes::Bytes {
     let mut buf = BytesMut::with_capacity(value.encoded_len());
     value.encode(&mut buf);
     buf.freeze()
+}
+
+/// The gateway and session a thing is bound to, before an operation: what [`updates`] compares with.
+pub fn bound(partition: &Partition, thing: &str) -> Option<(ByteString, u64)> {
+    partition.get(thing)?.binding.as_ref().map(|b| (b.gateway.clone(), b.session_id))
+}
+
+/// The changes a stream shows of an operation just applied: the values that became current, the event, the
+/// binding if it changed (`before`, from [`bound`]), a removal.
+pub fn updates(
+    partition: &Partition,
+    op: &Op,
+    before: Option<(ByteString, u64)>,
+    changes: &[Change],
+    out: &mut Vec<(String, Vec<String>, ChangeRecord)>,
+) {
+    let name = op.thing();
+    let thing = partition.get(name);
+    let tags = || thing.map(|t| t.tags.clone()).unwrap_or_default();
+    for change in changes {
+        match change {
+            Change::Values { values, .. } => {
+                for v in values {
+                    let current =
+                        thing.and_then(|t| t.properties.get(&v.property)).is_some_and(|p| {
+                            p.version
+                                == Version {
+                                    timestamp_ms: v.timestamp_ms,
+                                    incarnation: v.incarnation,
+                                    seq: v.seq,
+                                }
+                        });
+                    if current {
+                        out.push((
+                            name.to_string(),
+                            tags(),
+                            ChangeRecord::Property {
+                                name: v.property.to_string(),
+                                value: encode_value(&v.value),
+                                quality: v.quality as u8,
+                                timestamp_ms: v.timestamp_ms,
+                                received_ms: v.received_ms,
+                            },
+                        ));
+                    }
+                }
+            }
+            Change::Event { event, .. } => out.push((
+                name.to_string(),
+                tags(),
+                ChangeRecord::Event {
+                    name: event.name.clone(),
+                    payload: event.payload.clone(),
+                    timestamp_ms: event.timestamp_ms,
+                    received_ms: event.received_ms,
+                },
+            )),
+            Change::Remove { property, .. } => out.push((
+                name.to_string(),
+                tags(),
+                ChangeRecord::Removed {
+                    property: property.as_ref().map(ToString::to_string),
+                    at_ms: now_of(op),
+                },
+            )),
+            Change::Thing(_) | Change::DropPartition(_) | Change::Table(_) => {}
+        }
+    }
+    let after = thing.and_then(|t| t.binding.as_ref());
+    if matches!(op, Op::Bind { .. } | Op::Unbind { .. })
+        && after.map(|b| (&b.gateway, b.session_id)) != before.as_ref().map(|(g, s)| (g, *s))
+    {
+        let change = match after {
+            Some(b) => ChangeRecord::Online { gateway: b.gateway.to_string(), at_ms: b.since_ms },
+            None => ChangeRecord::Offline { at_ms: now_of(op) },
+        };
+        out.push((name.to_string(), tags(), change));
+    }
+}
+
+/// When an operation was received.
+fn now_of(op: &Op) -> u64 {
+    match op {
+        Op::Create { now_ms, .. }
+        | Op::Device { now_ms, .. }
+        | Op::Write { now_ms, .. }
+        | Op::Bind { now_ms, .. }
+        | Op::Unbind { now_ms, .. }
+        | Op::Describe { now_ms, .. }
+        | Op::Define { now_ms, .. }
+        | Op::Remove { now_ms, .. } => *now_ms,
+    }
 }
 
 /// A thing's state as the peer format carries it.

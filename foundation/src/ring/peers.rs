@@ -341,8 +341,8 @@ mod tests {
     /// An answer of about 2 MiB to `Read { thing: "big" }`, `Done` to anything else.
     async fn answer(request: Request) -> Response {
         match request {
-            Request::Read { thing } if thing == "big" => Response::Things(
-                (0..20_000)
+            Request::Read { thing } if thing == "big" => Response::Things {
+                things: (0..20_000)
                     .map(|i| ThingSummary {
                         name: format!("{i:0100}"),
                         gateway: None,
@@ -351,7 +351,8 @@ mod tests {
                         tags: Vec::new(),
                     })
                     .collect(),
-            ),
+                matching: 20_000,
+            },
             _ => Response::Done,
         }
     }
