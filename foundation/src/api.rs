@@ -54,12 +54,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/things/{thing}/stream", get(crate::sse::thing_stream))
         .route("/v1/stream", get(crate::sse::set_stream))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/key", get(key_info))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this resource")
         })
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate))
         .with_state(shared)
+        .merge(crate::console::router())
 }
 
 /// A request's path, query and body, or the JSON error to answer instead.
@@ -415,6 +417,7 @@ async fn list_things(
                 "properties": t.properties,
                 "created_ms": t.created_ms,
                 "tags": t.tags,
+                "last_seen_ms": t.last_seen_ms,
             })
         })
         .collect();
@@ -911,6 +914,11 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// What the request's key may do: its role and thing prefixes (the console shows only what the key allows).
+async fn key_info(Extension(access): Extension<Access>) -> Json<JsonValue> {
+    Json(json!({ "role": access.role.name(), "prefixes": access.prefixes }))
+}
+
 async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
     let cluster = &shared.cluster;
     let table = cluster.table();
@@ -926,9 +934,10 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
                 "peer_address": node.map(|n| n.addr.to_string()),
                 "link_address": node.map(|n| n.link.to_string()),
                 "in_table": table.as_ref().is_some_and(|t| t.members.contains(key)),
-                "partitions_held": counts.map(|c| c.1),
-                "primaries": counts.map(|c| c.2),
-                "keys": counts.map(|c| c.0),
+                "partitions_held": counts.as_ref().map(|c| c.partitions_held),
+                "primaries": counts.as_ref().map(|c| c.primaries),
+                "keys": counts.as_ref().map(|c| c.things),
+                "gateways": counts.as_ref().map(|c| c.gateways.clone()),
             })
         })
         .collect();

@@ -11,6 +11,7 @@ pub mod api;
 pub mod calls;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod json;
 pub mod keys;
 pub mod links;
@@ -40,7 +41,7 @@ use storage::{Provider, Storage};
 pub struct Shared {
     pub config: Config,
     pub cluster: Arc<ring::Cluster>,
-    pub links: links::Links,
+    pub links: Arc<links::Links>,
     pub keys: keys::Keys,
     pub failures: keys::Failures,
     pub streams: Arc<streams::Streams>,
@@ -218,7 +219,8 @@ impl Worker {
         );
         let _ = cluster_cell.set(cluster.clone());
         let failures = keys::Failures::default();
-        let links = links::Links::default();
+        let links = Arc::new(links::Links::default());
+        let _ = cluster.links.set(links.clone());
         let streams = streams::Streams::new(cluster.clone(), config.streams.clone(), stop.clone());
         let shared = Arc::new(Shared { config, cluster, links, keys, failures, streams });
         let peer_cluster = shared.cluster.clone();

@@ -116,6 +116,14 @@ impl Links {
     pub fn gateways(&self) -> usize {
         self.by_gateway.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// The names of the gateways linked, in order.
+    pub fn names(&self) -> Vec<String> {
+        let by_gateway = self.by_gateway.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = by_gateway.keys().map(ToString::to_string).collect();
+        names.sort();
+        names
+    }
 }
 
 /// Accepts gateway links until `drain` (a child of the worker's stop token), spawning each on `tracker`, which is

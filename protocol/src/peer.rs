@@ -188,6 +188,9 @@ pub struct ThingSummary {
     pub properties: u32,
     pub created_ms: u64,
     pub tags: Vec<String>,
+    /// When the server last heard of the thing's device: its latest property value's receive time or its
+    /// session's start, whichever is later (0: never).
+    pub last_seen_ms: u64,
 }
 
 /// How a service call ended, sent to the worker that started it.
@@ -359,6 +362,8 @@ pub enum Response {
         things: u64,
         partitions_held: u32,
         primaries: u32,
+        /// Gateways linked to the receiver.
+        gateways: Vec<String>,
     },
     Values(Vec<ValueRecord>),
     Events(Vec<EventRecord>),

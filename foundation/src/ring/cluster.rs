@@ -111,6 +111,8 @@ pub struct Cluster {
     pub calls: Calls,
     /// The changes this worker acknowledged as a primary, for streams.
     pub hub: Hub,
+    /// This worker's gateway links, for the cluster view (set once the worker serves links).
+    pub links: std::sync::OnceLock<Arc<crate::links::Links>>,
     tables: RwLock<Tables>,
     version: watch::Sender<u64>,
     members: watch::Receiver<Members>,
@@ -123,6 +125,17 @@ pub struct Cluster {
     previous_run: RwLock<Option<String>>,
     /// Replications still running after a `memory` acknowledgement.
     background: Arc<Semaphore>,
+}
+
+/// A member's counts for the cluster view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Things held (as primary or backup).
+    pub things: u64,
+    pub partitions_held: u32,
+    pub primaries: u32,
+    /// Gateways linked to it.
+    pub gateways: Vec<String>,
 }
 
 /// A thing of a listing, ordered by its name.
@@ -167,6 +180,7 @@ impl Cluster {
             calls: Calls::new(&me),
             peers: Peers::new(me.clone(), config.max_message, config.peer_tls.clone()),
             hub: Hub::new(config.change_log.0, config.change_log.1),
+            links: std::sync::OnceLock::new(),
             me,
             config,
             store: Store::default(),
@@ -470,7 +484,7 @@ impl Cluster {
     }
 
     /// Counts from every active member: (member key, things held, partitions held, primaries).
-    pub async fn stats(&self) -> Vec<(String, Option<(u64, u32, u32)>)> {
+    pub async fn stats(&self) -> Vec<(String, Option<Stats>)> {
         let members: Vec<String> = self.members().keys().cloned().collect();
         let answers = join_all(
             members.iter().map(|m| self.call(m, Request::Stats, self.config.request_timeout)),
@@ -480,8 +494,8 @@ impl Cluster {
             .into_iter()
             .zip(answers)
             .map(|(m, a)| match a {
-                Some(Response::Stats { things, partitions_held, primaries }) => {
-                    (m, Some((things, partitions_held, primaries)))
+                Some(Response::Stats { things, partitions_held, primaries, gateways }) => {
+                    (m, Some(Stats { things, partitions_held, primaries, gateways }))
                 }
                 _ => (m, None),
             })
@@ -657,7 +671,8 @@ impl Cluster {
                         (held as u32, led as u32)
                     });
                     let things = self.store.counts().iter().sum::<usize>() as u64;
-                    Response::Stats { things, partitions_held: held.0, primaries: held.1 }
+                    let gateways = self.links.get().map(|l| l.names()).unwrap_or_default();
+                    Response::Stats { things, partitions_held: held.0, primaries: held.1, gateways }
                 }
                 Request::Prepare { table } => self.prepare(table),
                 Request::Pull { version, sources } => self.pull(version, sources).await,

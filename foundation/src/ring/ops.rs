@@ -407,6 +407,13 @@ pub fn summary(name: &str, thing: &ThingState) -> ThingSummary {
         properties: thing.properties.len() as u32,
         created_ms: thing.created_ms,
         tags: thing.tags.clone(),
+        last_seen_ms: thing
+            .properties
+            .values()
+            .map(|p| p.received_ms)
+            .chain(thing.binding.as_ref().map(|b| b.since_ms))
+            .max()
+            .unwrap_or(0),
     }
 }
 

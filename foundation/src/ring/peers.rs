@@ -349,6 +349,7 @@ mod tests {
                         properties: 0,
                         created_ms: 0,
                         tags: Vec::new(),
+                        last_seen_ms: 0,
                     })
                     .collect(),
                 matching: 20_000,

@@ -176,6 +176,7 @@ async fn demo(args: Args) -> Result<()> {
          \n  gateway      wss://localhost:{port}/v1/device and quic://localhost:{port} (ALPN thingport/1)\n\
          \x20 certificate  {cert}\n\
          \x20 foundation   REST API http://{api} and http://{api2}, two workers sharing the ring (application key: {API_KEY})\n\
+         \x20 console      http://{api}/console (sign in with the application key)\n\
          \x20 metrics      http://{gw_admin}/metrics (gateway), http://{fd_admin}/metrics and http://{fd_admin2}/metrics (foundation)\n\
          \x20 logs         {dir}/gateway.log, foundation-1.log, foundation-2.log\n\
          \n  connect a device:\n\
