@@ -211,7 +211,7 @@ async function devicesView(params) {
     el("form", { class: "filters", onsubmit: (e) => { e.preventDefault(); apply(null); } },
       search, tag, online, el("button", { type: "submit" }, "Filter")),
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Thing"), el("th", {}, "State"),
-      el("th", {}, "Gateway"), el("th", {}, "Last seen"), el("th", {}, "Tags"),
+      el("th", {}, "Transport"), el("th", {}, "Gateway"), el("th", {}, "Last seen"), el("th", {}, "Tags"),
       el("th", { class: "num" }, "Properties"))), rows),
     el("div", { class: "pager" }, first, next, summary));
   const load = async () => {
@@ -221,6 +221,7 @@ async function devicesView(params) {
     rows.replaceChildren(...page.things.map((t) => el("tr", { "data-thing": t.thing },
       el("td", {}, el("a", { href: "#/thing/" + encodeURIComponent(t.thing) }, t.thing)),
       el("td", { class: t.online ? "online" : "offline" }, t.online ? "online" : "offline"),
+      el("td", {}, t.transport || ""),
       el("td", {}, t.gateway || ""),
       el("td", {}, ago(t.last_seen_ms)),
       el("td", {}, t.tags.join(", ")),
@@ -274,7 +275,8 @@ async function thingView(name) {
   const thing = await api(path);
   const state = el("span", { id: "online", class: thing.online ? "online" : "offline" },
     thing.online ? "online" : "offline");
-  const gateway = el("span", { id: "gateway" }, thing.gateway || "");
+  const via = (t) => t.gateway ? `${t.transport || ""} through ${t.gateway}` : "";
+  const gateway = el("span", { id: "gateway" }, via(thing));
   const properties = el("tbody", { id: "properties" });
   const rowOf = new Map();
   const setProperty = (property, p) => {
@@ -400,14 +402,14 @@ async function thingView(name) {
     } else if (type === "event") {
       addEvent(data, true);
     } else if (type === "online") {
-      state.textContent = "online"; state.className = "online"; gateway.textContent = data.gateway;
+      state.textContent = "online"; state.className = "online"; gateway.textContent = via(data);
     } else if (type === "offline") {
       state.textContent = "offline"; state.className = "offline"; gateway.textContent = "";
     } else if (type === "snapshot") {
       for (const [property, p] of Object.entries(data.properties)) setProperty(property, p);
       state.textContent = data.online ? "online" : "offline";
       state.className = data.online ? "online" : "offline";
-      gateway.textContent = data.gateway || "";
+      gateway.textContent = via(data);
     }
   });
 }

@@ -243,11 +243,17 @@ fn property_json(p: &PropertyState) -> JsonValue {
     })
 }
 
+/// A transport byte (as `OPEN` carries it) as the API names it: `wss`, `quic`, or `null` for none.
+pub(crate) fn transport_name(byte: u8) -> Option<&'static str> {
+    thingport_protocol::link::Transport::from_u8(byte).map(|t| t.name())
+}
+
 fn thing_summary(name: &str, t: &ThingState) -> JsonValue {
     json!({
         "thing": name,
         "online": t.binding.is_some(),
         "gateway": t.binding.as_ref().map(|b| b.gateway.to_string()),
+        "transport": t.binding.as_ref().and_then(|b| transport_name(b.transport)),
         "properties": t.properties.len(),
         "created_ms": t.created_ms,
         "description": t.description,
@@ -414,6 +420,7 @@ async fn list_things(
                 "thing": t.name,
                 "online": t.gateway.is_some(),
                 "gateway": t.gateway,
+                "transport": transport_name(t.transport),
                 "properties": t.properties,
                 "created_ms": t.created_ms,
                 "tags": t.tags,

@@ -426,6 +426,33 @@ fn reply(tx: &mpsc::Sender<Reply>, frame: LinkFrame) -> bool {
     tx.try_send(frame.into()).is_ok()
 }
 
+/// Writes a session's binding (`OPEN`) or its end (`CLOSE`) and confirms it with `BOUND`; false if the link must
+/// close.
+async fn bind(
+    cluster: &Arc<crate::ring::Cluster>,
+    op: Op,
+    session_id: u64,
+    tx: &mpsc::Sender<Reply>,
+    in_flight: &Arc<InFlight>,
+) -> bool {
+    let open = matches!(op, Op::Bind { .. });
+    let cluster = cluster.clone();
+    let tx = tx.clone();
+    spawn_bounded(in_flight, async move {
+        match cluster.write(op).await {
+            Ok(()) => {}
+            Err(RingError::Unavailable) => {
+                // not confirmed: the gateway sends it again
+                tracing::warn!("a session binding could not be stored; the gateway will retry");
+                return;
+            }
+            Err(e) => tracing::info!(error = %e, "a session binding was refused"),
+        }
+        let _ = tx.send(LinkFrame::Bound { session_id, open }.into()).await;
+    })
+    .await
+}
+
 /// Handles one link frame; false if the link must close.
 async fn handle(
     shared: &Arc<Shared>,
@@ -436,37 +463,23 @@ async fn handle(
 ) -> bool {
     let now = now_ms();
     let cluster = &shared.cluster;
-    let open = matches!(frame, LinkFrame::Open { .. });
     match frame {
         LinkFrame::Ping { nonce } => {
             in_flight.relieved();
             reply(tx, LinkFrame::Pong { nonce })
         }
-        LinkFrame::Open { session_id, thing, .. } | LinkFrame::Close { session_id, thing, .. } => {
+        LinkFrame::Open { session_id, thing, transport, .. } => {
             let gateway = gateway.clone();
             let create = shared.config.auto_provision;
-            let op = if open {
-                Op::Bind { thing, create, gateway, session_id, now_ms: now }
-            } else {
-                Op::Unbind { thing, create, gateway, session_id, now_ms: now }
-            };
-            let cluster = cluster.clone();
-            let tx = tx.clone();
-            spawn_bounded(in_flight, async move {
-                match cluster.write(op).await {
-                    Ok(()) => {}
-                    Err(RingError::Unavailable) => {
-                        // not confirmed: the gateway sends it again
-                        tracing::warn!(
-                            "a session binding could not be stored; the gateway will retry"
-                        );
-                        return;
-                    }
-                    Err(e) => tracing::info!(error = %e, "a session binding was refused"),
-                }
-                let _ = tx.send(LinkFrame::Bound { session_id, open }.into()).await;
-            })
-            .await
+            let transport = transport as u8;
+            let op = Op::Bind { thing, create, gateway, session_id, now_ms: now, transport };
+            bind(cluster, op, session_id, tx, in_flight).await
+        }
+        LinkFrame::Close { session_id, thing, .. } => {
+            let gateway = gateway.clone();
+            let create = shared.config.auto_provision;
+            let op = Op::Unbind { thing, create, gateway, session_id, now_ms: now };
+            bind(cluster, op, session_id, tx, in_flight).await
         }
         LinkFrame::Upstream { session_id, incarnation, thing, frame } => {
             let header = match DataHeader::peek(&frame) {

@@ -41,6 +41,8 @@ pub struct Binding {
     pub gateway: ByteString,
     pub session_id: u64,
     pub since_ms: u64,
+    /// How the device reached the gateway: the byte `OPEN` carries (1 WSS, 2 QUIC).
+    pub transport: u8,
 }
 
 /// A property definition with the time it was set (the latest wins).
@@ -204,8 +206,8 @@ mod tests {
     #[test]
     fn unbinding_an_old_session_keeps_the_new_binding() {
         let mut thing = ThingState::default();
-        thing.bind(Binding { gateway: "g".into(), session_id: 1, since_ms: 0 });
-        thing.bind(Binding { gateway: "g".into(), session_id: 2, since_ms: 1 });
+        thing.bind(Binding { gateway: "g".into(), session_id: 1, since_ms: 0, transport: 1 });
+        thing.bind(Binding { gateway: "g".into(), session_id: 2, since_ms: 1, transport: 1 });
         assert!(!thing.unbind("g", 1));
         assert!(thing.binding.is_some());
         assert!(thing.unbind("g", 2));
@@ -216,8 +218,18 @@ mod tests {
     fn an_open_arriving_after_its_close_binds_nothing() {
         let mut thing = ThingState::default();
         assert!(!thing.unbind("g", 7));
-        assert!(!thing.bind(Binding { gateway: "g".into(), session_id: 7, since_ms: 4 }));
+        assert!(!thing.bind(Binding {
+            gateway: "g".into(),
+            session_id: 7,
+            since_ms: 4,
+            transport: 1
+        }));
         assert!(thing.binding.is_none());
-        assert!(thing.bind(Binding { gateway: "g".into(), session_id: 8, since_ms: 6 }));
+        assert!(thing.bind(Binding {
+            gateway: "g".into(),
+            session_id: 8,
+            since_ms: 6,
+            transport: 1
+        }));
     }
 }

@@ -19,7 +19,7 @@ use thingport_protocol::peer::{ChangeRecord, UpdateRecord};
 use thingport_protocol::{Limits, Value};
 
 use crate::Shared;
-use crate::api::{error, quality_byte_name, thing_json};
+use crate::api::{error, quality_byte_name, thing_json, transport_name};
 use crate::json::to_json;
 use crate::keys::Access;
 use crate::streams::{Filter, Item, Next, Refused, Subscription};
@@ -236,9 +236,15 @@ fn update_json(update: &UpdateRecord) -> (&'static str, JsonValue) {
                 "received_ms": received_ms,
             }),
         ),
-        ChangeRecord::Online { gateway, at_ms } => {
-            ("online", json!({ "thing": thing, "gateway": gateway, "at_ms": at_ms }))
-        }
+        ChangeRecord::Online { gateway, at_ms, transport } => (
+            "online",
+            json!({
+                "thing": thing,
+                "gateway": gateway,
+                "transport": transport_name(*transport),
+                "at_ms": at_ms,
+            }),
+        ),
         ChangeRecord::Offline { at_ms } => ("offline", json!({ "thing": thing, "at_ms": at_ms })),
         ChangeRecord::Removed { property, at_ms } => {
             ("removed", json!({ "thing": thing, "property": property, "at_ms": at_ms }))

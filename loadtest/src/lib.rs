@@ -5,9 +5,11 @@
 //!   across processes.
 //! - [`backend`]: a plain-WebSocket backend that acknowledges at once, for proxies measured beside the gateway.
 //! - [`worker`]: an acknowledging worker that speaks the link protocol, the backend for measuring the gateway alone.
+//! - [`watch`]: streams of changes read from a worker's API, with the delay of each change.
 
 pub mod backend;
 pub mod fleet;
 pub mod http;
 pub mod report;
+pub mod watch;
 pub mod worker;

@@ -44,6 +44,26 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7101")]
         listen: SocketAddr,
     },
+    /// Read streams of changes from a worker's API: one Server-Sent Event stream per thing PREFIX0, PREFIX1, ...,
+    /// reporting the delay from the primary's receipt of each property value to its delivery.
+    Watch {
+        /// The worker's API address (plain HTTP).
+        #[arg(long)]
+        api: SocketAddr,
+        #[arg(long, default_value = "demo-key")]
+        api_key: String,
+        /// Thing-name prefix, as given to `token issue --thing`.
+        #[arg(long, default_value = "dev-")]
+        things: String,
+        /// Streams to open (things PREFIX0 to PREFIX{N-1}).
+        #[arg(long, default_value_t = 1_000)]
+        count: usize,
+        /// How long to read once every stream is open.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a plain-WebSocket backend that speaks the device protocol and acknowledges at once (what nginx and
     /// HAProxy proxy to in the side-by-side benchmark).
     WsBackend {
@@ -147,6 +167,9 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => runtime.block_on(run(*args)),
         Command::AckWorker { listen } => runtime.block_on(ack_worker(listen)),
+        Command::Watch { api, api_key, things, count, duration, json } => {
+            runtime.block_on(watch(api, api_key, things, count, duration, json))
+        }
         Command::WsBackend { listen } => {
             runtime.block_on(thingport_loadtest::backend::serve(listen))
         }
@@ -158,6 +181,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn watch(
+    api: SocketAddr,
+    key: String,
+    prefix: String,
+    count: usize,
+    duration: Duration,
+    json: bool,
+) -> Result<()> {
+    let things = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    let opened = |n: usize| {
+        eprintln!("{n} streams open; reading for {}", humantime::format_duration(duration))
+    };
+    let report = thingport_loadtest::watch::watch(api, &key, things, duration, opened).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }
 
 async fn ack_worker(listen: SocketAddr) -> Result<()> {

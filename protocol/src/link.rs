@@ -116,6 +116,25 @@ pub enum Transport {
     Quic = 2,
 }
 
+impl Transport {
+    /// The transport of a byte as `OPEN` carries it.
+    pub fn from_u8(byte: u8) -> Option<Transport> {
+        match byte {
+            1 => Some(Transport::Wss),
+            2 => Some(Transport::Quic),
+            _ => None,
+        }
+    }
+
+    /// `wss` or `quic`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Wss => "wss",
+            Transport::Quic => "quic",
+        }
+    }
+}
+
 /// A link frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkFrame {

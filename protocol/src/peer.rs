@@ -56,8 +56,16 @@ pub enum Op {
     /// A property value written by an application; `value` in the device encoding. `seq` orders writes of the same
     /// millisecond (the writing worker's clock in nanoseconds, made unique).
     Write { thing: ByteString, property: ByteString, value: Bytes, now_ms: u64, seq: u64 },
-    /// The thing is now reached through this gateway session.
-    Bind { thing: ByteString, create: bool, gateway: ByteString, session_id: u64, now_ms: u64 },
+    /// The thing is now reached through this gateway session, whose device came over `transport` (as `OPEN`
+    /// carries it, §8.4).
+    Bind {
+        thing: ByteString,
+        create: bool,
+        gateway: ByteString,
+        session_id: u64,
+        now_ms: u64,
+        transport: u8,
+    },
     /// The session ended; the binding goes if it is still this session's. `create` as for `Bind`: a `CLOSE` may be
     /// applied before its `OPEN`, and must still be remembered.
     Unbind { thing: ByteString, create: bool, gateway: ByteString, session_id: u64, now_ms: u64 },
@@ -165,6 +173,8 @@ pub struct BindingRecord {
     pub gateway: String,
     pub session_id: u64,
     pub since_ms: u64,
+    /// As `OPEN` carries it (§8.4).
+    pub transport: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +195,8 @@ pub struct EventRecord {
 pub struct ThingSummary {
     pub name: String,
     pub gateway: Option<String>,
+    /// The session's transport while online (as `OPEN` carries it, §8.4), else 0.
+    pub transport: u8,
     pub properties: u32,
     pub created_ms: u64,
     pub tags: Vec<String>,
@@ -282,8 +294,8 @@ pub enum ChangeRecord {
     Property { name: String, value: Bytes, quality: u8, timestamp_ms: u64, received_ms: u64 },
     /// An event, its payload in the device encoding.
     Event { name: String, payload: Bytes, timestamp_ms: u64, received_ms: u64 },
-    /// The thing's device connected through this gateway.
-    Online { gateway: String, at_ms: u64 },
+    /// The thing's device connected through this gateway, over this transport (as `OPEN` carries it, §8.4).
+    Online { gateway: String, at_ms: u64, transport: u8 },
     /// The thing's device disconnected.
     Offline { at_ms: u64 },
     /// A property, or without one the whole thing, was removed.

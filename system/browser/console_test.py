@@ -165,6 +165,7 @@ def main():
         shot(driver, "thing-offline")
         device = subprocess.Popen(DEVICE_CMD, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait(driver, "the device online", lambda d: text(d, "#online") == "online", 30)
+        assert text(driver, "#gateway") == "wss through gateway-1", text(driver, "#gateway")
         first = wait(driver, "a temperature", temperature)
         wait(driver, "the temperature changing", lambda d: (temperature(d) or first) != first, 20)
         assert driver.execute_script("return window.notReloaded === true;"), "the page was reloaded"

@@ -100,6 +100,7 @@ async fn device_data_reaches_the_api_and_the_api_reaches_the_device() {
     let (_, things) = http(system.api, "GET", "/v1/things", Some(KEY), None).await;
     assert_eq!(things["things"][0]["thing"], json!("pump-1"));
     assert_eq!(things["things"][0]["online"], json!(true));
+    assert_eq!(things["things"][0]["transport"], json!("wss"));
     let (_, thing) = http(system.api, "GET", "/v1/things/pump-1", Some(KEY), None).await;
     assert_eq!(thing["properties"]["mode"]["quality"], json!("uncertain"));
 

@@ -141,11 +141,12 @@ pub fn apply(
             let value = stored(thing, property.clone(), state);
             changes.push(Change::Values { thing: name.clone(), values: vec![value] });
         }
-        Op::Bind { gateway, session_id, .. } => {
+        Op::Bind { gateway, session_id, transport, .. } => {
             thing.bind(Binding {
                 gateway: gateway.clone(),
                 session_id: *session_id,
                 since_ms: now_ms,
+                transport: *transport,
             });
         }
         Op::Unbind { gateway, session_id, .. } => {
@@ -273,7 +274,11 @@ pub fn updates(
         && after.map(|b| (&b.gateway, b.session_id)) != before.as_ref().map(|(g, s)| (g, *s))
     {
         let change = match after {
-            Some(b) => ChangeRecord::Online { gateway: b.gateway.to_string(), at_ms: b.since_ms },
+            Some(b) => ChangeRecord::Online {
+                gateway: b.gateway.to_string(),
+                at_ms: b.since_ms,
+                transport: b.transport,
+            },
             None => ChangeRecord::Offline { at_ms: now_of(op) },
         };
         out.push((name.to_string(), tags(), change));
@@ -324,6 +329,7 @@ pub fn to_record(name: &str, thing: &ThingState) -> ThingRecord {
             gateway: b.gateway.to_string(),
             session_id: b.session_id,
             since_ms: b.since_ms,
+            transport: b.transport,
         }),
         closed: thing.closed.iter().map(|(g, s)| (g.to_string(), *s)).collect(),
         incarnations: thing.incarnations.iter().copied().collect(),
@@ -352,6 +358,7 @@ pub fn from_record(record: &ThingRecord, limits: &Limits) -> Option<ThingState> 
             gateway: ByteString::from(b.gateway.as_str()),
             session_id: b.session_id,
             since_ms: b.since_ms,
+            transport: b.transport,
         }),
         incarnations: record.incarnations.iter().copied().collect(),
         ..ThingState::default()
@@ -404,6 +411,7 @@ pub fn summary(name: &str, thing: &ThingState) -> ThingSummary {
     ThingSummary {
         name: name.to_string(),
         gateway: thing.binding.as_ref().map(|b| b.gateway.to_string()),
+        transport: thing.binding.as_ref().map_or(0, |b| b.transport),
         properties: thing.properties.len() as u32,
         created_ms: thing.created_ms,
         tags: thing.tags.clone(),
@@ -485,6 +493,7 @@ mod tests {
                 gateway: "g".into(),
                 session_id: 1,
                 now_ms: 10,
+                transport: 1,
             },
             Op::Unbind {
                 thing: "t".into(),
@@ -582,6 +591,7 @@ mod tests {
                                 gateway: "g".into(),
                                 session_id: next_session - 1,
                                 now_ms,
+                                transport: 2,
                             }
                         }
                     };

@@ -346,6 +346,7 @@ mod tests {
                     .map(|i| ThingSummary {
                         name: format!("{i:0100}"),
                         gateway: None,
+                        transport: 0,
                         properties: 0,
                         created_ms: 0,
                         tags: Vec::new(),
