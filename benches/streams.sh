@@ -108,3 +108,7 @@ wait "$WATCH"
 echo "== the streams (from the start of the load to its end, and 10 s more)"
 cat "$WORK/watch.out"
 curl -s http://127.0.0.1:9171/metrics | grep -E '^thingport_(stream_cuts_total|stream_events_total|change_log_changes) ' || true
+for i in 1 2; do
+  echo "foundation-$i passed on: $(curl -s "http://127.0.0.1:$((9170 + i))/metrics" |
+    awk '/^thingport_foundation_frames_forwarded_total / { n = $2 } END { print n + 0 }') frames"
+done
