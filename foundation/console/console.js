@@ -7,6 +7,8 @@ let key = sessionStorage.getItem("thingport-key");
 let role = null;
 // the view's timers and streams, stopped when the view changes
 let cleanup = [];
+// which view is current: a view that finishes loading after another was asked for draws nothing
+let generation = 0;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -25,6 +27,14 @@ function el(tag, attrs, ...children) {
 function show(...nodes) {
   const main = document.getElementById("main");
   main.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined));
+}
+
+// Thrown by a view's steps once another view was asked for: the stale view stops there.
+class Stale extends Error {}
+
+// Throws if the view numbered `mine` is no longer the current one.
+function still(mine) {
+  if (mine !== generation) throw new Stale();
 }
 
 class ApiError extends Error {
@@ -91,6 +101,11 @@ function stream(path, onEvent) {
         const headers = { "x-api-key": key };
         if (lastId) headers["last-event-id"] = lastId;
         const response = await fetch(path, { headers, signal: abort.signal });
+        if (response.status >= 400 && response.status < 500) {
+          // refused (the key, the thing): asking again would be refused again
+          onEvent("refused", { status: response.status });
+          return;
+        }
         if (!response.ok) throw new Error("stream answered " + response.status);
         const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
@@ -154,7 +169,7 @@ function loginView(message) {
   input.focus();
 }
 
-async function poolView() {
+async function poolView(mine) {
   const body = el("tbody", { id: "members" });
   const head = el("p", { id: "table-info", class: "muted" }, "Loading…");
   show(el("h1", {}, "Pool"), head,
@@ -184,11 +199,12 @@ async function poolView() {
     }));
   };
   await load();
+  still(mine);
   rendered();
   every(3000, () => load().catch(() => {}));
 }
 
-async function devicesView(params) {
+async function devicesView(mine, params) {
   const search = el("input", { id: "search", placeholder: "name contains", value: params.get("search") || "" });
   const tag = el("input", { id: "tag", placeholder: "tag", value: params.get("tag") || "" });
   const online = el("select", { id: "online" },
@@ -231,6 +247,7 @@ async function devicesView(params) {
     next.onclick = () => apply(page.next);
   };
   await load();
+  still(mine);
   rendered();
   every(5000, () => load().catch(() => {}));
 }
@@ -270,9 +287,10 @@ function chart(svg, values, from, to) {
   svg.dataset.points = String(points.length);
 }
 
-async function thingView(name) {
+async function thingView(mine, name) {
   const path = "/v1/things/" + encodeURIComponent(name);
   const thing = await api(path);
+  still(mine);
   const state = el("span", { id: "online", class: thing.online ? "online" : "offline" },
     thing.online ? "online" : "offline");
   const via = (t) => t.gateway ? `${t.transport || ""} through ${t.gateway}` : "";
@@ -390,6 +408,7 @@ async function thingView(name) {
   for (const [property, p] of Object.entries(thing.properties)) setProperty(property, p);
   for (const e of thing.events) addEvent(e, false);
   await loadHistory().catch(() => {});
+  still(mine);
   rendered();
 
   stream(path + "/stream", (type, data) => {
@@ -405,6 +424,12 @@ async function thingView(name) {
       state.textContent = "online"; state.className = "online"; gateway.textContent = via(data);
     } else if (type === "offline") {
       state.textContent = "offline"; state.className = "offline"; gateway.textContent = "";
+    } else if (type === "gap") {
+      // changes may be missing: draw the thing again from what the pool holds now
+      route();
+    } else if (type === "refused") {
+      state.textContent = `live updates refused (${data.status})`;
+      state.className = "error";
     } else if (type === "snapshot") {
       for (const [property, p] of Object.entries(data.properties)) setProperty(property, p);
       state.textContent = data.online ? "online" : "offline";
@@ -417,6 +442,7 @@ async function thingView(name) {
 async function route() {
   for (const stop of cleanup) stop();
   cleanup = [];
+  const mine = ++generation;
   delete document.body.dataset.rendered;
   if (!key) return loginView();
   if (!role) {
@@ -425,6 +451,7 @@ async function route() {
     } catch (err) {
       return loginView(String(err.message));
     }
+    if (mine !== generation) return;
   }
   const nav = document.getElementById("nav");
   nav.hidden = false;
@@ -433,10 +460,11 @@ async function route() {
   const [where, query] = hash.split("?");
   for (const link of nav.querySelectorAll("a")) link.classList.toggle("here", link.getAttribute("href") === "#" + where);
   try {
-    if (where.startsWith("/thing/")) await thingView(decodeURIComponent(where.slice(7)));
-    else if (where === "/devices") await devicesView(new URLSearchParams(query || ""));
-    else await poolView();
+    if (where.startsWith("/thing/")) await thingView(mine, decodeURIComponent(where.slice(7)));
+    else if (where === "/devices") await devicesView(mine, new URLSearchParams(query || ""));
+    else await poolView(mine);
   } catch (err) {
+    if (err instanceof Stale || mine !== generation) return;
     show(el("p", { class: "error", id: "view-error" }, String(err.message)));
   }
 }

@@ -65,11 +65,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// A request's path, query and body, or the JSON error to answer instead.
-fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, Refusal> {
+pub(crate) fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, Refusal> {
     p.map(|Path(p)| p).map_err(|e| refusal(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Refusal> {
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Refusal> {
     q.map(|Query(q)| q).map_err(|e| refusal(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
@@ -96,6 +96,7 @@ macro_rules! part {
         }
     };
 }
+pub(crate) use part;
 
 /// Refuses a frame for a device that the device could not decode (an over-long name or string, too deep a value,
 /// too large a frame), so that a bad API request never ends a device's session. Leaves room for the sequence
@@ -112,9 +113,9 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
 
 /// A request refused before anything was done: the status and what is wrong.
 #[derive(Debug)]
-struct Refusal(StatusCode, String);
+pub(crate) struct Refusal(StatusCode, String);
 
-fn refusal(status: StatusCode, message: impl Into<String>) -> Refusal {
+pub(crate) fn refusal(status: StatusCode, message: impl Into<String>) -> Refusal {
     Refusal(status, message.into())
 }
 

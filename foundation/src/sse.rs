@@ -19,7 +19,9 @@ use thingport_protocol::peer::{ChangeRecord, UpdateRecord};
 use thingport_protocol::{Limits, Value};
 
 use crate::Shared;
-use crate::api::{error, quality_byte_name, thing_json, transport_name};
+use crate::api::{
+    Refusal, error, part, path, quality_byte_name, query, refusal, thing_json, transport_name,
+};
 use crate::json::to_json;
 use crate::keys::Access;
 use crate::streams::{Filter, Item, Next, Refused, Subscription};
@@ -29,15 +31,18 @@ use crate::streams::{Filter, Item, Next, Refused, Subscription};
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// The place a client resumes from: its `Last-Event-ID`, or the error to answer.
-fn resume(headers: &HeaderMap) -> Result<Option<BTreeMap<String, u64>>, &'static str> {
+fn resume(headers: &HeaderMap) -> Result<Option<BTreeMap<String, u64>>, Refusal> {
     let Some(value) = headers.get("last-event-id") else { return Ok(None) };
     let text = value.to_str().unwrap_or_default().trim();
     if text.is_empty() {
         return Ok(None);
     }
-    serde_json::from_str(text)
-        .map(Some)
-        .map_err(|_| "Last-Event-ID: not an id this API sent (a JSON object of numbers)")
+    serde_json::from_str(text).map(Some).map_err(|_| {
+        refusal(
+            StatusCode::BAD_REQUEST,
+            "Last-Event-ID: not an id this API sent (a JSON object of numbers)",
+        )
+    })
 }
 
 fn refused(e: Refused) -> Response {
@@ -51,14 +56,8 @@ pub async fn thing_stream(
     thing: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let thing = match thing {
-        Ok(Path(thing)) => thing,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
-    };
-    let resume = match resume(&headers) {
-        Ok(resume) => resume,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
+    let thing = part!(path(thing));
+    let resume = part!(resume(&headers));
     let fresh = resume.is_none();
     let subscription =
         match shared.streams.subscribe(Filter::Things(vec![thing.clone()]), access, resume).await {
@@ -90,13 +89,10 @@ pub struct SetQuery {
 pub async fn set_stream(
     State(shared): State<Arc<Shared>>,
     Extension(access): Extension<Access>,
-    query: Result<Query<SetQuery>, QueryRejection>,
+    params: Result<Query<SetQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let query = match query {
-        Ok(Query(q)) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
-    };
+    let query = part!(query(params));
     let filter = match (query.things, query.tag) {
         (Some(_), Some(_)) => {
             return error(StatusCode::BAD_REQUEST, "name things or a tag, not both");
@@ -122,10 +118,7 @@ pub async fn set_stream(
         (None, Some(_)) => return error(StatusCode::BAD_REQUEST, "tag: must not be empty"),
         (None, None) => Filter::All,
     };
-    let resume = match resume(&headers) {
-        Ok(resume) => resume,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
+    let resume = part!(resume(&headers));
     match shared.streams.subscribe(filter, access, resume).await {
         Ok(subscription) => respond(shared, subscription, None),
         Err(e) => refused(e),

@@ -323,31 +323,36 @@ impl Streams {
             positions: BTreeMap::new(),
         };
         let Some(table) = self.cluster.table() else { return Err(Refused::NoTable) };
+        // where each member's log is now; a place is never taken beyond it (a client's id is only a claim)
+        let heads = futures_util::future::join_all(
+            table.members.iter().map(|m| self.cluster.watch(m, None, 0, Duration::ZERO)),
+        )
+        .await;
+        let gap = |member: &str, reason| Item::Gap { member: member.to_string(), reason };
+        if let Some(resume) = &resume {
+            for member in resume.keys().filter(|m| !table.members.contains(m)) {
+                subscription.backlog.push_back(gap(member, "the worker left the pool"));
+            }
+        }
         let mut starts: BTreeMap<String, u64> = BTreeMap::new();
-        match resume {
-            Some(resume) => {
-                for member in resume.keys().filter(|m| !table.members.contains(m)) {
-                    subscription.backlog.push_back(Item::Gap {
-                        member: member.clone(),
-                        reason: "the worker left the pool",
-                    });
-                }
+        for (member, head) in table.members.iter().zip(heads) {
+            let Some(head) = head.map(|page| page.next.saturating_sub(1)) else {
+                subscription.backlog.push_back(gap(member, "the worker did not answer"));
+                continue;
+            };
+            let start = match resume.as_ref().map(|r| r.get(member).copied()) {
+                None => head,
                 // a member missing from the place joined after it: everything in its log is newer
-                for member in &table.members {
-                    starts.insert(member.clone(), resume.get(member).copied().unwrap_or(0));
+                Some(None) => 0,
+                Some(Some(place)) if place > head => {
+                    subscription
+                        .backlog
+                        .push_back(gap(member, "the place is past the worker's log"));
+                    head
                 }
-            }
-            None => {
-                let heads = futures_util::future::join_all(
-                    table.members.iter().map(|m| self.cluster.watch(m, None, 0, Duration::ZERO)),
-                )
-                .await;
-                for (member, head) in table.members.iter().zip(heads) {
-                    if let Some(page) = head {
-                        starts.insert(member.clone(), page.next - 1);
-                    }
-                }
-            }
+                Some(Some(place)) => place,
+            };
+            starts.insert(member.clone(), start);
         }
         subscription.positions = starts.clone();
         let mut read_back: Vec<(String, u64, u64)> = Vec::new();
@@ -375,6 +380,10 @@ impl Streams {
                     }
                 }
             }
+            // a member that joined the table while this subscriber was getting its place
+            if let Some(table) = self.cluster.table() {
+                self.start_pumps(&mut state, &table.members);
+            }
         }
         for (member, from, to) in read_back {
             self.read_back(&mut subscription, &member, from, to).await;
@@ -395,7 +404,7 @@ impl Streams {
                 });
                 return;
             };
-            if page.first > after + 1 {
+            if page.first > after.saturating_add(1) {
                 subscription.backlog.push_back(Item::Gap {
                     member: member.to_string(),
                     reason: "the changes fell out of the worker's log",
@@ -459,10 +468,10 @@ impl Streams {
                 continue;
             }
             let Some(cursor) = asked else {
-                state.pumps.insert(member.clone(), Some(page.next - 1));
+                state.pumps.insert(member.clone(), Some(page.next.saturating_sub(1)));
                 continue;
             };
-            if page.first > cursor + 1 {
+            if page.first > cursor.saturating_add(1) {
                 self.gap(&mut state, &member, "the changes fell out of the worker's log");
             }
             let mut passed = cursor;
@@ -534,14 +543,18 @@ impl Streams {
             }
             let Some(table) = self.cluster.table() else { continue };
             let mut state = self.lock();
-            if state.subscribers.is_empty() {
-                continue;
+            if !state.subscribers.is_empty() {
+                self.start_pumps(&mut state, &table.members);
             }
-            for member in &table.members {
-                if !state.pumps.contains_key(member) {
-                    state.pumps.insert(member.clone(), Some(0));
-                    tokio::spawn(self.clone().pump(member.clone()));
-                }
+        }
+    }
+
+    /// Starts a pump, from the start of its log, for each of `members` that has none.
+    fn start_pumps(self: &Arc<Self>, state: &mut State, members: &[String]) {
+        for member in members {
+            if !state.pumps.contains_key(member) {
+                state.pumps.insert(member.clone(), Some(0));
+                tokio::spawn(self.clone().pump(member.clone()));
             }
         }
     }

@@ -247,7 +247,7 @@ pub enum Request {
     /// Removes a thing's history (or one property's) from this worker's store: sent to every member after the
     /// thing or property was removed, since a worker keeps the history of partitions it held before.
     Purge { thing: String, property: Option<String> },
-    /// Changes this worker acknowledged as a primary, from its change log: those after sequence number `after`
+    /// Changes this worker applied as a primary, from its change log: those after sequence number `after`
     /// (none: only the log's position), at most `max`. With none to give, the answer waits up to `wait_ms` for one.
     Watch { after: Option<u64>, max: u32, wait_ms: u32 },
 }

@@ -188,6 +188,37 @@ async fn a_stream_carries_what_another_worker_acknowledged_and_resumes_without_a
     let gap = ghost.expect("a gap").await;
     assert_eq!((gap.kind.as_str(), &gap.data["worker"]), ("gap", &json!("ghost")));
 
+    // a place past a worker's log (a client's id is only a claim) is a gap, and the stream goes on from the log's
+    // end; the other streams of the worker are not held up by it
+    let (_, view) = http(workers[0].api, "GET", "/v1/cluster", Some(KEY), None).await;
+    let w2 = view["table"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .find(|m| m.starts_with("w2#"))
+        .unwrap();
+    let claim = json!({ w2.clone(): u64::MAX }).to_string();
+    let (status, mut ahead) = Stream::open(workers[0].api, &path, Some(&claim)).await;
+    assert_eq!(status, 200);
+    let (_, mut fresh) = Stream::open(workers[0].api, &path, None).await;
+    assert_eq!(fresh.expect("the snapshot").await.kind, "snapshot");
+    write(workers[0].api, &thing, "level", json!(13)).await;
+    let event = fresh.expect("a change on a fresh stream").await;
+    assert_eq!((event.kind.as_str(), &event.data["value"]), ("property", &json!(13)));
+    // the claiming stream: first the gaps (w2's for the claim, and w1's if its log no longer starts at 1: w1 is
+    // missing from the claim, so its log is read from the start), then the change
+    let mut gaps = Vec::new();
+    let event = loop {
+        let event = ahead.expect("the claiming stream's change").await;
+        if event.kind != "gap" {
+            break event;
+        }
+        gaps.push(event.data["worker"].as_str().unwrap().to_string());
+    };
+    assert!(gaps.contains(&"w2".to_string()), "{gaps:?}");
+    assert_eq!((event.kind.as_str(), &event.data["value"]), ("property", &json!(13)));
+
     let (status, body) =
         http(workers[0].api, "GET", "/v1/stream?things=a&tag=b", Some(KEY), None).await;
     assert_eq!((status, body["error"].is_string()), (400, true));
@@ -216,14 +247,19 @@ async fn a_client_that_reads_nothing_is_cut_at_its_buffer_and_another_keeps_rece
     let chunk = "x".repeat(15_000);
     let big = json!([chunk, chunk, chunk, chunk]);
     let api = workers[1].api;
+    // the writer stays at most 8 changes ahead of the reader, so that only the stalled client falls behind by
+    // more than its buffer of 16
+    let (read, mut reads) = tokio::sync::watch::channel(0usize);
     let writer = tokio::spawn(async move {
         for i in 0..300 {
+            reads.wait_for(|&n| n + 8 >= i).await.unwrap();
             write(api, &thing, "blob", json!([i, big])).await;
         }
     });
     for i in 0..300 {
         let event = reader.expect("every change, in order").await;
         assert_eq!((event.kind.as_str(), &event.data["value"][0]), ("property", &json!(i)));
+        read.send_replace(i + 1);
     }
     writer.await.unwrap();
 

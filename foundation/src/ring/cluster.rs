@@ -109,7 +109,7 @@ pub struct Cluster {
     pub config: RingConfig,
     pub store: Store,
     pub calls: Calls,
-    /// The changes this worker acknowledged as a primary, for streams.
+    /// The changes this worker applied as a primary, for streams.
     pub hub: Hub,
     /// This worker's gateway links, for the cluster view (set once the worker serves links).
     pub links: std::sync::OnceLock<Arc<crate::links::Links>>,
@@ -725,15 +725,21 @@ impl Cluster {
             return self.refused(Refusal::Unavailable);
         }
         let deadline = Instant::now() + self.config.request_timeout;
+        // the change log is kept only while streams read it
+        let kept = self.hub.kept();
         let mut updates = Vec::new();
-        let ticket =
-            match self.apply_and_keep(partition, &mut op, Some(&mut updates), deadline).await {
-                Ok(ticket) => ticket,
-                Err(refusal) => return self.refused(refusal),
-            };
+        let log = kept.then_some(&mut updates);
+        let ticket = match self.apply_and_keep(partition, &mut op, false, log, deadline).await {
+            Ok(ticket) => ticket,
+            Err(refusal) => return self.refused(refusal),
+        };
         let response = self.acknowledge(partition, op, ticket, deadline).await;
-        if matches!(response, Response::Done) {
+        // applied here whatever the answer (reads show it, and the caller's retry changes nothing), so logged
+        // whatever the answer
+        if kept {
             self.hub.publish(updates);
+        } else {
+            self.hub.skip();
         }
         response
     }
@@ -789,15 +795,15 @@ impl Cluster {
 
     /// Applies an operation to this worker's copy of its partition and queues what the store keeps of it, in the
     /// order of the partition's lock; returns the ticket to wait for, if this worker writes the store. A primary
-    /// passes `updates`, which receives the changes a stream shows once the write is acknowledged.
+    /// that keeps a change log passes `updates`, which receives the changes a stream shows.
     async fn apply_and_keep(
         &self,
         partition: u16,
         op: &mut Op,
+        replica: bool,
         updates: Option<&mut Vec<(String, Vec<String>, ChangeRecord)>>,
         deadline: Instant,
     ) -> Result<Option<storage::Ticket>, Refusal> {
-        let replica = updates.is_none();
         let keeps = self.writes_store(!replica);
         let reservation = if keeps {
             Some(self.storage.reserve(deadline).await.map_err(|_| Refusal::Unavailable)?)
@@ -885,7 +891,7 @@ impl Cluster {
             return self.refused(Refusal::NotOwner);
         }
         let deadline = Instant::now() + self.config.request_timeout;
-        let ticket = match self.apply_and_keep(partition, &mut op, None, deadline).await {
+        let ticket = match self.apply_and_keep(partition, &mut op, true, None, deadline).await {
             Ok(ticket) => ticket,
             Err(_) => return self.refused(Refusal::Invalid),
         };
