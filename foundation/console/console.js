@@ -424,6 +424,15 @@ async function thingView(mine, name) {
       state.textContent = "online"; state.className = "online"; gateway.textContent = via(data);
     } else if (type === "offline") {
       state.textContent = "offline"; state.className = "offline"; gateway.textContent = "";
+    } else if (type === "removed") {
+      if (data.property === null) {
+        state.textContent = "removed"; state.className = "error"; gateway.textContent = "";
+        rowOf.clear();
+        properties.replaceChildren();
+      } else {
+        rowOf.get(data.property)?.remove();
+        rowOf.delete(data.property);
+      }
     } else if (type === "gap") {
       // changes may be missing: draw the thing again from what the pool holds now
       route();

@@ -189,6 +189,14 @@ def main():
         assert driver.execute_script("return window.notReloaded === true;"), "the page was reloaded"
         shot(driver, "written")
 
+        # a property removed through the API leaves the page with no reload
+        wait(driver, "the setpoint's row", lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-property='setpoint']"))
+        status, _ = call("DELETE", "/v1/things/browser-device/properties/setpoint")
+        assert status == 204, status
+        wait(driver, "the setpoint's row gone",
+             lambda d: not d.find_elements(By.CSS_SELECTOR, "tr[data-property='setpoint']"))
+        assert driver.execute_script("return window.notReloaded === true;"), "the page was reloaded"
+
         # a viewer sees the thing but no form to write or call
         driver.find_element(By.ID, "logout").click()
         sign_in(driver, VIEWER_KEY)
