@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 4;
+pub const PEER_VERSION: u8 = 5;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,10 +364,12 @@ pub enum Response {
         table_version: u64,
     },
     Thing(Option<ThingRecord>),
-    /// A page of a listing, and how many things of the receiver match the query in all.
+    /// A page of a listing, how many things of the receiver match the query in all, and the version of the table
+    /// whose primaries it listed.
     Things {
         things: Vec<ThingSummary>,
         matching: u64,
+        table_version: u64,
     },
     Partitions(Vec<(u16, Vec<ThingRecord>)>),
     Stats {

@@ -10,16 +10,24 @@
 mod support;
 
 use serde_json::{Value as Json, json};
-use support::process::{Spec, cluster_until, settled_on};
+use std::path::Path;
+
+use support::process::{Spec, WorkerProcess, cluster_until, settled_on};
 use support::{KEY, http};
+
+/// Two worker processes with the test keys, settled on one table.
+async fn two_workers(dir: &Path) -> (WorkerProcess, WorkerProcess) {
+    support::api_keys(dir);
+    let first = Spec::new(dir, "w1", &[], 2).spawn().await;
+    let second = Spec::new(dir, "w2", &[first.peer], 2).spawn().await;
+    cluster_until(second.api, "two members", |v| settled_on(v, &["w1", "w2"])).await;
+    (first, second)
+}
 
 #[tokio::test]
 async fn things_come_a_page_at_a_time_in_name_order_filtered_by_name_tag_and_session() {
     let dir = tempfile::tempdir().unwrap();
-    support::api_keys(dir.path());
-    let first = Spec::new(dir.path(), "w1", &[], 2).spawn().await;
-    let second = Spec::new(dir.path(), "w2", &[first.peer], 2).spawn().await;
-    cluster_until(second.api, "two members", |v| settled_on(v, &["w1", "w2"])).await;
+    let (first, second) = two_workers(dir.path()).await;
     let mut names = Vec::new();
     for i in 0..30 {
         let name = format!("{}-{i:02}", if i % 3 == 0 { "valve" } else { "pump" });
@@ -67,4 +75,46 @@ async fn things_come_a_page_at_a_time_in_name_order_filtered_by_name_tag_and_ses
     assert_eq!(count("online=false").await, (30, 30));
     let (status, _) = http(first.api, "GET", "/v1/things?limit=0", Some(KEY), None).await;
     assert_eq!(status, 400);
+}
+
+/// While a third worker joins and the table moves partitions to it, a page that says `complete` lists every thing
+/// once: no partition is missing because one member still lists under the old table, none counted twice.
+#[tokio::test]
+async fn a_complete_page_lists_every_thing_once_while_a_worker_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _second) = two_workers(dir.path()).await;
+    let mut names = Vec::new();
+    for i in 0..200 {
+        let name = format!("thing-{i:03}");
+        let (status, _) =
+            http(first.api, "PUT", &format!("/v1/things/{name}"), Some(KEY), None).await;
+        assert_eq!(status, 201);
+        names.push(name);
+    }
+
+    let _third = Spec::new(dir.path(), "w3", &[first.peer], 2).spawn().await;
+    let (mut pages, mut complete, mut settled_pages) = (0, 0, 0);
+    // list until the table has settled on three members, and a few pages after
+    while settled_pages < 3 {
+        let (status, page) = http(first.api, "GET", "/v1/things?limit=1000", Some(KEY), None).await;
+        assert_eq!(status, 200);
+        pages += 1;
+        if page["complete"] == json!(true) {
+            complete += 1;
+            let listed: Vec<&str> = page["things"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["thing"].as_str().unwrap())
+                .collect();
+            assert_eq!(listed, names, "page {pages} says complete");
+            assert_eq!(page["matching"], json!(200), "page {pages} says complete");
+        }
+        let (_, view) = http(first.api, "GET", "/v1/cluster", Some(KEY), None).await;
+        if settled_on(&view, &["w1", "w2", "w3"]) {
+            settled_pages += 1;
+        }
+    }
+    assert!(complete >= 3, "{complete} of {pages} pages complete");
+    println!("{complete} of {pages} pages complete while w3 joined");
 }

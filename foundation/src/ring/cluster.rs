@@ -415,28 +415,38 @@ impl Cluster {
     }
 
     /// One page of the things matching `query`, in name order, from each member's primaries, with how many match
-    /// in all; `false` if some member did not answer.
+    /// in all; `false` if some member did not answer, or if the members still listed under different tables after
+    /// a few tries (a partition could then be missing or counted twice).
     pub async fn list(&self, query: ListQuery) -> (Vec<ThingSummary>, u64, bool) {
-        let Some(table) = self.table() else { return (Vec::new(), 0, false) };
-        let request = || Request::List { query: query.clone() };
-        let answers = join_all(
-            table.members.iter().map(|m| self.call(m, request(), self.config.request_timeout)),
-        )
-        .await;
-        let mut complete = true;
-        let mut things = BTreeMap::new();
-        let mut total = 0;
-        for answer in answers {
-            match answer {
-                Some(Response::Things { things: page, matching }) => {
-                    total += matching;
-                    things.extend(page.into_iter().map(|t| (t.name.clone(), t)));
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let Some(table) = self.table() else { return (Vec::new(), 0, false) };
+            let request = || Request::List { query: query.clone() };
+            let answers = join_all(
+                table.members.iter().map(|m| self.call(m, request(), self.config.request_timeout)),
+            )
+            .await;
+            let mut answered = true;
+            let mut one_table = true;
+            let mut things = BTreeMap::new();
+            let mut total = 0;
+            for answer in answers {
+                match answer {
+                    Some(Response::Things { things: page, matching, table_version }) => {
+                        one_table &= table_version == table.version;
+                        total += matching;
+                        things.extend(page.into_iter().map(|t| (t.name.clone(), t)));
+                    }
+                    _ => answered = false,
                 }
-                _ => complete = false,
             }
+            // members that listed under another table: ask again once the tables agree, within the timeout
+            if answered && !one_table && self.backoff(deadline).await {
+                continue;
+            }
+            let page = things.into_values().take(query.limit as usize).collect();
+            return (page, total, answered && one_table);
         }
-        let page = things.into_values().take(query.limit as usize).collect();
-        (page, total, complete)
     }
 
     /// This worker's page of a listing: of the partitions it leads, the first `limit` matching names after
@@ -463,7 +473,7 @@ impl Cluster {
             }
         });
         let things = page.into_sorted_vec().into_iter().map(|t| t.0).collect();
-        Response::Things { things, matching }
+        Response::Things { things, matching, table_version: table.version }
     }
 
     /// Changes from a member's change log (this worker's included): see [`Request::Watch`].

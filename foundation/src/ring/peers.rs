@@ -354,6 +354,7 @@ mod tests {
                     })
                     .collect(),
                 matching: 20_000,
+                table_version: 1,
             },
             _ => Response::Done,
         }
