@@ -55,6 +55,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stream", get(crate::sse::set_stream))
         .route("/v1/cluster", get(cluster))
         .route("/v1/key", get(key_info))
+        .route(
+            "/v1/locks/{name}",
+            get(crate::locks::read)
+                .post(crate::locks::acquire)
+                .put(crate::locks::renew)
+                .delete(crate::locks::release),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this resource")
@@ -73,8 +80,16 @@ pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Refusal
     q.map(|Query(q)| q).map_err(|e| refusal(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, Refusal> {
-    b.map(|Json(b)| b).map_err(|e| refusal(e.status(), e.body_text()))
+/// A JSON body; one that does not parse or does not fit the request's fields is 400 (as every other bad request),
+/// one without its content type 415.
+pub(crate) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, Refusal> {
+    b.map(|Json(b)| b).map_err(|e| {
+        let status = match e.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            other => other,
+        };
+        refusal(status, e.body_text())
+    })
 }
 
 /// A JSON body that may be absent (empty): `None` then.
@@ -949,6 +964,7 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
             })
         })
         .collect();
+    let (voters, learners, applied) = shared.coord.view();
     Json(json!({
         "this_member": cluster.me,
         "members": member_json,
@@ -963,5 +979,11 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
         "changing": cluster.changing(),
         "replication": shared.config.replicas,
         "gateways_linked": shared.links.gateways(),
+        "consensus": {
+            "leader": shared.coord.leader(),
+            "voters": voters,
+            "learners": learners,
+            "applied": applied,
+        },
     }))
 }

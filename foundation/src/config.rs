@@ -71,6 +71,36 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Streams of changes to API clients (`GET /v1/things/{thing}/stream`, `GET /v1/stream`).
     pub streams: StreamsConfig,
+    /// The pool's consensus group and the locks it holds (`/v1/locks`).
+    pub locks: LocksConfig,
+}
+
+/// The `[locks]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksConfig {
+    /// Locks the pool holds at most; beyond it an acquire of a new lock gets 507.
+    pub max_locks: usize,
+    /// The longest lease one acquire or renewal may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// How often the consensus group's leader tells the others it is there.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A member that hears no leader for this long (to twice as long, at random) calls an election.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout: Duration,
+}
+
+impl Default for LocksConfig {
+    fn default() -> Self {
+        LocksConfig {
+            max_locks: 100_000,
+            max_ttl: Duration::from_secs(3600),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(500),
+        }
+    }
 }
 
 /// The `[streams]` section.
@@ -174,6 +204,7 @@ impl Default for Config {
             durability: Durability::Disk,
             storage: StorageConfig::default(),
             streams: StreamsConfig::default(),
+            locks: LocksConfig::default(),
         }
     }
 }
@@ -314,6 +345,23 @@ impl Config {
         }
         if !(1..=100_000).contains(&streams.max_things) {
             problems.push("streams.max_things: must be 1 to 100000".to_string());
+        }
+        let locks = &self.locks;
+        if !(1..=10_000_000).contains(&locks.max_locks) {
+            problems.push("locks.max_locks: must be 1 to 10000000".to_string());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600)).contains(&locks.max_ttl) {
+            problems.push("locks.max_ttl: must be 1 s to 7 days".to_string());
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&locks.heartbeat) {
+            problems.push("locks.heartbeat: must be 10 ms to 10 s".to_string());
+        } else if locks.election_timeout < locks.heartbeat * 3
+            || locks.election_timeout > Duration::from_secs(60)
+        {
+            problems.push(
+                "locks.election_timeout: must be at least 3 heartbeats and at most 60 s"
+                    .to_string(),
+            );
         }
         problems
     }

@@ -12,9 +12,11 @@ pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod coord;
 pub mod json;
 pub mod keys;
 pub mod links;
+pub mod locks;
 pub mod model;
 pub mod ring;
 pub mod services;
@@ -45,6 +47,7 @@ pub struct Shared {
     pub keys: keys::Keys,
     pub failures: keys::Failures,
     pub streams: Arc<streams::Streams>,
+    pub coord: Arc<coord::Consensus>,
 }
 
 /// Where a bound worker listens.
@@ -218,11 +221,22 @@ impl Worker {
             "store loaded; joining the pool"
         );
         let _ = cluster_cell.set(cluster.clone());
+        let coord = coord::Consensus::start(
+            &cluster,
+            &config.storage.data_dir,
+            config.locks.clone(),
+            config.request_timeout,
+        )
+        .await
+        .context("starting the consensus member")?;
+        let _ = cluster.coord.set(coord.clone());
+        let coord_stop = CancellationToken::new();
+        let coord_task = tokio::spawn(coord.clone().run(coord_stop.clone()));
         let failures = keys::Failures::default();
         let links = Arc::new(links::Links::default());
         let _ = cluster.links.set(links.clone());
         let streams = streams::Streams::new(cluster.clone(), config.streams.clone(), stop.clone());
-        let shared = Arc::new(Shared { config, cluster, links, keys, failures, streams });
+        let shared = Arc::new(Shared { config, cluster, links, keys, failures, streams, coord });
         let peer_cluster = shared.cluster.clone();
         let handler = move |request| {
             let cluster = peer_cluster.clone();
@@ -280,6 +294,8 @@ impl Worker {
             );
         }
         stop.cancel();
+        coord_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
         // what was acknowledged before it was stored (durability memory or replicated) is written before exit
         if let Err(e) = storage.flush(Instant::now() + Duration::from_secs(5)).await {
             tracing::warn!(error = %e, queued = storage.queued(), "the store did not take everything queued before exit");

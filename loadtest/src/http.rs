@@ -14,6 +14,19 @@ pub async fn post(
     key: &str,
     body: &str,
 ) -> Result<u16> {
+    Ok(request(conn, api, "POST", path, key, Some(body)).await?.0)
+}
+
+/// Sends a request (with a JSON body if given); returns the status and the body. Reconnects if the kept
+/// connection was closed.
+pub async fn request(
+    conn: &mut Option<TcpStream>,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<&str>,
+) -> Result<(u16, Vec<u8>)> {
     for attempt in 0..2 {
         if conn.is_none() {
             let stream = TcpStream::connect(api).await.context("connecting to the API")?;
@@ -21,12 +34,15 @@ pub async fn post(
             *conn = Some(stream);
         }
         let Some(stream) = conn.as_mut() else { bail!("no connection") };
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nhost: api\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let request = match body {
+            Some(body) => format!(
+                "{method} {path} HTTP/1.1\r\nhost: api\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+            None => format!("{method} {path} HTTP/1.1\r\nhost: api\r\nx-api-key: {key}\r\n\r\n"),
+        };
         match exchange(stream, &request).await {
-            Ok(status) => return Ok(status),
+            Ok(answer) => return Ok(answer),
             Err(e) if attempt == 0 => {
                 tracing::debug!(error = %e, "API connection lost; reconnecting");
                 *conn = None;
@@ -37,7 +53,7 @@ pub async fn post(
     bail!("unreachable")
 }
 
-async fn exchange(stream: &mut TcpStream, request: &str) -> Result<u16> {
+async fn exchange(stream: &mut TcpStream, request: &str) -> Result<(u16, Vec<u8>)> {
     stream.write_all(request.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
     let header_end = loop {
@@ -62,14 +78,18 @@ async fn exchange(stream: &mut TcpStream, request: &str) -> Result<u16> {
         .map(|(_, v)| v.trim().parse())
         .transpose()?
         .unwrap_or(0);
-    let mut have = buf.len() - header_end;
-    while have < length {
-        let mut chunk = vec![0u8; length - have];
+    if length > 16 << 20 {
+        bail!("response body of {length} bytes");
+    }
+    let mut body = buf.split_off(header_end);
+    while body.len() < length {
+        let mut chunk = vec![0u8; length - body.len()];
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             bail!("connection closed in the body");
         }
-        have += n;
+        body.extend_from_slice(&chunk[..n]);
     }
-    Ok(status)
+    body.truncate(length);
+    Ok((status, body))
 }

@@ -64,6 +64,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take and release locks through workers' APIs (`/v1/locks`): CLIENTS clients, each in a loop of acquire and
+    /// release, reporting operations per second, latency, and whether the fencing tokens grew.
+    Locks {
+        /// Workers' API addresses (plain HTTP); clients are spread over them.
+        #[arg(long, required = true, num_args = 1..)]
+        api: Vec<SocketAddr>,
+        #[arg(long, default_value = "demo-key")]
+        api_key: String,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Distinct lock names (client i takes lock i % names; fewer names than clients: contention).
+        #[arg(long)]
+        names: Option<usize>,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a plain-WebSocket backend that speaks the device protocol and acknowledges at once (what nginx and
     /// HAProxy proxy to in the side-by-side benchmark).
     WsBackend {
@@ -170,6 +188,9 @@ fn main() -> ExitCode {
         Command::Watch { api, api_key, things, count, duration, json } => {
             runtime.block_on(watch(api, api_key, things, count, duration, json))
         }
+        Command::Locks { api, api_key, clients, names, duration, json } => {
+            runtime.block_on(locks(api, api_key, clients, names.unwrap_or(clients), duration, json))
+        }
         Command::WsBackend { listen } => {
             runtime.block_on(thingport_loadtest::backend::serve(listen))
         }
@@ -200,6 +221,26 @@ async fn watch(
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    Ok(())
+}
+
+async fn locks(
+    apis: Vec<SocketAddr>,
+    key: String,
+    clients: usize,
+    names: usize,
+    duration: Duration,
+    json: bool,
+) -> Result<()> {
+    let report = thingport_loadtest::locks::run(&apis, &key, clients, names, duration).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    if !report.tokens_ok {
+        bail!("a fencing token was granted twice or did not grow");
     }
     Ok(())
 }

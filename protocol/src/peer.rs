@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 5;
+pub const PEER_VERSION: u8 = 6;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,6 +250,68 @@ pub enum Request {
     /// Changes this worker applied as a primary, from its change log: those after sequence number `after`
     /// (none: only the log's position), at most `max`. With none to give, the answer waits up to `wait_ms` for one.
     Watch { after: Option<u64>, max: u32, wait_ms: u32 },
+    /// A message of the pool's consensus group (Raft): `body` is the postcard encoding of the openraft request of
+    /// that kind; the answer is [`Response::Consensus`].
+    Consensus { rpc: ConsensusRpc, body: Bytes },
+    /// A lock operation for the consensus group's leader to commit; answered [`Response::Lock`], or refused
+    /// `NotLeader` by a worker that is not (or no longer) the leader.
+    Lock { command: LockCommand },
+    /// A lock's current lease as the leader knows it, read after confirming its leadership.
+    ReadLock { name: String },
+}
+
+/// The kinds of consensus messages (Raft's three RPCs, and a question a worker asks before it founds a group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsensusRpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+    /// Whether the receiver belongs to a consensus group already (answer body: one byte, 1 if so).
+    Member,
+}
+
+/// An operation on a named lock (`docs/API.md`, locks). Committed through the consensus log; the leader stamps
+/// each with its clock, and leases are judged by those stamps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockCommand {
+    /// Takes the lock for `holder` for `ttl_ms` if it is free or its lease ran out; the same holder extends its
+    /// own lease and keeps its token.
+    Acquire { name: String, holder: String, ttl_ms: u64 },
+    /// Extends the lease `token` names, if it still holds the lock.
+    Renew { name: String, token: u64, ttl_ms: u64 },
+    /// Frees the lock, if `token` still holds it.
+    Release { name: String, token: u64 },
+}
+
+/// What a lock operation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockOutcome {
+    /// The lease now held: acquired or renewed.
+    Held(Lease),
+    /// Another holder's lease runs for `expires_in_ms` more.
+    Busy {
+        holder: String,
+        token: u64,
+        expires_in_ms: u64,
+    },
+    /// The token no longer holds the lock (its lease ran out, it was released, or another holder took it).
+    Lost,
+    Released,
+    /// The lock is free (an answer to `ReadLock`).
+    Free,
+    /// The group holds `max_locks` locks already.
+    Full,
+}
+
+/// A holder's lease of a lock. `token` is the consensus log index of the entry that granted it: it grows with
+/// every grant, across locks and leaders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub token: u64,
+    /// Lease time left as the leader's clock stood when it answered.
+    pub expires_in_ms: u64,
 }
 
 /// Which things a listing wants: names after `after`, starting with `prefix` and with one of `prefixes` (if any),
@@ -354,6 +416,8 @@ pub enum Refusal {
     CopyFailed,
     /// The answer would pass the asker's `max_peer_message`, so it was not sent.
     TooLarge,
+    /// This worker does not lead the consensus group (or runs none).
+    NotLeader,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -393,6 +457,9 @@ pub enum Response {
     Prepared {
         newer: Option<TableRecord>,
     },
+    /// The answer to a consensus message: the postcard encoding of openraft's `Result` for that RPC.
+    Consensus(Bytes),
+    Lock(LockOutcome),
 }
 
 impl PeerMessage {

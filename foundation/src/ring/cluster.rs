@@ -113,6 +113,8 @@ pub struct Cluster {
     pub hub: Hub,
     /// This worker's gateway links, for the cluster view (set once the worker serves links).
     pub links: std::sync::OnceLock<Arc<crate::links::Links>>,
+    /// This worker's member of the consensus group (set once it started).
+    pub coord: std::sync::OnceLock<Arc<crate::coord::Consensus>>,
     tables: RwLock<Tables>,
     version: watch::Sender<u64>,
     members: watch::Receiver<Members>,
@@ -181,6 +183,7 @@ impl Cluster {
             peers: Peers::new(me.clone(), config.max_message, config.peer_tls.clone()),
             hub: Hub::new(config.change_log.0, config.change_log.1),
             links: std::sync::OnceLock::new(),
+            coord: std::sync::OnceLock::new(),
             me,
             config,
             store: Store::default(),
@@ -344,6 +347,22 @@ impl Cluster {
                 Err(_) => None,
             }
         })
+    }
+
+    /// Sends a request to the latest run of the worker with this configured id (this worker included).
+    pub async fn call_worker(
+        &self,
+        name: &str,
+        request: Request,
+        timeout: Duration,
+    ) -> Option<Response> {
+        let key = if membership::name_of(&self.me) == name {
+            self.me.clone()
+        } else {
+            let members = self.members.borrow();
+            members.values().filter(|n| n.name == name).max_by_key(|n| n.boot)?.key()
+        };
+        self.call(&key, request, timeout).await
     }
 
     /// Waits for a newer table or a short while, whichever comes first.
@@ -640,6 +659,30 @@ impl Cluster {
                         }
                         Some(_) => self.refused(Refusal::NotPrimary),
                         None => self.refused(Refusal::NoTable),
+                    }
+                }
+                Request::Consensus { rpc, body } => match self.coord.get() {
+                    Some(coord) => coord.serve(rpc, &body).await,
+                    None => self.refused(Refusal::NotLeader),
+                },
+                Request::Lock { command } => {
+                    let deadline = Instant::now() + self.config.request_timeout;
+                    match self.coord.get() {
+                        Some(coord) => match coord.lead(command, deadline).await {
+                            Ok(outcome) => Response::Lock(outcome),
+                            Err(_) => self.refused(Refusal::NotLeader),
+                        },
+                        None => self.refused(Refusal::NotLeader),
+                    }
+                }
+                Request::ReadLock { name } => {
+                    let deadline = Instant::now() + self.config.request_timeout;
+                    match self.coord.get() {
+                        Some(coord) => match coord.read_here(&name, deadline).await {
+                            Ok(outcome) => Response::Lock(outcome),
+                            Err(_) => self.refused(Refusal::NotLeader),
+                        },
+                        None => self.refused(Refusal::NotLeader),
                     }
                 }
                 Request::List { query } => {
