@@ -273,7 +273,8 @@ mod tests {
 
     impl StoreBuilder<TypeConfig, Log, Machine, TempDir> for Fresh {
         async fn build(&self) -> Result<(TempDir, Log, Machine), StorageError<NodeId>> {
-            let failed = |e: String| StorageError::from(StorageIOError::<NodeId>::write(AnyError::error(e)));
+            let failed =
+                |e: String| StorageError::from(StorageIOError::<NodeId>::write(AnyError::error(e)));
             let dir = tempfile::tempdir().map_err(|e| failed(e.to_string()))?;
             let db = Db::open(dir.path()).map_err(|e| failed(e.to_string()))?;
             let machine = Machine::open(db.clone()).await?;

@@ -196,7 +196,11 @@ impl Consensus {
 
     /// Runs `here` on this worker, or sends `forward` to the leader it names, until one answers or the request
     /// timeout passes.
-    async fn through_leader<F, Fut>(&self, here: F, forward: Request) -> Result<LockOutcome, CoordError>
+    async fn through_leader<F, Fut>(
+        &self,
+        here: F,
+        forward: Request,
+    ) -> Result<LockOutcome, CoordError>
     where
         F: Fn(Instant) -> Fut,
         Fut: Future<Output = Result<LockOutcome, Option<String>>>,
