@@ -36,7 +36,7 @@ impl Locks {
         let now = self.now_ms.max(stamped.now_ms);
         self.now_ms = now;
         match &stamped.command {
-            LockCommand::Acquire { name, holder, ttl_ms } => match self.live(name, now) {
+            LockCommand::Acquire { name, holder, ttl_ms } => match self.current(name, now) {
                 Some(held) if held.holder != *holder => LockOutcome::Busy {
                     holder: held.holder.clone(),
                     token: held.token,
@@ -57,7 +57,7 @@ impl Locks {
                     outcome
                 }
             },
-            LockCommand::Renew { name, token, ttl_ms } => match self.live(name, now) {
+            LockCommand::Renew { name, token, ttl_ms } => match self.current(name, now) {
                 Some(held) if held.token == *token => {
                     held.expires_ms = now.saturating_add(*ttl_ms);
                     lease(name, held, now)
@@ -75,7 +75,7 @@ impl Locks {
     }
 
     /// The lock's lease if it has not run out at `now`; one that ran out is dropped.
-    fn live(&mut self, name: &str, now: u64) -> Option<&mut Held> {
+    fn current(&mut self, name: &str, now: u64) -> Option<&mut Held> {
         if self.held.get(name).is_some_and(|h| h.expires_ms <= now) {
             self.held.remove(name);
         }
@@ -94,6 +94,12 @@ impl Locks {
     /// Locks held, counting those whose lease ran out but that no command has touched since.
     pub fn len(&self) -> usize {
         self.held.len()
+    }
+
+    /// Locks whose lease has not run out at `now_ms` (or the machine's time, if later).
+    pub fn live(&self, now_ms: u64) -> usize {
+        let now = self.now_ms.max(now_ms);
+        self.held.values().filter(|h| h.expires_ms > now).count()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -47,6 +47,9 @@ pub struct Machine {
     db: Db,
     /// The index of the last entry applied, for waiters.
     applied: Arc<watch::Sender<u64>>,
+    /// Held while a snapshot is compared with the stored one and written: openraft builds snapshots on a task of
+    /// their own, and a slow build must not replace a newer snapshot installed meanwhile (the log before it is gone).
+    snapshots: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Machine {
@@ -64,12 +67,24 @@ impl Machine {
             state: Arc::new(RwLock::new(state)),
             db,
             applied: Arc::new(watch::channel(index).0),
+            snapshots: Arc::default(),
         })
     }
 
     /// The index of the last entry applied, as it changes.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+
+    /// Stores `snapshot` unless the stored one is as new or newer; returns whether it stored it.
+    async fn keep(&self, snapshot: &Stored) -> Result<bool> {
+        let _one = self.snapshots.lock().await;
+        let stored: Option<Stored> = self.db.meta("snapshot").await?;
+        if stored.is_some_and(|s| s.meta.last_log_id >= snapshot.meta.last_log_id) {
+            return Ok(false);
+        }
+        self.db.set_meta("snapshot", snapshot).await?;
+        Ok(true)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -97,7 +112,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
             };
             (data, meta)
         };
-        self.db.set_meta("snapshot", &Stored { meta: meta.clone(), data: data.clone() }).await?;
+        self.keep(&Stored { meta: meta.clone(), data: data.clone() }).await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -161,7 +176,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
             .map_err(|e| StorageIOError::<NodeId>::read_snapshot(Some(meta.signature()), &e))?;
         state.last_applied = meta.last_log_id;
         state.membership = meta.last_membership.clone();
-        self.db.set_meta("snapshot", &Stored { meta: meta.clone(), data }).await?;
+        self.keep(&Stored { meta: meta.clone(), data }).await?;
         let index = state.last_applied.map_or(0, |l| l.index);
         *self.write() = state;
         self.applied.send_replace(index);

@@ -112,6 +112,8 @@ impl Consensus {
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
             max_in_snapshot_log_to_keep: 1_000,
+            // a chunk of a snapshot travels in one peer message
+            snapshot_max_chunk_size: (cluster.config.max_message / 2) as u64,
             ..Default::default()
         }
         .validate()?;
@@ -236,20 +238,24 @@ impl Consensus {
     ) -> Result<LockOutcome, Option<String>> {
         if let LockCommand::Acquire { name, holder, .. } = &command {
             let state = self.machine.state.read().unwrap_or_else(|e| e.into_inner());
-            match state.locks.read(name, now_ms()) {
+            let leads = self.raft.metrics().borrow().current_leader == Some(self.id);
+            let now = now_ms();
+            match state.locks.read(name, now) {
                 // another holder's lease: refused without an entry (a refusal grants nothing, so an answer from
                 // a state that lags, or from a deposed leader, is safe), and waiters add nothing to the log
-                LockOutcome::Held(lease)
-                    if lease.holder != *holder
-                        && self.raft.metrics().borrow().current_leader == Some(self.id) =>
-                {
+                LockOutcome::Held(lease) if lease.holder != *holder && leads => {
                     return Ok(LockOutcome::Busy {
                         holder: lease.holder,
                         token: lease.token,
                         expires_in_ms: lease.expires_in_ms,
                     });
                 }
-                LockOutcome::Free if state.locks.len() >= self.config.max_locks => {
+                // leases that ran out count in `len` until a sweep: count the live ones before refusing
+                LockOutcome::Free
+                    if leads
+                        && state.locks.len() >= self.config.max_locks
+                        && state.locks.live(now) >= self.config.max_locks =>
+                {
                     return Ok(LockOutcome::Full);
                 }
                 _ => {}
