@@ -15,7 +15,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
-use thingport_protocol::peer::{HistoryQuery, ListQuery, Op, PropertyDefinition, StreamPosition};
+use thingport_protocol::peer::{
+    HistoryQuery, ListQuery, LockOutcome, Op, PropertyDefinition, StreamPosition,
+};
 use thingport_protocol::{
     ByteString, Frame, Limits, Properties, PropertyUpdate, Quality, ServiceRequest, ServiceResult,
     Value,
@@ -965,6 +967,12 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
         })
         .collect();
     let (voters, learners, applied) = shared.coord.view();
+    let singleton = match shared.coord.peek(crate::coord::singleton::NAME) {
+        LockOutcome::Held(lease) => {
+            json!({ "holder": lease.holder, "token": lease.token, "expires_in_ms": lease.expires_in_ms })
+        }
+        _ => json!({ "holder": null }),
+    };
     Json(json!({
         "this_member": cluster.me,
         "members": member_json,
@@ -985,5 +993,7 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
             "learners": learners,
             "applied": applied,
         },
+        "singleton": singleton,
+        "holds_singleton": shared.singleton.holds(),
     }))
 }

@@ -90,6 +90,10 @@ pub struct LocksConfig {
     /// A member that hears no leader for this long (to twice as long, at random) calls an election.
     #[serde(with = "humantime_serde")]
     pub election_timeout: Duration,
+    /// The lease of the pool's singleton role (`coord::singleton`): a worker that dies holding it is replaced
+    /// after this long; workers ask for it every third of it.
+    #[serde(with = "humantime_serde")]
+    pub singleton_ttl: Duration,
 }
 
 impl Default for LocksConfig {
@@ -99,6 +103,7 @@ impl Default for LocksConfig {
             max_ttl: Duration::from_secs(3600),
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(500),
+            singleton_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -363,6 +368,12 @@ impl Config {
                     .to_string(),
             );
         }
+        if locks.singleton_ttl < locks.election_timeout * 2 || locks.singleton_ttl > locks.max_ttl {
+            problems.push(
+                "locks.singleton_ttl: must be at least twice locks.election_timeout and at most locks.max_ttl"
+                    .to_string(),
+            );
+        }
         problems
     }
 
@@ -398,5 +409,19 @@ mod tests {
         assert_eq!(packaged.pool_credentials, Some(PathBuf::from("/etc/thingport/pool")));
         assert_eq!(packaged.api_tls_cert, Some(PathBuf::from("/etc/thingport/tls/cert.pem")));
         assert!(Config::parse("unknown_key = 1").is_err());
+    }
+
+    #[test]
+    fn every_problem_of_the_locks_section_is_named() {
+        let config = Config::parse(
+            "[locks]\nmax_locks = 0\nheartbeat = \"1ms\"\nsingleton_ttl = \"600ms\"\n",
+        )
+        .unwrap();
+        let problems = config.validate();
+        for key in ["locks.max_locks", "locks.heartbeat", "locks.singleton_ttl"] {
+            assert!(problems.iter().any(|p| p.starts_with(key)), "{key} in {problems:?}");
+        }
+        let fine = Config::parse("[locks]\nsingleton_ttl = \"1s\"\n").unwrap();
+        assert!(!fine.validate().iter().any(|p| p.starts_with("locks.")));
     }
 }

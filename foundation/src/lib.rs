@@ -48,6 +48,7 @@ pub struct Shared {
     pub failures: keys::Failures,
     pub streams: Arc<streams::Streams>,
     pub coord: Arc<coord::Consensus>,
+    pub singleton: Arc<coord::singleton::Singleton>,
 }
 
 /// Where a bound worker listens.
@@ -204,7 +205,8 @@ impl Worker {
         if let Some(admin) = admin {
             tokio::spawn(serve_admin(admin, storage.clone(), cluster_cell.clone(), stop.clone()));
         }
-        tokio::spawn(storage.clone().run(opener(&config), storage_stop.clone()));
+        let singleton = Arc::new(coord::singleton::Singleton::default());
+        tokio::spawn(storage.clone().run(opener(&config, &singleton), storage_stop.clone()));
         tokio::pin!(shutdown);
         let started = Instant::now();
         let cluster = tokio::select! {
@@ -232,11 +234,19 @@ impl Worker {
         let _ = cluster.coord.set(coord.clone());
         let coord_stop = CancellationToken::new();
         let coord_task = tokio::spawn(coord.clone().run(coord_stop.clone()));
+        let singleton_stop = CancellationToken::new();
+        let singleton_task = tokio::spawn(singleton.clone().run(
+            coord.clone(),
+            config.id.clone(),
+            config.locks.singleton_ttl,
+            singleton_stop.clone(),
+        ));
         let failures = keys::Failures::default();
         let links = Arc::new(links::Links::default());
         let _ = cluster.links.set(links.clone());
         let streams = streams::Streams::new(cluster.clone(), config.streams.clone(), stop.clone());
-        let shared = Arc::new(Shared { config, cluster, links, keys, failures, streams, coord });
+        let shared =
+            Arc::new(Shared { config, cluster, links, keys, failures, streams, coord, singleton });
         let peer_cluster = shared.cluster.clone();
         let handler = move |request| {
             let cluster = peer_cluster.clone();
@@ -283,6 +293,9 @@ impl Worker {
             _ = &mut shutdown => false,
             _ = &mut leaving => true,
         };
+        // the singleton role is released while the pool is still reachable, so another worker takes it at once
+        singleton_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), singleton_task).await;
         // gateways are told GOAWAY and what they already sent is answered before the links close
         drain.cancel();
         links.close();
@@ -315,12 +328,17 @@ impl Worker {
 type OpenFuture = std::pin::Pin<Box<dyn Future<Output = Result<Arc<dyn Provider>>> + Send>>;
 
 /// How the configured store is opened (on a blocking thread for SQLite).
-fn opener(config: &Config) -> impl Fn() -> OpenFuture + use<> {
+fn opener(
+    config: &Config,
+    singleton: &Arc<coord::singleton::Singleton>,
+) -> impl Fn() -> OpenFuture + use<> {
+    let singleton = singleton.clone();
     let storage = config.storage.clone();
     let fsync = config.durability == storage::Durability::Disk;
     let limits = config.limits();
     move || {
         let storage = storage.clone();
+        let singleton = singleton.clone();
         Box::pin(async move {
             let retention = storage::Retention {
                 max_age: storage.max_age,
@@ -345,8 +363,13 @@ fn opener(config: &Config) -> impl Fn() -> OpenFuture + use<> {
                     Arc::new(opened)
                 }
                 config::ProviderKind::Postgres => Arc::new(
-                    storage::postgres::Postgres::open(&storage.postgres_url, retention, limits)
-                        .await?,
+                    storage::postgres::Postgres::open(
+                        &storage.postgres_url,
+                        retention,
+                        limits,
+                        singleton,
+                    )
+                    .await?,
                 ),
             };
             Ok(provider)

@@ -16,6 +16,7 @@ use thingport_protocol::peer::{Lease, LockCommand, LockOutcome};
 use crate::Shared;
 use crate::api::{Refusal, body, error, part, path, query, refusal};
 use crate::coord::CoordError;
+use crate::coord::singleton::RESERVED;
 
 /// Longest name of a lock or of a holder, in bytes.
 pub const MAX_NAME: usize = 256;
@@ -51,6 +52,19 @@ fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
         return Err(refusal(
             StatusCode::BAD_REQUEST,
             format!("{what} must be 1 to {MAX_NAME} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Names the pool keeps for itself can be read, not taken, renewed or released.
+fn check_own(name: &str) -> Result<(), Refusal> {
+    if name.starts_with(RESERVED) {
+        return Err(refusal(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "lock names beginning with {RESERVED} are the pool's own; they can only be read"
+            ),
         ));
     }
     Ok(())
@@ -103,6 +117,7 @@ pub async fn acquire(
     let name = part!(path(name));
     let request = part!(body(request));
     part!(check_name("the lock's name", &name));
+    part!(check_own(&name));
     part!(check_name("holder", &request.holder));
     part!(check_ttl(&shared, request.ttl_ms));
     let deadline = Instant::now() + Duration::from_millis(request.wait_ms).min(MAX_WAIT);
@@ -133,6 +148,7 @@ pub async fn renew(
     let name = part!(path(name));
     let request = part!(body(request));
     part!(check_name("the lock's name", &name));
+    part!(check_own(&name));
     part!(check_ttl(&shared, request.ttl_ms));
     let command = LockCommand::Renew { name, token: request.token, ttl_ms: request.ttl_ms };
     answer(shared.coord.submit(command).await, &shared)
@@ -147,6 +163,7 @@ pub async fn release(
     let name = part!(path(name));
     let token = part!(query(token)).token;
     part!(check_name("the lock's name", &name));
+    part!(check_own(&name));
     answer(shared.coord.submit(LockCommand::Release { name, token }).await, &shared)
 }
 

@@ -35,6 +35,7 @@ pub const STORAGE_ERRORS_TOTAL: &str = "thingport_storage_errors_total";
 pub const STORAGE_QUEUE_FULL_TOTAL: &str = "thingport_storage_queue_full_total";
 pub const STORAGE_JOURNAL_FOLDS_TOTAL: &str = "thingport_storage_journal_folds_total";
 pub const STORAGE_RETENTION_REMOVED_TOTAL: &str = "thingport_storage_retention_removed_total";
+pub const SINGLETON_HELD: &str = "thingport_foundation_singleton_held";
 
 /// Gives every metric its help text (`# HELP` in `/metrics`); the recorder must be installed.
 pub fn describe() {
@@ -100,6 +101,7 @@ pub fn describe() {
         CHANGE_LOG_CHANGES,
         "Changes held in this worker's change log (bounded by streams.log_changes and log_bytes)"
     );
+    describe_gauge!(SINGLETON_HELD, "1 while this worker holds the pool's singleton role, else 0");
     describe_gauge!(STORAGE_UP, "1 while the store is open and its last commit succeeded, else 0");
     describe_counter!(STORAGE_COMMITS_TOTAL, "Group commits of the store");
     describe_counter!(STORAGE_CHANGES_TOTAL, "Changes the store's group commits carried");

@@ -163,3 +163,94 @@ async fn locks_survive_a_kill_of_the_leader_and_a_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The workers that say they hold the singleton role, and whether every view names the same holder and token.
+async fn singleton_of(workers: &[WorkerProcess]) -> (Vec<String>, Option<(String, u64)>) {
+    let mut holding = Vec::new();
+    let mut named = Vec::new();
+    for w in workers {
+        let (_, view) = http(w.api, "GET", "/v1/cluster", Some(KEY), None).await;
+        if view["holds_singleton"] == json!(true) {
+            holding.push(w.id.clone());
+        }
+        let holder = view["singleton"]["holder"].as_str().map(str::to_string);
+        named.push(holder.zip(view["singleton"]["token"].as_u64()));
+    }
+    let agreed = named.windows(2).all(|p| p[0] == p[1]).then(|| named[0].clone()).flatten();
+    (holding, agreed)
+}
+
+/// Polls until one worker holds the role and every view names it, with a token other than `before`; asserts
+/// that no two workers say they hold it at once.
+async fn one_holder(workers: &[WorkerProcess], before: u64) -> (String, u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (holding, agreed) = singleton_of(workers).await;
+        assert!(holding.len() <= 1, "two workers hold the singleton: {holding:?}");
+        if let Some((holder, token)) = agreed
+            && holding == [holder.clone()]
+            && token != before
+        {
+            return (holder, token);
+        }
+        assert!(Instant::now() < deadline, "no single holder of the singleton: {holding:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_worker_holds_the_singleton_and_another_takes_it_when_the_holder_dies_or_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    support::api_keys(dir.path());
+    // asked for every 3 s: a holder that stops without releasing it would be replaced 6 to 9 s later
+    let ttl = Duration::from_secs(9);
+    let extra = "[locks]\nsingleton_ttl = \"9s\"\n";
+    let mut workers = Vec::new();
+    for id in ["w1", "w2", "w3", "w4"] {
+        let seeds: Vec<SocketAddr> =
+            workers.first().map(|w: &WorkerProcess| w.peer).into_iter().collect();
+        let mut spec = Spec::new(dir.path(), id, &seeds, 4);
+        spec.extra = extra.into();
+        workers.push(spec.spawn().await);
+    }
+    let ids = ["w1", "w2", "w3", "w4"];
+    cluster_until(workers[0].api, "four members", |v| settled_on(v, &ids)).await;
+    let (holder, token) = one_holder(&workers, 0).await;
+
+    // the role is a lock anyone may read and no application may take, renew or release
+    let api = workers[0].api;
+    let (status, read) = http(api, "GET", "/v1/locks/thingport:singleton", Some(KEY), None).await;
+    assert_eq!(
+        (status, read["holder"].clone(), read["token"].clone()),
+        (200, json!(holder), json!(token))
+    );
+    let (status, _) = acquire(api, "thingport:singleton", "intruder", 1_000, 0).await;
+    assert_eq!(status, 400);
+    let release = format!("/v1/locks/thingport:singleton?token={token}");
+    let (status, _) = http(api, "DELETE", &release, Some(KEY), None).await;
+    assert_eq!(status, 400);
+
+    // kill -9: another worker takes the role once the lease runs out, with a larger token
+    let at = workers.iter().position(|w| w.id == holder).unwrap();
+    workers.remove(at).kill().await;
+    let killed_at = Instant::now();
+    let (holder, second) = one_holder(&workers, token).await;
+    assert!(second > token, "{second} after {token}");
+    println!("singleton taken over {:?} after the holder's kill -9", killed_at.elapsed());
+
+    // stopped: the holder releases the role as it leaves, so another takes it well before the lease would end
+    let left: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
+    for w in &workers {
+        cluster_until(w.api, "a consensus group of the three left", |v| group_of(v, &left)).await;
+    }
+    let at = workers.iter().position(|w| w.id == holder).unwrap();
+    let mut stopping = workers.remove(at);
+    support::process::signal(&stopping.child, "-TERM");
+    let stopped_at = Instant::now();
+    let (_, third) = one_holder(&workers, second).await;
+    let took = stopped_at.elapsed();
+    assert!(third > second);
+    println!("singleton taken over {took:?} after the holder's SIGTERM");
+    assert!(took < ttl * 2 / 3, "took {took:?}: the stopping holder did not release the role");
+    let _ = stopping.child.wait().await;
+}

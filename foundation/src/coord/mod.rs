@@ -1,6 +1,7 @@
 //! The pool's consensus group: Raft (openraft 0.9) among up to five voting workers, the others learners, over the
-//! ring's peer connections. It commits the locks applications take through `/v1/locks` ([`locks`]); its log, vote
-//! and snapshots are on disk in the worker's data directory ([`log`], [`machine`]).
+//! ring's peer connections. It commits the locks applications take through `/v1/locks` ([`locks`]) and the lease of
+//! the pool's singleton role ([`singleton`]); its log, vote and snapshots are on disk in the worker's data directory
+//! ([`log`], [`machine`]).
 //!
 //! Who belongs follows the committed partition table: the group's leader adds a worker that joins the table as a
 //! learner, makes it a voter while there are fewer than five, and removes one the table dropped. The group is
@@ -11,6 +12,7 @@
 pub mod locks;
 pub mod log;
 pub mod machine;
+pub mod singleton;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
@@ -297,6 +299,12 @@ impl Consensus {
                 .map(|n| n.addr.clone())),
             Err(_) => Err(None),
         }
+    }
+
+    /// A lock as this worker's applied state holds it, without asking the leader: it may lag the leader's.
+    pub fn peek(&self, name: &str) -> LockOutcome {
+        let state = self.machine.state.read().unwrap_or_else(|e| e.into_inner());
+        state.locks.read(name, now_ms())
     }
 
     /// The index of the last entry this worker applied, as it changes (a lock released or taken).

@@ -10,7 +10,7 @@
 //! One connection writes; a few more read. A connection that fails is replaced at the next use, so a database
 //! restarted under a running pool is written again as soon as it accepts connections. Versioned migrations run at
 //! open, under an advisory lock so that workers starting together do not race; retention runs in the background on
-//! whichever worker holds another advisory lock.
+//! the worker that holds the pool's singleton role (`coord::singleton`), under another advisory lock.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use tokio_postgres::{Client, NoTls};
 use super::{
     BoxFuture, Change, Provider, Retention, StorageError, StoredValue, ordered, unordered,
 };
+use crate::coord::singleton::Singleton;
 use crate::model::{Definition, PropertyState, ThingState, Version};
 
 /// The schema, by version (table `thingport_schema`).
@@ -141,7 +142,12 @@ fn encoded(value: &Value) -> Vec<u8> {
 
 impl Postgres {
     /// Connects, migrates the schema forward and starts the retention sweep.
-    pub async fn open(url: &str, retention: Retention, limits: Limits) -> anyhow::Result<Postgres> {
+    pub async fn open(
+        url: &str,
+        retention: Retention,
+        limits: Limits,
+        singleton: Arc<Singleton>,
+    ) -> anyhow::Result<Postgres> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| anyhow::anyhow!("storage.postgres_url: {e}"))?;
         let mut client = connect(&config).await?;
@@ -153,7 +159,7 @@ impl Postgres {
             streams: Mutex::new(HashMap::new()),
             limits,
         };
-        tokio::spawn(sweep(config, retention));
+        tokio::spawn(sweep(config, retention, singleton));
         Ok(store)
     }
 
@@ -521,11 +527,15 @@ async fn write_rows(
     Ok(())
 }
 
-/// Applies retention every minute, on the one worker of the pool that holds the retention lock, a stream at a
-/// time (each its own short statement, so writers are never held up for long).
-async fn sweep(config: tokio_postgres::Config, retention: Retention) {
+/// Applies retention every minute on the worker that holds the pool's singleton role, a stream at a time (each its
+/// own short statement, so writers are never held up for long). The sweep also takes an advisory lock, so that two
+/// workers never sweep at once even while one's lease of the role runs out and another's begins.
+async fn sweep(config: tokio_postgres::Config, retention: Retention, singleton: Arc<Singleton>) {
     loop {
         tokio::time::sleep(Duration::from_secs(60)).await;
+        if !singleton.holds() {
+            continue;
+        }
         if let Err(e) = sweep_once(&config, retention).await {
             tracing::warn!(error = %e, "retention sweep failed; retrying later");
         }
