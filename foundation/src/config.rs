@@ -94,6 +94,10 @@ pub struct LocksConfig {
     /// after this long; workers ask for it every third of it.
     #[serde(with = "humantime_serde")]
     pub singleton_ttl: Duration,
+    /// How long a primary may acknowledge writes after it last reached the consensus group (`coord::lease`): a
+    /// worker cut off from the group stops acknowledging within this long.
+    #[serde(with = "humantime_serde")]
+    pub primary_lease: Duration,
 }
 
 impl Default for LocksConfig {
@@ -104,6 +108,7 @@ impl Default for LocksConfig {
             heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(500),
             singleton_ttl: Duration::from_secs(5),
+            primary_lease: Duration::from_secs(2),
         }
     }
 }
@@ -365,6 +370,14 @@ impl Config {
         {
             problems.push(
                 "locks.election_timeout: must be at least 3 heartbeats and at most 60 s"
+                    .to_string(),
+            );
+        }
+        if locks.primary_lease < locks.election_timeout * 3
+            || locks.primary_lease > Duration::from_secs(60)
+        {
+            problems.push(
+                "locks.primary_lease: must be at least 3 times locks.election_timeout and at most 60 s"
                     .to_string(),
             );
         }

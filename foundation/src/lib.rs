@@ -234,6 +234,7 @@ impl Worker {
         let _ = cluster.coord.set(coord.clone());
         let coord_stop = CancellationToken::new();
         let coord_task = tokio::spawn(coord.clone().run(coord_stop.clone()));
+        tokio::spawn(coord.clone().keep_lease(coord_stop.clone()));
         let singleton_stop = CancellationToken::new();
         let singleton_task = tokio::spawn(singleton.clone().run(
             coord.clone(),
@@ -450,6 +451,9 @@ async fn serve_admin(
         (storage::Health::Ok, None) => Err("loading the store".to_string()),
         (storage::Health::Ok, Some(c)) if !c.is_current() => {
             Err("no current partition table yet".to_string())
+        }
+        (storage::Health::Ok, Some(c)) if !c.in_contact() => {
+            Err("no primary lease from the consensus group".to_string())
         }
         (storage::Health::Ok, Some(_)) => Ok("ready".to_string()),
     };

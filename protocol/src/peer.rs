@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 6;
+pub const PEER_VERSION: u8 = 7;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +258,13 @@ pub enum Request {
     Lock { command: LockCommand },
     /// A lock's current lease as the leader knows it, read after confirming its leadership.
     ReadLock { name: String },
+    /// Worker `worker`'s request for its primary lease: the consensus group's leader answers [`Response::Lease`]
+    /// while a quorum of voters has acknowledged it recently; a worker that is not the leader passes the request on
+    /// to the leader it knows (once: `forwarded` is then true), or refuses it `NotLeader`.
+    Lease { worker: String, forwarded: bool },
+    /// How long the primary lease of worker `worker` may still run, asked of the leader by a table coordinator
+    /// before it moves a silent worker's partitions: [`Response::Lease`], or refused `NotLeader`.
+    LeaseOf { worker: String },
 }
 
 /// The kinds of consensus messages (Raft's three RPCs, and a question a worker asks before it founds a group).
@@ -460,6 +467,10 @@ pub enum Response {
     /// The answer to a consensus message: the postcard encoding of openraft's `Result` for that RPC.
     Consensus(Bytes),
     Lock(LockOutcome),
+    /// A primary lease: the asker may acknowledge writes until `remaining_ms` after it *sent* its request.
+    Lease {
+        remaining_ms: u64,
+    },
 }
 
 impl PeerMessage {

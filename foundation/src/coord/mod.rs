@@ -9,6 +9,7 @@
 //! A worker is known to the group by its configured id (its Raft node id is a hash of it), so a worker that
 //! restarts with its data directory is the same member; one that lost its directory must come back under a new id.
 
+pub mod lease;
 pub mod locks;
 pub mod log;
 pub mod machine;
@@ -38,6 +39,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::config::LocksConfig;
 use crate::ring::{Cluster, membership};
+use lease::Leases;
 use locks::Stamped;
 use machine::Machine;
 
@@ -80,6 +82,7 @@ pub struct Consensus {
     config: LocksConfig,
     /// How long one operation may wait for a leader.
     timeout: Duration,
+    leases: Arc<Leases>,
 }
 
 impl std::fmt::Debug for Consensus {
@@ -121,7 +124,8 @@ impl Consensus {
         .validate()?;
         let name = membership::name_of(&cluster.me).to_string();
         let id = node_id(&name);
-        let network = Network { cluster: Arc::downgrade(cluster) };
+        let leases = Arc::new(Leases::new(config.primary_lease));
+        let network = Network { cluster: Arc::downgrade(cluster), leases: leases.clone() };
         let raft =
             Raft::new(id, Arc::new(raft_config), network, log::Log::new(db), machine.clone())
                 .await?;
@@ -133,6 +137,7 @@ impl Consensus {
             cluster: Arc::downgrade(cluster),
             config,
             timeout,
+            leases,
         }))
     }
 
@@ -156,6 +161,119 @@ impl Consensus {
             },
             ConsensusRpc::Member => {
                 Response::Consensus(Bytes::from(vec![u8::from(self.in_group())]))
+            }
+        }
+    }
+
+    /// The end of this worker's lease as the group's leader (`None` if it does not lead, or no quorum accepted it
+    /// in this term).
+    fn leader_lease(&self) -> Option<Instant> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        if metrics.current_leader != Some(self.id) {
+            return None;
+        }
+        let voters = metrics.membership_config.membership().voter_ids();
+        let now = Instant::now();
+        self.leases.leading(metrics.current_term, now);
+        self.leases.leader_until(self.id, metrics.current_term, voters, now)
+    }
+
+    /// As the leader: how long `worker`'s primary lease may still run (`None` if this worker does not lead).
+    pub fn lease_left(&self, worker: &str) -> Option<Duration> {
+        let term = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader == Some(self.id)).then_some(metrics.current_term)?
+        };
+        let now = Instant::now();
+        Some(self.leases.left_of(worker, self.leases.leading(term, now), now))
+    }
+
+    /// When `worker`'s primary lease has certainly run out, as the leader says (this worker or the one it knows);
+    /// `None` if no leader answers.
+    pub async fn lease_end_of(&self, worker: &str) -> Option<Instant> {
+        let asked = Instant::now();
+        if let Some(left) = self.lease_left(worker) {
+            return Some(asked + left);
+        }
+        let leader = self.leader().filter(|l| *l != self.name)?;
+        let cluster = self.cluster.upgrade()?;
+        let request = Request::LeaseOf { worker: worker.to_string() };
+        match cluster.call_worker(&leader, request, self.timeout).await {
+            // counted from the answer's arrival, later than the leader's count
+            Some(Response::Lease { remaining_ms }) => {
+                Some(Instant::now() + Duration::from_millis(remaining_ms))
+            }
+            _ => None,
+        }
+    }
+
+    /// How long a primary lease lasts.
+    pub fn lease_length(&self) -> Duration {
+        self.leases.length
+    }
+
+    /// Whether this worker may acknowledge writes as a primary now: it holds a lease as the group's leader, or one
+    /// the leader granted it (`lease`).
+    pub fn holds_lease(&self) -> bool {
+        let now = Instant::now();
+        self.leader_lease().is_some_and(|until| until > now)
+            || self.leases.granted_until().is_some_and(|until| until > now)
+    }
+
+    /// Answers a worker's request for a lease: what is left of this worker's lease as the leader; else, unless
+    /// the request was passed on already, the leader's answer.
+    pub async fn grant(&self, worker: &str, forwarded: bool) -> Option<u64> {
+        if let Some(until) = self.leader_lease() {
+            let now = Instant::now();
+            let left = until.saturating_duration_since(now).min(self.leases.length);
+            if left.is_zero() {
+                return None;
+            }
+            self.leases.grant(worker, now + left);
+            return Some(left.as_millis() as u64);
+        }
+        let leader = self.leader().filter(|l| *l != self.name && !forwarded)?;
+        let cluster = self.cluster.upgrade()?;
+        let request = Request::Lease { worker: worker.to_string(), forwarded: true };
+        match cluster.call_worker(&leader, request, self.leases.length).await {
+            Some(Response::Lease { remaining_ms }) => Some(remaining_ms),
+            _ => None,
+        }
+    }
+
+    /// Keeps this worker's lease: asks the leader (or, not knowing it, another worker of the table) for one every
+    /// third of its length, until `stop`.
+    pub async fn keep_lease(self: Arc<Self>, stop: CancellationToken) {
+        let every = (self.leases.length / 3).max(Duration::from_millis(10));
+        loop {
+            if self.leader_lease().is_none()
+                && let Some(cluster) = self.cluster.upgrade()
+            {
+                let other = || {
+                    let table = cluster.table()?;
+                    table
+                        .members
+                        .iter()
+                        .map(|m| membership::name_of(m).to_string())
+                        .find(|n| *n != self.name)
+                };
+                if let Some(ask) = self.leader().filter(|l| *l != self.name).or_else(other) {
+                    let sent = Instant::now();
+                    let request = Request::Lease { worker: self.name.clone(), forwarded: false };
+                    let answer = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        answer = cluster.call_worker(&ask, request, self.leases.length) => answer,
+                    };
+                    if let Some(Response::Lease { remaining_ms }) = answer {
+                        self.leases.granted(sent, Duration::from_millis(remaining_ms));
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
             }
         }
     }
@@ -436,10 +554,12 @@ async fn pause(deadline: Instant) -> bool {
 #[derive(Clone)]
 struct Network {
     cluster: Weak<Cluster>,
+    leases: Arc<Leases>,
 }
 
 struct Connection {
     cluster: Weak<Cluster>,
+    leases: Arc<Leases>,
     target: NodeId,
     name: String,
 }
@@ -448,7 +568,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
-        Connection { cluster: self.cluster.clone(), target, name: node.addr.clone() }
+        Connection {
+            cluster: self.cluster.clone(),
+            leases: self.leases.clone(),
+            target,
+            name: node.addr.clone(),
+        }
     }
 }
 
@@ -496,7 +621,16 @@ impl RaftNetwork<TypeConfig> for Connection {
         request: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        self.rpc(ConsensusRpc::AppendEntries, &request, &option).await
+        // a leader's lease counts from the sending of a request a quorum accepted
+        let sent = Instant::now();
+        let term = request.vote.is_committed().then(|| request.vote.leader_id().term);
+        let answer = self.rpc(ConsensusRpc::AppendEntries, &request, &option).await;
+        if let (Some(term), Ok(accepted)) = (term, &answer)
+            && !matches!(accepted, AppendEntriesResponse::HigherVote(_))
+        {
+            self.leases.accepted(self.target, term, sent);
+        }
+        answer
     }
 
     async fn install_snapshot(

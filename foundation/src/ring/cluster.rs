@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use thingport_protocol::peer::{
-    CallOutcome as CallWire, ChangeRecord, EventRecord, HistoryQuery, ListQuery, Op, Refusal,
-    Request, Response, StreamPosition, ThingRecord, ThingSummary, UpdateRecord, ValueRecord,
+    CallOutcome as CallWire, ChangeRecord, ConsensusRpc, EventRecord, HistoryQuery, ListQuery, Op,
+    Refusal, Request, Response, StreamPosition, ThingRecord, ThingSummary, UpdateRecord,
+    ValueRecord,
 };
 use thingport_protocol::{ByteString, ErrorCode, Frame, Limits};
 use tokio::sync::{Semaphore, watch};
@@ -324,6 +325,12 @@ impl Cluster {
         };
         let present = table.members.iter().filter(|m| present(m)).count();
         present * 2 > table.members.len()
+    }
+
+    /// Whether this worker holds a primary lease from the consensus group (`coord::lease`): without one it
+    /// acknowledges no write.
+    pub fn in_contact(&self) -> bool {
+        self.coord.get().is_some_and(|c| c.holds_lease())
     }
 
     /// Sends a request to a member (this worker included) and waits for the answer.
@@ -675,6 +682,19 @@ impl Cluster {
                         None => self.refused(Refusal::NotLeader),
                     }
                 }
+                Request::Lease { worker, forwarded } => match self.coord.get() {
+                    Some(coord) => match coord.grant(&worker, forwarded).await {
+                        Some(remaining_ms) => Response::Lease { remaining_ms },
+                        None => self.refused(Refusal::NotLeader),
+                    },
+                    None => self.refused(Refusal::NotLeader),
+                },
+                Request::LeaseOf { worker } => {
+                    match self.coord.get().and_then(|c| c.lease_left(&worker)) {
+                        Some(left) => Response::Lease { remaining_ms: left.as_millis() as u64 + 1 },
+                        None => self.refused(Refusal::NotLeader),
+                    }
+                }
                 Request::ReadLock { name } => {
                     let deadline = Instant::now() + self.config.request_timeout;
                     match self.coord.get() {
@@ -774,7 +794,7 @@ impl Cluster {
         if table.primary(partition) != Some(self.me.as_str()) {
             return self.refused(Refusal::NotPrimary);
         }
-        if !self.has_quorum(&table) {
+        if !self.has_quorum(&table) || !self.in_contact() {
             return self.refused(Refusal::Unavailable);
         }
         let deadline = Instant::now() + self.config.request_timeout;
@@ -786,7 +806,11 @@ impl Cluster {
             Ok(ticket) => ticket,
             Err(refusal) => return self.refused(refusal),
         };
-        let response = self.acknowledge(partition, op, ticket, deadline).await;
+        let mut response = self.acknowledge(partition, op, ticket, deadline).await;
+        // the lease may have run out while the copies were made: then nothing is acknowledged
+        if response == Response::Done && !self.in_contact() {
+            response = self.refused(Refusal::Unavailable);
+        }
         // applied here whatever the answer (reads show it, and the caller's retry changes nothing), so logged
         // whatever the answer
         if kept {
@@ -1117,6 +1141,9 @@ impl Cluster {
         let mut members = self.members.clone();
         let mut tick = tokio::time::interval(self.config.check_period);
         let mut seen: BTreeSet<String> = BTreeSet::new();
+        // when members left this worker's view, and where their peer ports were
+        let mut vanished: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut addrs: BTreeMap<String, std::net::SocketAddr> = BTreeMap::new();
         let mut stable_since = Instant::now();
         let mut last_push = Instant::now();
         loop {
@@ -1135,6 +1162,12 @@ impl Cluster {
             // members that just appeared get the committed table
             let appeared: Vec<String> =
                 active.iter().filter(|m| !seen.contains(*m) && **m != self.me).cloned().collect();
+            let now = Instant::now();
+            for gone in seen.iter().filter(|m| !active.contains(m)) {
+                vanished.entry(gone.clone()).or_insert(now);
+            }
+            vanished.retain(|m, _| !active.contains(m));
+            addrs.extend(self.members.borrow().iter().map(|(k, n)| (k.clone(), n.addr)));
             seen = active.iter().cloned().collect();
             if let Some(table) = self.table() {
                 for member in appeared {
@@ -1182,6 +1215,32 @@ impl Cluster {
                 );
                 continue;
             }
+            addrs.retain(|k, _| active.contains(k) || effective.members.contains(k));
+            let departing: Vec<String> =
+                effective.members.iter().filter(|m| !active.contains(m)).cloned().collect();
+            let mut waiting = Vec::new();
+            for member in departing {
+                let since = *vanished.entry(member.clone()).or_insert(now);
+                let gone = match addrs.get(&member) {
+                    _ if since.elapsed() >= self.lease_wait() => true,
+                    Some(addr) if self.gone_for_sure(&member, *addr).await => true,
+                    // the leader knows when the lease it granted ends (and one a predecessor granted)
+                    _ => match self.coord.get() {
+                        Some(coord) => coord
+                            .lease_end_of(membership::name_of(&member))
+                            .await
+                            .is_some_and(|end| end <= Instant::now()),
+                        None => false,
+                    },
+                };
+                if !gone {
+                    waiting.push(member);
+                }
+            }
+            if !waiting.is_empty() {
+                tracing::debug!(?waiting, "waiting for silent members' primary leases to run out");
+                continue;
+            }
             let started = Instant::now();
             let inherited: BTreeSet<String> = renames.into_values().collect();
             match self.change(&effective, &inherited, &active).await {
@@ -1194,6 +1253,20 @@ impl Cluster {
                 Err(why) => tracing::warn!(why, "partition table change abandoned; retrying"),
             }
         }
+    }
+
+    /// How long after a member vanished its primary lease has certainly run out: one lease, and a tenth more for
+    /// clocks that run at different rates.
+    fn lease_wait(&self) -> Duration {
+        self.coord.get().map_or(Duration::ZERO, |c| c.lease_length() * 11 / 10)
+    }
+
+    /// Whether a member's process is certainly gone: its peer port refuses connections (a worker keeps that port
+    /// until it exits). A member that answers, or that cannot be reached at all, may still hold a lease.
+    async fn gone_for_sure(&self, key: &str, addr: std::net::SocketAddr) -> bool {
+        let request = Request::Consensus { rpc: ConsensusRpc::Member, body: bytes::Bytes::new() };
+        let answer = self.peers.request(key, addr, request, Duration::from_millis(250)).await;
+        matches!(answer, Err(PeerError::Refused))
     }
 
     fn send_table(self: &Arc<Self>, member: String, table: &Table) {

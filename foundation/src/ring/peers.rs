@@ -75,7 +75,8 @@ pub struct Peers {
     conns: Arc<Mutex<HashMap<String, Arc<Conn>>>>,
     /// When connecting to a member last failed: requests to it fail at once for [`RECONNECT_AFTER`], rather than
     /// every waiting write trying to connect to a worker that is gone.
-    failed: Mutex<HashMap<String, Instant>>,
+    /// The error it failed with is given again.
+    failed: Mutex<HashMap<String, (Instant, PeerError)>>,
     /// Held while connecting, so that requests arriving together open one connection, not one each (a burst of
     /// connections overflows the listener's backlog, and a dropped SYN costs a second).
     connecting: tokio::sync::Mutex<()>,
@@ -132,6 +133,14 @@ impl Peers {
         }
     }
 
+    /// The error of the last attempt to connect to `key`, if it failed within [`RECONNECT_AFTER`].
+    fn failed_lately(&self, key: &str) -> Option<PeerError> {
+        lock(&self.failed)
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < RECONNECT_AFTER)
+            .map(|(_, e)| *e)
+    }
+
     fn open_conn(&self, key: &str) -> Option<Arc<Conn>> {
         lock(&self.conns).get(key).filter(|c| !c.closed.load(Ordering::Acquire)).cloned()
     }
@@ -140,26 +149,27 @@ impl Peers {
         if let Some(conn) = self.open_conn(key) {
             return Ok(conn);
         }
-        if lock(&self.failed).get(key).is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
-            return Err(PeerError::Connect);
+        if let Some(e) = self.failed_lately(key) {
+            return Err(e);
         }
         let _connecting = self.connecting.lock().await;
         if let Some(conn) = self.open_conn(key) {
             return Ok(conn);
         }
         // another request may have failed to connect while this one waited
-        if lock(&self.failed).get(key).is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
-            return Err(PeerError::Connect);
+        if let Some(e) = self.failed_lately(key) {
+            return Err(e);
         }
         let stream = match pool::connect(self.tls.as_ref(), addr, CONNECT_TIMEOUT).await {
             Ok(stream) => stream,
             Err(e) => {
-                lock(&self.failed).insert(key.to_string(), Instant::now());
                 if e.kind() != std::io::ErrorKind::ConnectionRefused {
                     tracing::debug!(member = key, error = %e, "connecting to a member failed");
                 }
                 let refused = e.kind() == std::io::ErrorKind::ConnectionRefused;
-                return Err(if refused { PeerError::Refused } else { PeerError::Connect });
+                let error = if refused { PeerError::Refused } else { PeerError::Connect };
+                lock(&self.failed).insert(key.to_string(), (Instant::now(), error));
+                return Err(error);
             }
         };
         lock(&self.failed).remove(key);

@@ -35,6 +35,8 @@ pub struct Spec {
     pub addrs: [SocketAddr; 4],
     /// How long a write may take through a failover (`write_timeout`).
     pub write_timeout: String,
+    /// How long a silent member is suspected before it is declared down (`suspect_timeout`).
+    pub suspect_timeout: String,
     /// More top-level configuration lines.
     pub extra: String,
     /// Lines of the `[storage]` section; by default the worker's own directory under `dir`.
@@ -52,6 +54,7 @@ impl Spec {
             bootstrap,
             addrs: [any; 4],
             write_timeout: "20s".into(),
+            suspect_timeout: "750ms".into(),
             extra: String::new(),
             storage: format!("data_dir = \"{}\"", dir.join(format!("store-{id}")).display()),
         }
@@ -74,7 +77,7 @@ seeds = [{seeds}]
 bootstrap_members = {bootstrap}
 replicas = 2
 probe_period = "150ms"
-suspect_timeout = "750ms"
+suspect_timeout = "{suspect_timeout}"
 request_timeout = "1s"
 write_timeout = "{write_timeout}"
 {extra}
@@ -85,6 +88,7 @@ write_timeout = "{write_timeout}"
             seeds = seeds.join(", "),
             bootstrap = self.bootstrap,
             write_timeout = self.write_timeout,
+            suspect_timeout = self.suspect_timeout,
             extra = self.extra,
             storage = self.storage,
         );

@@ -1,0 +1,192 @@
+//! Primary leases: a worker acknowledges writes as a partition's primary only while it holds a lease from the
+//! consensus group, so that a worker cut off from the group (with a minority of any size) stops acknowledging
+//! within one lease, whatever its failure detection says.
+//!
+//! - The group's **leader** holds the lease while a quorum of voters has accepted one of its `AppendEntries`
+//!   recently: its lease ends [`Leases::length`] after the *sending* of the latest request that a quorum accepted
+//!   (this worker counting as accepting at once). A leader cut off from most voters loses it within one length.
+//! - Every **other worker** asks the leader for a lease every third of the length (through any member that knows
+//!   the leader, if it does not). The leader grants one only while it holds its own, for what is left of it; the
+//!   asker counts it from when it *sent* the request, so its lease ends no later than the leader's did.
+//!
+//! A worker's lease therefore ends within one length of the last moment it could reach a leader that could reach
+//! a quorum. The table coordinator waits that long (and a tenth more, for clocks that run at different rates)
+//! after a member vanished before it moves that member's partitions to others, unless the member's peer port
+//! refuses connections (its process is gone): so across a clean cut, the side that takes the partitions over
+//! starts acknowledging only after the other side stopped.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::NodeId;
+
+/// What a worker knows of primary leases: as leader, the voters' latest accepted requests; as any worker, its own
+/// lease.
+#[derive(Debug)]
+pub struct Leases {
+    /// How long a lease lasts.
+    pub length: Duration,
+    /// Per voter: the term and sending time of the latest `AppendEntries` it accepted from this worker as leader.
+    accepted: Mutex<HashMap<NodeId, (u64, Instant)>>,
+    /// The end of the lease granted to this worker by a leader.
+    granted: Mutex<Option<Instant>>,
+    /// As leader: the end of the lease it granted each worker (by id).
+    grants: Mutex<HashMap<String, Instant>>,
+    /// The term this worker was last seen to lead, and since when (as first seen, so perhaps later).
+    led: Mutex<Option<(u64, Instant)>>,
+}
+
+impl Leases {
+    pub fn new(length: Duration) -> Leases {
+        Leases {
+            length,
+            accepted: Mutex::default(),
+            granted: Mutex::default(),
+            grants: Mutex::default(),
+            led: Mutex::default(),
+        }
+    }
+
+    /// Voter `target` accepted a request this worker sent at `sent` as the leader of `term`.
+    pub fn accepted(&self, target: NodeId, term: u64, sent: Instant) {
+        let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = accepted.entry(target).or_insert((term, sent));
+        if (term, sent) > *entry {
+            *entry = (term, sent);
+        }
+    }
+
+    /// The end of this worker's lease as the leader of `term` with these voters.
+    pub fn leader_until(
+        &self,
+        me: NodeId,
+        term: u64,
+        voters: impl Iterator<Item = NodeId>,
+        now: Instant,
+    ) -> Option<Instant> {
+        let accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        let times: Vec<Option<Instant>> = voters
+            .map(|v| {
+                if v == me {
+                    Some(now)
+                } else {
+                    accepted.get(&v).filter(|(t, _)| *t == term).map(|(_, at)| *at)
+                }
+            })
+            .collect();
+        quorum_until(&times, self.length)
+    }
+
+    /// As the leader of `term`, seen now: since when it leads, as far as this worker knows.
+    pub fn leading(&self, term: u64, now: Instant) -> Instant {
+        let mut led = self.led.lock().unwrap_or_else(|e| e.into_inner());
+        match *led {
+            Some((t, since)) if t == term => since,
+            _ => {
+                *led = Some((term, now));
+                now
+            }
+        }
+    }
+
+    /// As leader: it granted `worker` a lease until `until`.
+    pub fn grant(&self, worker: &str, until: Instant) {
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        let length = self.length;
+        grants.retain(|_, u| *u + length > until);
+        let entry = grants.entry(worker.to_string()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// As the leader since `since`: how long `worker`'s lease may still run at `now`. A worker that a previous leader
+    /// granted a lease may hold it until one length after this leader took over.
+    pub fn left_of(&self, worker: &str, since: Instant, now: Instant) -> Duration {
+        let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = grants.get(worker).map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        let before = (since + self.length).saturating_duration_since(now);
+        mine.max(before)
+    }
+
+    /// A leader granted this worker a lease of `remaining` counted from `sent`.
+    pub fn granted(&self, sent: Instant, remaining: Duration) {
+        let until = sent + remaining.min(self.length);
+        let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
+        if granted.is_none_or(|g| g < until) {
+            *granted = Some(until);
+        }
+    }
+
+    /// The end of the lease a leader granted this worker, if any.
+    pub fn granted_until(&self) -> Option<Instant> {
+        *self.granted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The end of a lease of `length` counted from the time a quorum reached: the quorum-th latest of the voters'
+/// times (`None` for a voter not heard from), or `None` if fewer than a quorum have one.
+pub fn quorum_until(times: &[Option<Instant>], length: Duration) -> Option<Instant> {
+    let quorum = times.len() / 2 + 1;
+    let mut heard: Vec<Instant> = times.iter().flatten().copied().collect();
+    if heard.len() < quorum {
+        return None;
+    }
+    heard.sort_unstable_by(|a, b| b.cmp(a));
+    Some(heard[quorum - 1] + length)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_counts_from_the_time_a_quorum_reached() {
+        let t = Instant::now();
+        let s = |ms| Some(t + Duration::from_millis(ms));
+        let len = Duration::from_secs(2);
+        // one voter: the leader alone
+        assert_eq!(quorum_until(&[s(0)], len), Some(t + len));
+        // three voters: the second latest
+        assert_eq!(quorum_until(&[s(900), s(100), s(500)], len), s(2_500));
+        assert_eq!(quorum_until(&[s(900), None, s(500)], len), s(2_500));
+        assert_eq!(quorum_until(&[s(900), None, None], len), None);
+        // five: the third latest; four voters need three
+        assert_eq!(quorum_until(&[s(5), s(4), s(3), s(2), s(1)], len), s(2_003));
+        assert_eq!(quorum_until(&[s(9), s(8), None, None], len), None);
+    }
+
+    #[test]
+    fn a_leader_counts_only_its_own_term_and_a_grant_never_outlasts_the_length() {
+        let leases = Leases::new(Duration::from_secs(2));
+        let t = Instant::now();
+        leases.accepted(2, 5, t);
+        leases.accepted(3, 4, t + Duration::from_millis(50));
+        let voters = || [1, 2, 3].into_iter();
+        assert_eq!(leases.leader_until(1, 5, voters(), t), Some(t + Duration::from_secs(2)));
+        assert_eq!(leases.leader_until(1, 6, voters(), t), None, "accepted in older terms only");
+        // an older acceptance does not move a newer one back
+        leases.accepted(2, 5, t - Duration::from_millis(10));
+        assert_eq!(leases.leader_until(1, 5, voters(), t), Some(t + Duration::from_secs(2)));
+
+        leases.granted(t, Duration::from_secs(60));
+        assert_eq!(leases.granted_until(), Some(t + Duration::from_secs(2)));
+        leases.granted(t, Duration::from_millis(100));
+        assert_eq!(leases.granted_until(), Some(t + Duration::from_secs(2)), "never shortened");
+    }
+
+    #[test]
+    fn a_new_leader_counts_the_leases_its_predecessor_may_have_granted() {
+        let leases = Leases::new(Duration::from_secs(2));
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(leases.leading(7, t), t);
+        assert_eq!(leases.leading(7, t + ms(500)), t, "the same term");
+        // nobody granted by this leader: the predecessor's grants run at most one length from the take-over
+        assert_eq!(leases.left_of("w2", t, t + ms(500)), ms(1_500));
+        assert_eq!(leases.left_of("w2", t, t + ms(2_500)), Duration::ZERO);
+        leases.grant("w2", t + ms(3_000));
+        assert_eq!(leases.left_of("w2", t, t + ms(2_500)), ms(500));
+        assert_eq!(leases.left_of("w3", t, t + ms(2_500)), Duration::ZERO);
+        assert_eq!(leases.leading(8, t + ms(4_000)), t + ms(4_000), "a new term");
+    }
+}
