@@ -137,7 +137,8 @@ if part 3; then
   eval "$(.ci/postgres.sh start)"
   PG_DIR=$THINGPORT_TEST_POSTGRES_DIR
   psql "$THINGPORT_TEST_POSTGRES dbname=postgres" -qc "CREATE DATABASE bench" >/dev/null
-  worker_config "provider = \"postgres\"
+  worker_config "data_dir = \"$WORK/store-postgres\"
+provider = \"postgres\"
 postgres_url = \"$THINGPORT_TEST_POSTGRES dbname=bench\""
   rates
   ROWS=$((DEVICES * 10 * 100))

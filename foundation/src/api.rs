@@ -985,6 +985,7 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
             "primaries": t.primaries(),
         })),
         "changing": cluster.changing(),
+        "unheld_partitions": cluster.unheld(),
         "replication": shared.config.replicas,
         "gateways_linked": shared.links.gateways(),
         "consensus": {

@@ -67,6 +67,8 @@ pub struct Config {
     pub pool_credentials: Option<PathBuf>,
     /// When device data and API writes are acknowledged.
     pub durability: Durability,
+    /// What the table coordinator does when every holder of some partition is gone (SQLite stores).
+    pub partition_loss: crate::ring::PartitionLoss,
     /// Where things, values and history are kept.
     pub storage: StorageConfig,
     /// Streams of changes to API clients (`GET /v1/things/{thing}/stream`, `GET /v1/stream`).
@@ -212,6 +214,7 @@ impl Default for Config {
             max_peer_message: 64 << 20,
             pool_credentials: None,
             durability: Durability::Disk,
+            partition_loss: crate::ring::PartitionLoss::Wait,
             storage: StorageConfig::default(),
             streams: StreamsConfig::default(),
             locks: LocksConfig::default(),

@@ -307,6 +307,9 @@ impl Worker {
                 "gateway links still busy after link_drain_timeout; closing them"
             );
         }
+        // the peer port closes with `stop`, and a coordinator may take the refusals for this worker being gone:
+        // it acknowledges nothing more from here
+        shared.coord.give_up_lease();
         stop.cancel();
         coord_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
@@ -410,6 +413,7 @@ async fn start_ring(
         durability: config.durability,
         peer_tls: pool.map(|p| p.connector(thingport_shell::pool::PEER_ALPN)).transpose()?,
         change_log: (config.streams.log_changes, config.streams.log_bytes),
+        partition_loss: config.partition_loss,
     };
     let timing = ring::membership::Timing {
         probe_period: config.probe_period,

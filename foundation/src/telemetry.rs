@@ -19,6 +19,7 @@ pub const RING_BACKGROUND_REPLICATION_FAILURES_TOTAL: &str =
 pub const RING_MEMBERS: &str = "thingport_ring_members";
 pub const RING_TABLE_VERSION: &str = "thingport_ring_table_version";
 pub const RING_PARTITIONS_HELD: &str = "thingport_ring_partitions_held";
+pub const RING_PARTITIONS_UNHELD: &str = "thingport_ring_partitions_unheld";
 pub const RING_TABLE_CHANGES_TOTAL: &str = "thingport_ring_table_changes_total";
 pub const RING_PARTITIONS_MOVED_TOTAL: &str = "thingport_ring_partitions_moved_total";
 pub const RING_THINGS_COPIED_TOTAL: &str = "thingport_ring_things_copied_total";
@@ -82,6 +83,10 @@ pub fn describe() {
     describe_gauge!(RING_MEMBERS, "Active members as this worker sees them");
     describe_gauge!(RING_TABLE_VERSION, "Version of the committed partition table");
     describe_gauge!(RING_PARTITIONS_HELD, "Partitions this worker holds a copy of");
+    describe_gauge!(
+        RING_PARTITIONS_UNHELD,
+        "Partitions with no active holder, as the table coordinator last saw them (0 on other workers)"
+    );
     describe_counter!(RING_TABLE_CHANGES_TOTAL, "Partition table changes this worker coordinated");
     describe_counter!(
         RING_PARTITIONS_MOVED_TOTAL,

@@ -228,7 +228,8 @@ async fn a_killed_worker_restarts(storage: Option<String>) {
     let mut spec = Spec::new(dir.path(), "w1", &[], 1);
     spec.extra = "auto_provision = false\ndurability = \"disk\"".into();
     if let Some(storage) = storage {
-        spec.storage = storage;
+        // the consensus group's log stays in the worker's own data directory
+        spec.storage = format!("{}\n{storage}", spec.storage);
     }
     let mut worker = spec.spawn().await;
     worker.ready().await;
@@ -343,7 +344,7 @@ async fn the_whole_pool_killed(storage: Option<String>) {
     let spec = |id: &str, seeds: &[SocketAddr]| {
         let mut spec = Spec::new(dir.path(), id, seeds, 3);
         if let Some(storage) = &storage {
-            spec.storage = storage.clone();
+            spec.storage = format!("{}\n{storage}", spec.storage);
         }
         spec
     };
@@ -634,8 +635,10 @@ async fn postgres_stopped_and_started_under_a_worker_loses_nothing_acknowledged(
     support::api_keys(dir.path());
     let mut spec = Spec::new(dir.path(), "w1", &[], 1);
     spec.write_timeout = "2s".into();
-    spec.storage =
-        format!("provider = \"postgres\"\npostgres_url = \"{} dbname=postgres\"", postgres.url);
+    spec.storage = format!(
+        "{}\nprovider = \"postgres\"\npostgres_url = \"{} dbname=postgres\"",
+        spec.storage, postgres.url
+    );
     let worker = spec.spawn().await;
     worker.ready().await;
     assert_eq!(http(worker.api, "PUT", "/v1/things/t", Some(KEY), None).await.0, 201);

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::process::{Spec, WorkerProcess, cluster_until, get_text, settled_on, signal};
+use support::process::{create_and_locate, get_text, pool_of, signal};
 use support::{KEY, http};
 
 /// The default `locks.primary_lease`.
@@ -30,16 +30,12 @@ async fn a_cut_off_minority_of_two_stops_acknowledging_within_one_lease() {
     let dir = tempfile::tempdir().unwrap();
     support::api_keys(dir.path());
     let ids = ["w1", "w2", "w3", "w4", "w5"];
-    let mut workers: Vec<WorkerProcess> = Vec::new();
-    for id in ids {
-        let seeds: Vec<SocketAddr> = workers.first().map(|w| w.peer).into_iter().collect();
-        let mut spec = Spec::new(dir.path(), id, &seeds, 5);
+    let workers = pool_of(dir.path(), &ids, |spec| {
         // failure detection far slower than the lease: only the lease can stop the minority
         spec.suspect_timeout = "30s".into();
         spec.write_timeout = "1s".into();
-        workers.push(spec.spawn().await);
-    }
-    cluster_until(workers[0].api, "five members", |v| settled_on(v, &ids)).await;
+    })
+    .await;
     for w in &workers {
         w.ready().await;
     }
@@ -49,11 +45,8 @@ async fn a_cut_off_minority_of_two_stops_acknowledging_within_one_lease() {
     let mut minority_things = Vec::new();
     for i in 0.. {
         let thing = format!("probe-{i}");
-        assert_eq!(http(api, "PUT", &format!("/v1/things/{thing}"), Some(KEY), None).await.0, 201);
-        let (_, state) = http(api, "GET", &format!("/v1/things/{thing}"), Some(KEY), None).await;
-        let owners: Vec<&str> =
-            state["owners"].as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect();
-        if owners.iter().all(|o| o.starts_with("w1#") || o.starts_with("w2#")) {
+        let owners = create_and_locate(api, &thing).await;
+        if owners.iter().all(|o| o == "w1" || o == "w2") {
             assert_eq!(write(api, &thing, 0).await, 200, "a write before the cut");
             minority_things.push(thing);
             if minority_things.len() == 3 {

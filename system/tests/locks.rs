@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
-use support::process::{Spec, WorkerProcess, cluster_until, settled_on};
+use support::process::{Spec, WorkerProcess, cluster_until, pool_of, settled_on};
 use support::{KEY, http};
 
 /// Whether the view shows a consensus group with these voters and a leader among them.
@@ -204,17 +204,11 @@ async fn one_worker_holds_the_singleton_and_another_takes_it_when_the_holder_die
     support::api_keys(dir.path());
     // asked for every 3 s: a holder that stops without releasing it would be replaced 6 to 9 s later
     let ttl = Duration::from_secs(9);
-    let extra = "[locks]\nsingleton_ttl = \"9s\"\n";
-    let mut workers = Vec::new();
-    for id in ["w1", "w2", "w3", "w4"] {
-        let seeds: Vec<SocketAddr> =
-            workers.first().map(|w: &WorkerProcess| w.peer).into_iter().collect();
-        let mut spec = Spec::new(dir.path(), id, &seeds, 4);
-        spec.extra = extra.into();
-        workers.push(spec.spawn().await);
-    }
     let ids = ["w1", "w2", "w3", "w4"];
-    cluster_until(workers[0].api, "four members", |v| settled_on(v, &ids)).await;
+    let mut workers = pool_of(dir.path(), &ids, |spec| {
+        spec.extra = "[locks]\nsingleton_ttl = \"9s\"\n".into();
+    })
+    .await;
     let (holder, token) = one_holder(&workers, 0).await;
 
     // the role is a lock anyone may read and no application may take, renew or release

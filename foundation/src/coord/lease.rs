@@ -15,7 +15,7 @@
 //! refuses connections (its process is gone): so across a clean cut, the side that takes the partitions over
 //! starts acknowledging only after the other side stopped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,8 @@ pub struct Leases {
     grants: Mutex<HashMap<String, Instant>>,
     /// The term this worker was last seen to lead, and since when (as first seen, so perhaps later).
     led: Mutex<Option<(u64, Instant)>>,
+    /// Set once the worker stops: it holds no lease any more, as leader or not.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Leases {
@@ -45,6 +47,7 @@ impl Leases {
             granted: Mutex::default(),
             grants: Mutex::default(),
             led: Mutex::default(),
+            stopping: Default::default(),
         }
     }
 
@@ -57,25 +60,44 @@ impl Leases {
         }
     }
 
-    /// The end of this worker's lease as the leader of `term` with these voters.
-    pub fn leader_until(
+    /// The end of this worker's lease as the leader of `term` with these sets of voters (two while the voters
+    /// change, and a quorum of each is needed): the earliest of the sets' ends.
+    pub fn leader_until<'a>(
         &self,
         me: NodeId,
         term: u64,
-        voters: impl Iterator<Item = NodeId>,
+        configs: impl IntoIterator<Item = &'a BTreeSet<NodeId>>,
         now: Instant,
     ) -> Option<Instant> {
         let accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
-        let times: Vec<Option<Instant>> = voters
-            .map(|v| {
-                if v == me {
-                    Some(now)
-                } else {
-                    accepted.get(&v).filter(|(t, _)| *t == term).map(|(_, at)| *at)
-                }
-            })
-            .collect();
-        quorum_until(&times, self.length)
+        let mut until: Option<Instant> = None;
+        for voters in configs {
+            let times: Vec<Option<Instant>> = voters
+                .iter()
+                .map(|v| {
+                    if *v == me {
+                        Some(now)
+                    } else {
+                        accepted.get(v).filter(|(t, _)| *t == term).map(|(_, at)| *at)
+                    }
+                })
+                .collect();
+            let end = quorum_until(&times, self.length)?;
+            until = Some(until.map_or(end, |u| u.min(end)));
+        }
+        until
+    }
+
+    /// This worker is stopping: the lease it was granted ends now (its peer port is about to close, and a
+    /// coordinator may take that for the process being gone).
+    pub fn give_up(&self) {
+        *self.granted.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether [`Leases::give_up`] was called.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// As the leader of `term`, seen now: since when it leads, as far as this worker knows.
@@ -110,6 +132,9 @@ impl Leases {
 
     /// A leader granted this worker a lease of `remaining` counted from `sent`.
     pub fn granted(&self, sent: Instant, remaining: Duration) {
+        if self.stopping() {
+            return;
+        }
         let until = sent + remaining.min(self.length);
         let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
         if granted.is_none_or(|g| g < until) {
@@ -161,17 +186,28 @@ mod tests {
         let t = Instant::now();
         leases.accepted(2, 5, t);
         leases.accepted(3, 4, t + Duration::from_millis(50));
-        let voters = || [1, 2, 3].into_iter();
-        assert_eq!(leases.leader_until(1, 5, voters(), t), Some(t + Duration::from_secs(2)));
-        assert_eq!(leases.leader_until(1, 6, voters(), t), None, "accepted in older terms only");
+        let voters = [BTreeSet::from([1, 2, 3])];
+        assert_eq!(leases.leader_until(1, 5, &voters, t), Some(t + Duration::from_secs(2)));
+        assert_eq!(leases.leader_until(1, 6, &voters, t), None, "accepted in older terms only");
         // an older acceptance does not move a newer one back
         leases.accepted(2, 5, t - Duration::from_millis(10));
-        assert_eq!(leases.leader_until(1, 5, voters(), t), Some(t + Duration::from_secs(2)));
+        assert_eq!(leases.leader_until(1, 5, &voters, t), Some(t + Duration::from_secs(2)));
+        // while the voters change, a quorum of the new set is needed too: 1, 4 and 5 alone are not one of the old
+        let joint = [BTreeSet::from([1, 2, 3]), BTreeSet::from([1, 2, 3, 4, 5])];
+        assert_eq!(leases.leader_until(1, 5, &joint, t), None);
+        let ahead = [BTreeSet::from([1, 4, 5]), BTreeSet::from([1, 2, 3, 4, 5])];
+        leases.accepted(4, 5, t);
+        leases.accepted(5, 5, t);
+        assert_eq!(leases.leader_until(1, 5, &ahead, t), Some(t + Duration::from_secs(2)));
 
         leases.granted(t, Duration::from_secs(60));
         assert_eq!(leases.granted_until(), Some(t + Duration::from_secs(2)));
         leases.granted(t, Duration::from_millis(100));
         assert_eq!(leases.granted_until(), Some(t + Duration::from_secs(2)), "never shortened");
+        leases.give_up();
+        assert_eq!(leases.granted_until(), None);
+        leases.granted(t, Duration::from_secs(1));
+        assert_eq!(leases.granted_until(), None, "none once stopping");
     }
 
     #[test]

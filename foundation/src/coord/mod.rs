@@ -170,23 +170,26 @@ impl Consensus {
     fn leader_lease(&self) -> Option<Instant> {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
-        if metrics.current_leader != Some(self.id) {
+        if metrics.current_leader != Some(self.id) || self.leases.stopping() {
             return None;
         }
-        let voters = metrics.membership_config.membership().voter_ids();
+        let configs = metrics.membership_config.membership().get_joint_config();
         let now = Instant::now();
         self.leases.leading(metrics.current_term, now);
-        self.leases.leader_until(self.id, metrics.current_term, voters, now)
+        self.leases.leader_until(self.id, metrics.current_term, configs, now)
     }
 
-    /// As the leader: how long `worker`'s primary lease may still run (`None` if this worker does not lead).
+    /// This worker is stopping: from now on it holds no primary lease and grants none.
+    pub fn give_up_lease(&self) {
+        self.leases.give_up();
+    }
+
+    /// As the leader: how long `worker`'s primary lease may still run (`None` if this worker does not lead, or
+    /// no longer holds its own lease: it may have been deposed without knowing).
     pub fn lease_left(&self, worker: &str) -> Option<Duration> {
-        let term = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
-            (metrics.current_leader == Some(self.id)).then_some(metrics.current_term)?
-        };
         let now = Instant::now();
+        self.leader_lease().filter(|until| *until > now)?;
+        let term = self.raft.metrics().borrow().current_term;
         Some(self.leases.left_of(worker, self.leases.leading(term, now), now))
     }
 
@@ -200,7 +203,8 @@ impl Consensus {
         let leader = self.leader().filter(|l| *l != self.name)?;
         let cluster = self.cluster.upgrade()?;
         let request = Request::LeaseOf { worker: worker.to_string() };
-        match cluster.call_worker(&leader, request, self.timeout).await {
+        let timeout = self.timeout.min(self.leases.length / 4);
+        match cluster.call_worker(&leader, request, timeout).await {
             // counted from the answer's arrival, later than the leader's count
             Some(Response::Lease { remaining_ms }) => {
                 Some(Instant::now() + Duration::from_millis(remaining_ms))
@@ -237,44 +241,74 @@ impl Consensus {
         let leader = self.leader().filter(|l| *l != self.name && !forwarded)?;
         let cluster = self.cluster.upgrade()?;
         let request = Request::Lease { worker: worker.to_string(), forwarded: true };
-        match cluster.call_worker(&leader, request, self.leases.length).await {
+        match cluster.call_worker(&leader, request, self.leases.length / 4).await {
             Some(Response::Lease { remaining_ms }) => Some(remaining_ms),
             _ => None,
         }
     }
 
-    /// Keeps this worker's lease: asks the leader (or, not knowing it, another worker of the table) for one every
-    /// third of its length, until `stop`.
+    /// Keeps this worker's lease: asks the leader (or, not knowing it, another worker of the table, which passes
+    /// the ask on) every third of its length, at once when the leader changes, and again soon after an ask that
+    /// failed (through the next worker of the table), until `stop`.
     pub async fn keep_lease(self: Arc<Self>, stop: CancellationToken) {
         let every = (self.leases.length / 3).max(Duration::from_millis(10));
+        let retry = (self.leases.length / 20).max(Duration::from_millis(10));
+        let mut metrics = self.raft.metrics();
+        let mut failures = 0usize;
         loop {
-            if self.leader_lease().is_none()
-                && let Some(cluster) = self.cluster.upgrade()
-            {
-                let other = || {
-                    let table = cluster.table()?;
-                    table
-                        .members
-                        .iter()
-                        .map(|m| membership::name_of(m).to_string())
-                        .find(|n| *n != self.name)
-                };
-                if let Some(ask) = self.leader().filter(|l| *l != self.name).or_else(other) {
-                    let sent = Instant::now();
-                    let request = Request::Lease { worker: self.name.clone(), forwarded: false };
-                    let answer = tokio::select! {
-                        _ = stop.cancelled() => break,
-                        answer = cluster.call_worker(&ask, request, self.leases.length) => answer,
-                    };
-                    if let Some(Response::Lease { remaining_ms }) = answer {
-                        self.leases.granted(sent, Duration::from_millis(remaining_ms));
+            let wait = if self.leader_lease().is_some() {
+                failures = 0;
+                every
+            } else {
+                match self.ask_lease(failures, &stop).await {
+                    None => break,
+                    Some(true) => {
+                        failures = 0;
+                        every
+                    }
+                    Some(false) => {
+                        failures += 1;
+                        retry
                     }
                 }
-            }
+            };
+            let leader = metrics.borrow_and_update().current_leader;
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = metrics.wait_for(|m| m.current_leader != leader) => {}
             }
+        }
+    }
+
+    /// One ask for a lease: to the leader this worker knows, or after `failures` failed asks (or knowing no
+    /// leader) to another worker of the table in turn. `Some(granted)`, or `None` once `stop` is cancelled.
+    async fn ask_lease(&self, failures: usize, stop: &CancellationToken) -> Option<bool> {
+        let cluster = self.cluster.upgrade()?;
+        let leader = self.leader().filter(|l| *l != self.name && failures.is_multiple_of(2));
+        let ask = leader.or_else(|| {
+            let table = cluster.table()?;
+            let others: Vec<String> = table
+                .members
+                .iter()
+                .map(|m| membership::name_of(m).to_string())
+                .filter(|n| *n != self.name)
+                .collect();
+            others.get(failures % others.len().max(1)).cloned()
+        });
+        let Some(ask) = ask else { return Some(false) };
+        let sent = Instant::now();
+        let request = Request::Lease { worker: self.name.clone(), forwarded: false };
+        let answer = tokio::select! {
+            _ = stop.cancelled() => return None,
+            answer = cluster.call_worker(&ask, request, self.leases.length / 4) => answer,
+        };
+        match answer {
+            Some(Response::Lease { remaining_ms }) => {
+                self.leases.granted(sent, Duration::from_millis(remaining_ms));
+                Some(true)
+            }
+            _ => Some(false),
         }
     }
 
@@ -370,9 +404,11 @@ impl Consensus {
                         expires_in_ms: lease.expires_in_ms,
                     });
                 }
-                // leases that ran out count in `len` until a sweep: count the live ones before refusing
+                // leases that ran out count in `len` until a sweep: count the live ones before refusing; the pool's
+                // own locks (the singleton) are never refused for room
                 LockOutcome::Free
                     if leads
+                        && !name.starts_with(singleton::RESERVED)
                         && state.locks.len() >= self.config.max_locks
                         && state.locks.live(now) >= self.config.max_locks =>
                 {

@@ -46,6 +46,18 @@ use crate::ring::placement::{PARTITIONS, Table, partition_of};
 use crate::ring::store::Store;
 use crate::storage::{self, Change, Durability, Storage, StorageError};
 
+/// What the coordinator does when every holder of some partition is gone (and the store is not shared, so no
+/// copy can be loaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionLoss {
+    /// Keep the table until a holder of each partition is back: the partitions led by the missing members stay
+    /// unavailable meanwhile, and nothing acknowledged is lost.
+    Wait,
+    /// Change the table anyway: those partitions get new, empty copies, and what they held is lost.
+    Reset,
+}
+
 /// Settings of the ring.
 #[derive(Debug, Clone)]
 pub struct RingConfig {
@@ -72,6 +84,8 @@ pub struct RingConfig {
     pub peer_tls: Option<thingport_shell::pool::Connector>,
     /// Bounds of the change log: changes and bytes.
     pub change_log: (usize, usize),
+    /// What to do when every holder of a partition is gone.
+    pub partition_loss: PartitionLoss,
 }
 
 /// Why a write or a read failed.
@@ -331,6 +345,27 @@ impl Cluster {
     /// acknowledges no write.
     pub fn in_contact(&self) -> bool {
         self.coord.get().is_some_and(|c| c.holds_lease())
+    }
+
+    /// Partitions of `table` none of whose holders is among `active`, unless the store is shared (a new owner then
+    /// loads them from it).
+    fn unheld_in(&self, table: &Table, active: &[String]) -> usize {
+        if self.storage.provider().is_some_and(|p| p.shared()) {
+            return 0;
+        }
+        (0..PARTITIONS as u16)
+            .filter(|&p| table.owners(p).all(|o| !active.iter().any(|a| a == o)))
+            .count()
+    }
+
+    /// Partitions of the committed table with no active holder, as this worker sees the members (0 with a shared
+    /// store).
+    pub fn unheld(&self) -> usize {
+        let Some(table) = self.table() else { return 0 };
+        let active: Vec<String> = self.members.borrow().keys().cloned().collect();
+        let renames = self.renewals(&table);
+        let effective = if renames.is_empty() { (*table).clone() } else { table.renamed(&renames) };
+        self.unheld_in(&effective, &active)
     }
 
     /// Sends a request to a member (this worker included) and waits for the answer.
@@ -691,7 +726,10 @@ impl Cluster {
                 },
                 Request::LeaseOf { worker } => {
                     match self.coord.get().and_then(|c| c.lease_left(&worker)) {
-                        Some(left) => Response::Lease { remaining_ms: left.as_millis() as u64 + 1 },
+                        // rounded up: the asker must not count the lease as over before it is
+                        Some(left) => {
+                            Response::Lease { remaining_ms: left.as_micros().div_ceil(1000) as u64 }
+                        }
                         None => self.refused(Refusal::NotLeader),
                     }
                 }
@@ -1146,6 +1184,7 @@ impl Cluster {
         let mut addrs: BTreeMap<String, std::net::SocketAddr> = BTreeMap::new();
         let mut stable_since = Instant::now();
         let mut last_push = Instant::now();
+        let mut reported_unheld = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -1168,6 +1207,10 @@ impl Cluster {
             }
             vanished.retain(|m, _| !active.contains(m));
             addrs.extend(self.members.borrow().iter().map(|(k, n)| (k.clone(), n.addr)));
+            // only the active members and the table's are remembered
+            let in_committed = |k: &String| self.table().is_some_and(|t| t.members.contains(k));
+            vanished.retain(|k, _| in_committed(k));
+            addrs.retain(|k, _| active.contains(k) || in_committed(k));
             seen = active.iter().cloned().collect();
             if let Some(table) = self.table() {
                 for member in appeared {
@@ -1215,28 +1258,38 @@ impl Cluster {
                 );
                 continue;
             }
-            addrs.retain(|k, _| active.contains(k) || effective.members.contains(k));
-            let departing: Vec<String> =
-                effective.members.iter().filter(|m| !active.contains(m)).cloned().collect();
-            let mut waiting = Vec::new();
-            for member in departing {
-                let since = *vanished.entry(member.clone()).or_insert(now);
-                let gone = match addrs.get(&member) {
-                    _ if since.elapsed() >= self.lease_wait() => true,
-                    Some(addr) if self.gone_for_sure(&member, *addr).await => true,
-                    // the leader knows when the lease it granted ends (and one a predecessor granted)
-                    _ => match self.coord.get() {
-                        Some(coord) => coord
-                            .lease_end_of(membership::name_of(&member))
-                            .await
-                            .is_some_and(|end| end <= Instant::now()),
-                        None => false,
-                    },
-                };
-                if !gone {
-                    waiting.push(member);
-                }
+            // a coordinator cut off from the consensus group changes nothing: the other side may hold leases
+            if !self.in_contact() {
+                tracing::debug!("no primary lease from the consensus group; the table stays");
+                continue;
             }
+            // every holder of some partition gone: wait for one to come back, or give them up
+            let unheld = self.unheld_in(&effective, &active);
+            ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(unheld as f64);
+            if unheld > 0 && self.config.partition_loss == PartitionLoss::Wait {
+                if unheld != reported_unheld {
+                    tracing::warn!(
+                        partitions = unheld,
+                        "every holder of some partitions is gone; the table waits for one of them to come back \
+                         (partition_loss = \"wait\")"
+                    );
+                    reported_unheld = unheld;
+                }
+                continue;
+            }
+            reported_unheld = unheld;
+            let departing: Vec<(String, Instant)> = effective
+                .members
+                .iter()
+                .filter(|m| !active.contains(m))
+                .map(|m| (m.clone(), *vanished.entry(m.clone()).or_insert(now)))
+                .collect();
+            let ended = join_all(departing.iter().map(|(member, since)| {
+                self.lease_ended(member, *since, addrs.get(member).copied())
+            }))
+            .await;
+            let waiting: Vec<&String> =
+                departing.iter().zip(ended).filter(|(_, e)| !e).map(|((m, _), _)| m).collect();
             if !waiting.is_empty() {
                 tracing::debug!(?waiting, "waiting for silent members' primary leases to run out");
                 continue;
@@ -1259,6 +1312,32 @@ impl Cluster {
     /// clocks that run at different rates.
     fn lease_wait(&self) -> Duration {
         self.coord.get().map_or(Duration::ZERO, |c| c.lease_length() * 11 / 10)
+    }
+
+    /// Whether the primary lease of `member`, which vanished from this worker's view at `since`, has certainly run
+    /// out: one lease (and a tenth) has passed since, or its peer port refuses connections, or the consensus
+    /// group's leader says the lease it granted has run out.
+    async fn lease_ended(
+        &self,
+        member: &str,
+        since: Instant,
+        addr: Option<std::net::SocketAddr>,
+    ) -> bool {
+        if since.elapsed() >= self.lease_wait() {
+            return true;
+        }
+        if let Some(addr) = addr
+            && self.gone_for_sure(member, addr).await
+        {
+            return true;
+        }
+        match self.coord.get() {
+            Some(coord) => coord
+                .lease_end_of(membership::name_of(member))
+                .await
+                .is_some_and(|end| end <= Instant::now()),
+            None => false,
+        }
     }
 
     /// Whether a member's process is certainly gone: its peer port refuses connections (a worker keeps that port

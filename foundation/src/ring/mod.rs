@@ -16,6 +16,6 @@ pub mod peers;
 pub mod placement;
 pub mod store;
 
-pub use cluster::{Cluster, RingConfig, RingError};
+pub use cluster::{Cluster, PartitionLoss, RingConfig, RingError};
 pub use placement::{PARTITIONS, Table, partition_of};
 pub use store::Store;

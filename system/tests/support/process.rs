@@ -207,3 +207,33 @@ pub fn table_ids(view: &Json) -> Vec<String> {
 pub fn settled_on(view: &Json, ids: &[&str]) -> bool {
     view["changing"] == json!(false) && table_ids(view) == ids
 }
+
+/// Starts a pool of workers with these ids (each seeded with the first, the first table made once all are up),
+/// each spec adjusted by `tune`, and waits until the table holds them all.
+#[allow(dead_code, reason = "not every test binary starts a pool this way")]
+pub async fn pool_of(dir: &Path, ids: &[&str], tune: impl Fn(&mut Spec)) -> Vec<WorkerProcess> {
+    let mut workers: Vec<WorkerProcess> = Vec::new();
+    for id in ids {
+        let seeds: Vec<SocketAddr> = workers.first().map(|w| w.peer).into_iter().collect();
+        let mut spec = Spec::new(dir, id, &seeds, ids.len());
+        tune(&mut spec);
+        workers.push(spec.spawn().await);
+    }
+    cluster_until(workers[0].api, "every member in the table", |v| settled_on(v, ids)).await;
+    workers
+}
+
+/// Creates the thing `thing` through `api` and answers the workers holding its copies, primary first (ids without
+/// boot numbers).
+#[allow(dead_code, reason = "not every test binary looks for where things are")]
+pub async fn create_and_locate(api: SocketAddr, thing: &str) -> Vec<String> {
+    let path = format!("/v1/things/{thing}");
+    assert_eq!(http(api, "PUT", &path, Some(KEY), None).await.0, 201, "creating {thing}");
+    let (_, state) = http(api, "GET", &path, Some(KEY), None).await;
+    state["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap().rsplit_once('#').unwrap().0.to_string())
+        .collect()
+}
