@@ -16,7 +16,8 @@
 //!    already received;
 //! 3. *commits* it everywhere; a member then drops the partitions it no longer holds.
 //!
-//! A step that fails abandons the change; the next attempt starts again from the committed table. Every member
+//! A step that fails abandons the change; the next attempt starts again from the committed table (if the members
+//! are the table's again by then, a change to the same members replaces the prepared table left behind). Every member
 //! sends its committed table to members it sees appear and, from the coordinator, periodically to all, so a member
 //! that missed a commit catches up.
 
@@ -1241,7 +1242,9 @@ impl Cluster {
             if in_table.first().is_none_or(|m| **m != self.me) {
                 continue;
             }
-            if active == table.members {
+            // an abandoned change leaves its prepared table on the members (primaries keep copying to its owners):
+            // with nothing else to change, a change to the same members replaces and commits it
+            if active == table.members && !self.changing() {
                 if last_push.elapsed() >= self.config.check_period * 10 {
                     last_push = Instant::now();
                     for member in active.iter().filter(|m| **m != self.me) {

@@ -126,6 +126,9 @@ impl Membership {
     }
 }
 
+/// Probe periods between announcements to the seeds that are not members.
+const SEED_EVERY: u64 = 10;
+
 fn foca_config(timing: Timing) -> FocaConfig {
     let mut config = FocaConfig::simple();
     config.probe_period = timing.probe_period;
@@ -228,6 +231,7 @@ async fn run(
         })
     };
     let mut announce = tokio::time::interval(timing.probe_period);
+    let mut ticks = 0u64;
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => {
@@ -236,9 +240,15 @@ async fn run(
                 break;
             }
             _ = announce.tick() => {
-                // until some member answers, keep announcing to the seeds
-                if foca.num_members() == 0 {
-                    for &seed in seeds.iter().filter(|&&s| s != me.addr) {
+                // until some member answers, keep announcing to the seeds; after that, every tenth period, to the
+                // seeds that are not members: two sides of a healed partition that each declared the other down
+                // probe only their own side, and would stay apart
+                ticks += 1;
+                let alone = foca.num_members() == 0;
+                if alone || ticks.is_multiple_of(SEED_EVERY) {
+                    let active: Vec<SocketAddr> = foca.iter_members().map(|m| m.id().addr).collect();
+                    let missing = seeds.iter().filter(|&&s| s != me.addr && (alone || !active.contains(&s)));
+                    for &seed in missing {
                         let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
                         let target =
                             Node { name: String::new(), addr: seed, link: unknown, boot: 0, renewal: 0 };
