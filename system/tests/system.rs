@@ -50,6 +50,7 @@ async fn start() -> System {
     }));
     // a pool of one makes its partition table at once
     ring_version.wait_for(|v| *v > 0).await.unwrap();
+    support::until_writable(addrs.api).await;
     let gateway = support::gateway(dir.path(), vec![addrs.link]).await;
     System {
         _dir: dir,

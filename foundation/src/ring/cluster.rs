@@ -1244,14 +1244,16 @@ impl Cluster {
             }
             // an abandoned change leaves its prepared table on the members (primaries keep copying to its owners):
             // with nothing else to change, a change to the same members replaces and commits it
-            if active == table.members && !self.changing() {
+            if active == table.members {
                 if last_push.elapsed() >= self.config.check_period * 10 {
                     last_push = Instant::now();
                     for member in active.iter().filter(|m| **m != self.me) {
                         self.send_table(member.clone(), &table);
                     }
                 }
-                continue;
+                if !self.changing() {
+                    continue;
+                }
             }
             if !self.has_quorum(&table) {
                 tracing::warn!(
@@ -1295,6 +1297,21 @@ impl Cluster {
                 departing.iter().zip(ended).filter(|(_, e)| !e).map(|((m, _), _)| m).collect();
             if !waiting.is_empty() {
                 tracing::debug!(?waiting, "waiting for silent members' primary leases to run out");
+                continue;
+            }
+            // every member prepares from the committed table: one that missed its commit would count only older
+            // tables (or an abandoned prepared one) as held, and empty partitions it keeps
+            let record = table.to_record();
+            let timeout = self.config.request_timeout;
+            let synced = join_all(
+                active
+                    .iter()
+                    .filter(|m| **m != self.me)
+                    .map(|m| self.call(m, Request::Commit { table: record.clone() }, timeout)),
+            )
+            .await;
+            if synced.iter().any(|a| !matches!(a, Some(Response::Done))) {
+                tracing::warn!("a member did not take the committed table; the change waits");
                 continue;
             }
             let started = Instant::now();

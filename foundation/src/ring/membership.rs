@@ -141,6 +141,12 @@ fn foca_config(timing: Timing) -> FocaConfig {
         frequency: timing.probe_period * 10,
         num_members: NonZeroUsize::MIN,
     });
+    // and members declared down are asked now and then whether they are back: the two sides of a healed partition
+    // meet again even when no seed is on the other side
+    config.periodic_announce_to_down_members = Some(PeriodicParams {
+        frequency: timing.probe_period * 10,
+        num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+    });
     config.periodic_gossip = Some(PeriodicParams {
         frequency: timing.probe_period / 4,
         num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),

@@ -120,6 +120,19 @@ pub async fn http(
     (status, serde_json::from_str(text).unwrap_or(Json::Null))
 }
 
+/// Waits until the worker behind `api` acknowledges writes (a table, and a primary lease from the consensus group):
+/// a thing is made and removed again.
+#[allow(dead_code, reason = "not every test binary starts a worker in process")]
+pub async fn until_writable(api: SocketAddr) {
+    within("the first acknowledged write", async {
+        while !matches!(http(api, "PUT", "/v1/things/warm-up", Some(KEY), None).await.0, 200 | 201)
+        {
+        }
+    })
+    .await;
+    assert_eq!(http(api, "DELETE", "/v1/things/warm-up", Some(KEY), None).await.0, 204);
+}
+
 pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), future)
         .await
