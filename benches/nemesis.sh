@@ -15,6 +15,7 @@
 #   sudo THINGPORT_BIN=target/debug benches/nemesis.sh --rounds 2   # binaries already built (as .ci/run does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/netns.sh
 ROUNDS=4 FAULT=6 HEAL=6 SEED=$$
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,25 +45,13 @@ cleanup() {
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
   done
   wait 2>/dev/null || true
-  for ns in "${NS[@]}" "$BR"; do ip netns del "$ns" 2>/dev/null || true; done
+  netns_clear "${NS[@]}" "$BR"
   if [ -n "${KEEP:-}" ] || [ "$rc" != 0 ]; then echo "logs in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 fail() { echo "FAILED: $*" >&2; exit 1; }
-for ns in "${NS[@]}" "$BR"; do ip netns del "$ns" 2>/dev/null || true; done
-
-ip netns add "$BR"
-ip -n "$BR" link add br0 type bridge
-ip -n "$BR" link set br0 up
-for i in $(seq 0 $((N - 1))); do
-  ns=${NS[$i]}
-  ip netns add "$ns"
-  ip link add "v$i" netns "$ns" type veth peer name "v$i-br" netns "$BR"
-  ip -n "$BR" link set "v$i-br" master br0 up
-  ip -n "$ns" addr add "10.78.0.$((i + 1))/24" dev "v$i"
-  ip -n "$ns" link set "v$i" up
-  ip -n "$ns" link set lo up
-done
+netns_clear "${NS[@]}" "$BR"
+netns_pool "$BR" 10.78.0 "${NS[@]}"
 
 KEY=nemesis-key
 echo "sha256:$(printf %s "$KEY" | sha256sum | cut -d' ' -f1) role=admin name=nemesis" > "$WORK/api-keys"

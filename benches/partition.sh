@@ -11,6 +11,7 @@
 #   sudo THINGPORT_BIN=target/debug benches/partition.sh   # uses binaries already built (as .ci/run does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/netns.sh
 [ "$(id -u)" = 0 ] || { echo "needs root for network namespaces" >&2; exit 64; }
 if [ -n "${THINGPORT_BIN:-}" ]; then
   B=$(cd "$THINGPORT_BIN" && pwd)
@@ -25,26 +26,14 @@ declare -A PID
 cleanup() {
   for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "${NS[@]}" "$BR"; do ip netns del "$ns" 2>/dev/null || true; done
+  netns_clear "${NS[@]}" "$BR"
   if [ -n "${KEEP:-}" ]; then echo "logs in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 fail() { echo "FAILED: $*" >&2; exit 1; }
 # namespaces left by an interrupted run
-for ns in "${NS[@]}" "$BR"; do ip netns del "$ns" 2>/dev/null || true; done
-
-ip netns add "$BR"
-ip -n "$BR" link add br0 type bridge
-ip -n "$BR" link set br0 up
-for i in 0 1 2; do
-  ns=${NS[$i]}
-  ip netns add "$ns"
-  ip link add "v$i" netns "$ns" type veth peer name "v$i-br" netns "$BR"
-  ip -n "$BR" link set "v$i-br" master br0 up
-  ip -n "$ns" addr add "10.77.0.$((i + 1))/24" dev "v$i"
-  ip -n "$ns" link set "v$i" up
-  ip -n "$ns" link set lo up
-done
+netns_clear "${NS[@]}" "$BR"
+netns_pool "$BR" 10.77.0 "${NS[@]}"
 
 echo "partition-key" > "$WORK/api-keys"
 # the pool's credentials: made for w0's host, issued for the two others (the addresses are not loopback, so the

@@ -9,6 +9,9 @@
 //!   the leader, if it does not). The leader grants one only while it holds its own, for what is left of it; the
 //!   asker counts it from when it *sent* the request, so its lease ends no later than the leader's did.
 //!
+//! A write checks one atomic (the lease's end as last known: a grant, or the leader's own end as last counted); only
+//! when that has passed does the leader count its voters' acceptances again.
+//!
 //! A worker's lease therefore ends within one length of the last moment it could reach a leader that could reach
 //! a quorum. The table coordinator waits that long (and a tenth more, for clocks that run at different rates)
 //! after a member vanished before it moves that member's partitions to others, unless the member's peer port
@@ -17,6 +20,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
 use super::NodeId;
@@ -29,14 +34,16 @@ pub struct Leases {
     pub length: Duration,
     /// Per voter: the term and sending time of the latest `AppendEntries` it accepted from this worker as leader.
     accepted: Mutex<HashMap<NodeId, (u64, Instant)>>,
-    /// The end of the lease granted to this worker by a leader.
-    granted: Mutex<Option<Instant>>,
+    /// Until when this worker holds a lease, in nanoseconds after `epoch` (0: none): one a leader granted it, or
+    /// its own as leader as last counted. Read on every write, so an atomic rather than a lock.
+    held: AtomicU64,
+    epoch: Instant,
     /// As leader: the end of the lease it granted each worker (by id).
     grants: Mutex<HashMap<String, Instant>>,
     /// The term this worker was last seen to lead, and since when (as first seen, so perhaps later).
     led: Mutex<Option<(u64, Instant)>>,
     /// Set once the worker stops: it holds no lease any more, as leader or not.
-    stopping: std::sync::atomic::AtomicBool,
+    stopping: AtomicBool,
 }
 
 impl Leases {
@@ -44,7 +51,8 @@ impl Leases {
         Leases {
             length,
             accepted: Mutex::default(),
-            granted: Mutex::default(),
+            held: AtomicU64::new(0),
+            epoch: Instant::now(),
             grants: Mutex::default(),
             led: Mutex::default(),
             stopping: Default::default(),
@@ -91,13 +99,34 @@ impl Leases {
     /// This worker is stopping: the lease it was granted ends now (its peer port is about to close, and a
     /// coordinator may take that for the process being gone).
     pub fn give_up(&self) {
-        *self.granted.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+        self.stopping.store(true, SeqCst);
+        self.held.store(0, SeqCst);
     }
 
     /// Whether [`Leases::give_up`] was called.
     pub fn stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::Acquire)
+        self.stopping.load(SeqCst)
+    }
+
+    /// This worker holds a lease until `until` (a later end already known stands).
+    pub fn extend(&self, until: Instant) {
+        let nanos = (until.saturating_duration_since(self.epoch).as_nanos() as u64).max(1);
+        self.held.fetch_max(nanos, SeqCst);
+        // a stop that came meanwhile wins
+        if self.stopping() {
+            self.held.store(0, SeqCst);
+        }
+    }
+
+    /// Whether this worker holds a lease at `now`, as far as [`Leases::extend`] was told.
+    pub fn holds(&self, now: Instant) -> bool {
+        self.held.load(SeqCst) > now.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// The end of the lease this worker holds, if any.
+    pub fn held_until(&self) -> Option<Instant> {
+        let nanos = self.held.load(SeqCst);
+        (nanos > 0).then(|| self.epoch + Duration::from_nanos(nanos))
     }
 
     /// As the leader of `term`, seen now: since when it leads, as far as this worker knows.
@@ -132,19 +161,7 @@ impl Leases {
 
     /// A leader granted this worker a lease of `remaining` counted from `sent`.
     pub fn granted(&self, sent: Instant, remaining: Duration) {
-        if self.stopping() {
-            return;
-        }
-        let until = sent + remaining.min(self.length);
-        let mut granted = self.granted.lock().unwrap_or_else(|e| e.into_inner());
-        if granted.is_none_or(|g| g < until) {
-            *granted = Some(until);
-        }
-    }
-
-    /// The end of the lease a leader granted this worker, if any.
-    pub fn granted_until(&self) -> Option<Instant> {
-        *self.granted.lock().unwrap_or_else(|e| e.into_inner())
+        self.extend(sent + remaining.min(self.length));
     }
 }
 
@@ -201,13 +218,13 @@ mod tests {
         assert_eq!(leases.leader_until(1, 5, &ahead, t), Some(t + Duration::from_secs(2)));
 
         leases.granted(t, Duration::from_secs(60));
-        assert_eq!(leases.granted_until(), Some(t + Duration::from_secs(2)));
+        assert_eq!(leases.held_until(), Some(t + Duration::from_secs(2)));
         leases.granted(t, Duration::from_millis(100));
-        assert_eq!(leases.granted_until(), Some(t + Duration::from_secs(2)), "never shortened");
+        assert_eq!(leases.held_until(), Some(t + Duration::from_secs(2)), "never shortened");
         leases.give_up();
-        assert_eq!(leases.granted_until(), None);
+        assert_eq!(leases.held_until(), None);
         leases.granted(t, Duration::from_secs(1));
-        assert_eq!(leases.granted_until(), None, "none once stopping");
+        assert_eq!(leases.held_until(), None, "none once stopping");
     }
 
     #[test]

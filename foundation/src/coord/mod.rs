@@ -222,8 +222,17 @@ impl Consensus {
     /// the leader granted it (`lease`).
     pub fn holds_lease(&self) -> bool {
         let now = Instant::now();
-        self.leader_lease().is_some_and(|until| until > now)
-            || self.leases.granted_until().is_some_and(|until| until > now)
+        if self.leases.holds(now) {
+            return true;
+        }
+        // the lease known so far ran out (or there is none yet): as the leader, count the voters' acceptances again
+        match self.leader_lease() {
+            Some(until) => {
+                self.leases.extend(until);
+                until > now
+            }
+            None => false,
+        }
     }
 
     /// Answers a worker's request for a lease: what is left of this worker's lease as the leader; else, unless
@@ -256,7 +265,8 @@ impl Consensus {
         let mut metrics = self.raft.metrics();
         let mut failures = 0usize;
         loop {
-            let wait = if self.leader_lease().is_some() {
+            let wait = if let Some(until) = self.leader_lease() {
+                self.leases.extend(until);
                 failures = 0;
                 every
             } else {

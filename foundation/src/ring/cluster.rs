@@ -1240,8 +1240,12 @@ impl Cluster {
             let in_table: Vec<&String> =
                 active.iter().filter(|m| effective.members.contains(m)).collect();
             if in_table.first().is_none_or(|m| **m != self.me) {
+                // the coordinator's figure only
+                ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(0.0);
                 continue;
             }
+            let unheld = self.unheld_in(&effective, &active);
+            ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(unheld as f64);
             // an abandoned change leaves its prepared table on the members (primaries keep copying to its owners):
             // with nothing else to change, a change to the same members replaces and commits it
             if active == table.members {
@@ -1269,8 +1273,6 @@ impl Cluster {
                 continue;
             }
             // every holder of some partition gone: wait for one to come back, or give them up
-            let unheld = self.unheld_in(&effective, &active);
-            ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(unheld as f64);
             if unheld > 0 && self.config.partition_loss == PartitionLoss::Wait {
                 if unheld != reported_unheld {
                     tracing::warn!(
@@ -1301,16 +1303,7 @@ impl Cluster {
             }
             // every member prepares from the committed table: one that missed its commit would count only older
             // tables (or an abandoned prepared one) as held, and empty partitions it keeps
-            let record = table.to_record();
-            let timeout = self.config.request_timeout;
-            let synced = join_all(
-                active
-                    .iter()
-                    .filter(|m| **m != self.me)
-                    .map(|m| self.call(m, Request::Commit { table: record.clone() }, timeout)),
-            )
-            .await;
-            if synced.iter().any(|a| !matches!(a, Some(Response::Done))) {
+            if !self.commit_to(&active, &table).await {
                 tracing::warn!("a member did not take the committed table; the change waits");
                 continue;
             }
@@ -1366,6 +1359,20 @@ impl Cluster {
         let request = Request::Consensus { rpc: ConsensusRpc::Member, body: bytes::Bytes::new() };
         let answer = self.peers.request(key, addr, request, Duration::from_millis(250)).await;
         matches!(answer, Err(PeerError::Refused))
+    }
+
+    /// Sends `table` as committed to the other `members`; whether every one of them took it.
+    async fn commit_to(&self, members: &[String], table: &Table) -> bool {
+        let record = table.to_record();
+        let timeout = self.config.request_timeout;
+        let answers = join_all(
+            members
+                .iter()
+                .filter(|m| **m != self.me)
+                .map(|m| self.call(m, Request::Commit { table: record.clone() }, timeout)),
+        )
+        .await;
+        answers.iter().all(|a| matches!(a, Some(Response::Done)))
     }
 
     fn send_table(self: &Arc<Self>, member: String, table: &Table) {
@@ -1439,14 +1446,7 @@ impl Cluster {
         if !pulled.iter().all(|a| matches!(a, Some(Response::Done))) {
             return Err("a new owner could not copy its partitions");
         }
-        let committed = join_all(
-            active
-                .iter()
-                .filter(|m| **m != self.me)
-                .map(|m| self.call(m, Request::Commit { table: record.clone() }, timeout)),
-        )
-        .await;
-        if committed.iter().any(|a| !matches!(a, Some(Response::Done))) {
+        if !self.commit_to(active, &next).await {
             tracing::warn!("a member missed the commit; it gets the table with the next push");
         }
         let version = next.version;
