@@ -993,6 +993,7 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Json<JsonValue> {
             "voters": voters,
             "learners": learners,
             "applied": applied,
+            "table_version": shared.coord.table_version(),
         },
         "singleton": singleton,
         "holds_singleton": shared.singleton.holds(),

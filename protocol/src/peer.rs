@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 7;
+pub const PEER_VERSION: u8 = 8;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,9 +262,6 @@ pub enum Request {
     /// while a quorum of voters has acknowledged it recently; a worker that is not the leader passes the request on
     /// to the leader it knows (once: `forwarded` is then true), or refuses it `NotLeader`.
     Lease { worker: String, forwarded: bool },
-    /// How long the primary lease of worker `worker` may still run, asked of the leader by a table coordinator
-    /// before it moves a silent worker's partitions: [`Response::Lease`], or refused `NotLeader`.
-    LeaseOf { worker: String },
 }
 
 /// The kinds of consensus messages (Raft's three RPCs, and a question a worker asks before it founds a group).

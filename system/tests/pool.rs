@@ -239,6 +239,15 @@ async fn a_pool_shares_the_ring_through_a_join_a_kill_and_a_pause() {
     assert_eq!(slots(&view).values().sum::<u64>(), 2048);
     assert!(workers[2].child.try_wait().unwrap().is_none(), "the resumed worker runs on");
     acked.total.grow_by(300, "after the paused worker came back").await;
+    // every table since the first was committed through the consensus log, and every member applied the last
+    let version = view["table"]["version"].as_u64().unwrap();
+    for w in workers.iter().filter(|w| w.id != "w2") {
+        cluster_until(w.api, "the table committed through the log", |v| {
+            v["table"]["version"].as_u64() == Some(version)
+                && v["consensus"]["table_version"].as_u64() == Some(version)
+        })
+        .await;
+    }
 
     stop.cancel();
     for device in devices {

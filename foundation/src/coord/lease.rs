@@ -13,10 +13,11 @@
 //! when that has passed does the leader count its voters' acceptances again.
 //!
 //! A worker's lease therefore ends within one length of the last moment it could reach a leader that could reach
-//! a quorum. The table coordinator waits that long (and a tenth more, for clocks that run at different rates)
-//! after a member vanished before it moves that member's partitions to others, unless the member's peer port
-//! refuses connections (its process is gone): so across a clean cut, the side that takes the partitions over
-//! starts acknowledging only after the other side stopped.
+//! a quorum. The leader is also the table coordinator. It grants leases only to the workers it sees as active
+//! members, and it moves a member's partitions to others only once the lease it (or its predecessor) granted that
+//! member has run out, or once the member's peer port refuses connections (its process is gone). So the side that
+//! takes the partitions over starts acknowledging only after the other side stopped, across a clean cut and across
+//! a partial one (a worker that still reaches the leader, but that the leader no longer sees).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;

@@ -1,7 +1,7 @@
 //! The pool's consensus group: Raft (openraft 0.9) among up to five voting workers, the others learners, over the
-//! ring's peer connections. It commits the locks applications take through `/v1/locks` ([`locks`]) and the lease of
-//! the pool's singleton role ([`singleton`]); its log, vote and snapshots are on disk in the worker's data directory
-//! ([`log`], [`machine`]).
+//! ring's peer connections. It commits the ring's partition tables (its leader is the table coordinator), the locks
+//! applications take through `/v1/locks` ([`locks`]) and the lease of the pool's singleton role ([`singleton`]); its
+//! log, vote and snapshots are on disk in the worker's data directory ([`log`], [`machine`]).
 //!
 //! Who belongs follows the committed partition table: the group's leader adds a worker that joins the table as a
 //! learner, makes it a voter while there are fewer than five, and removes one the table dropped. The group is
@@ -33,21 +33,23 @@ use openraft::raft::{
 use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use thingport_protocol::peer::{ConsensusRpc, LockCommand, LockOutcome, Request, Response};
+use thingport_protocol::peer::{
+    ConsensusRpc, LockCommand, LockOutcome, Request, Response, TableRecord,
+};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::config::LocksConfig;
 use crate::ring::{Cluster, membership};
 use lease::Leases;
-use locks::Stamped;
-use machine::Machine;
+use machine::{Applied, Command, Logged, Machine};
 
 openraft::declare_raft_types!(
-    /// The consensus group's types: entries carry stamped lock commands, and applying one gives its outcome.
+    /// The consensus group's types: entries carry stamped lock commands and partition tables, and applying one
+    /// gives its outcome.
     pub TypeConfig:
-        D = Stamped,
-        R = LockOutcome,
+        D = Logged,
+        R = Applied,
 );
 
 pub type NodeId = u64;
@@ -193,26 +195,6 @@ impl Consensus {
         Some(self.leases.left_of(worker, self.leases.leading(term, now), now))
     }
 
-    /// When `worker`'s primary lease has certainly run out, as the leader says (this worker or the one it knows);
-    /// `None` if no leader answers.
-    pub async fn lease_end_of(&self, worker: &str) -> Option<Instant> {
-        let asked = Instant::now();
-        if let Some(left) = self.lease_left(worker) {
-            return Some(asked + left);
-        }
-        let leader = self.leader().filter(|l| *l != self.name)?;
-        let cluster = self.cluster.upgrade()?;
-        let request = Request::LeaseOf { worker: worker.to_string() };
-        let timeout = self.timeout.min(self.leases.length / 4);
-        match cluster.call_worker(&leader, request, timeout).await {
-            // counted from the answer's arrival, later than the leader's count
-            Some(Response::Lease { remaining_ms }) => {
-                Some(Instant::now() + Duration::from_millis(remaining_ms))
-            }
-            _ => None,
-        }
-    }
-
     /// How long a primary lease lasts.
     pub fn lease_length(&self) -> Duration {
         self.leases.length
@@ -237,8 +219,15 @@ impl Consensus {
 
     /// Answers a worker's request for a lease: what is left of this worker's lease as the leader; else, unless
     /// the request was passed on already, the leader's answer.
+    ///
+    /// The leader grants a lease only to a worker it sees as an active member: one it lost sight of (cut off, or
+    /// declared down while it still reaches the leader) gets none, so its lease runs out before the leader, as the
+    /// table coordinator, moves its partitions.
     pub async fn grant(&self, worker: &str, forwarded: bool) -> Option<u64> {
         if let Some(until) = self.leader_lease() {
+            if !self.cluster.upgrade().is_some_and(|c| c.sees(worker)) {
+                return None;
+            }
             let now = Instant::now();
             let left = until.saturating_duration_since(now).min(self.leases.length);
             if left.is_zero() {
@@ -427,10 +416,13 @@ impl Consensus {
                 _ => {}
             }
         }
-        let stamped = Stamped { now_ms: now_ms(), command };
+        let logged = Logged { now_ms: now_ms(), command: command.into() };
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.raft.client_write(stamped)).await {
-            Ok(Ok(written)) => Ok(written.data),
+        match tokio::time::timeout(left, self.raft.client_write(logged)).await {
+            Ok(Ok(written)) => match written.data {
+                Applied::Lock(outcome) => Ok(outcome),
+                _ => Err(None),
+            },
             Ok(Err(e)) => Err(e
                 .forward_to_leader()
                 .and_then(|f| f.leader_node.as_ref())
@@ -476,18 +468,53 @@ impl Consensus {
         self.machine.applied()
     }
 
-    /// Founds the group when it falls to this worker, and, while this worker leads, keeps the group's members in
-    /// step with the committed table. Stops the member when `stop` is cancelled.
+    /// Whether this worker is the group's leader as far as it knows (a deposed leader may not know yet: what it
+    /// proposes then does not commit).
+    pub fn leads(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Commits `table` through the log as the leader, within `timeout`: `Ok(true)` if it committed, `Ok(false)` if a
+    /// table of its version or a newer one had committed before it, `Err` if this worker does not lead or no
+    /// quorum took it in time.
+    pub async fn commit_table(
+        &self,
+        table: TableRecord,
+        timeout: Duration,
+    ) -> Result<bool, CoordError> {
+        let logged = Logged { now_ms: now_ms(), command: Command::Table(table) };
+        match tokio::time::timeout(timeout, self.raft.client_write(logged)).await {
+            Ok(Ok(written)) => Ok(matches!(written.data, Applied::Table { committed: true })),
+            _ => Err(CoordError::NoLeader),
+        }
+    }
+
+    /// The version of the table last committed through the log on this worker (0 before the first).
+    pub fn table_version(&self) -> u64 {
+        self.machine.table().borrow().as_ref().map_or(0, |t| t.version)
+    }
+
+    /// Hands the ring every table the log commits, founds the group when it falls to this worker, and, while this
+    /// worker leads, keeps the group's members in step with the committed table. Stops the member when `stop` is
+    /// cancelled.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let Some(cluster) = self.cluster.upgrade() else { return };
         let mut version = cluster.table_version();
         let mut members = cluster.watch_members();
+        let mut committed = self.machine.table();
+        committed.mark_changed();
         drop(cluster);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = version.changed() => {}
                 _ = members.changed() => {}
+                changed = committed.changed() => {
+                    let record = committed.borrow_and_update().clone();
+                    if let (Ok(()), Some(record), Some(cluster)) = (changed, record, self.cluster.upgrade()) {
+                        cluster.adopt_record(record);
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             let Some(cluster) = self.cluster.upgrade() else { break };

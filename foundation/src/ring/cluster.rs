@@ -8,18 +8,22 @@
 //!
 //! **Reads** are answered by the partition's primary.
 //!
-//! **Table changes.** The coordinator is the active member of the current table with the lowest key. When the
-//! active members differ from the table's, and more than half of the table's members are active, it computes the
-//! next table from the current one (`Table::next`: ~1/N of the replica slots move, none between survivors) and:
+//! **Table changes.** The coordinator is the leader of the pool's consensus group (`coord`). When the active
+//! members differ from the table's, more than half of the table's members are active, and the lease of every
+//! member leaving has run out, it computes the next table from the current one (`Table::next`: ~1/N of the
+//! replica slots move, none between survivors) and:
 //! 1. *prepares* it on every active member, after which primaries replicate writes to its owners too;
 //! 2. has every new owner of a partition *pull* a copy from a surviving holder, merging it with the writes it
 //!    already received;
-//! 3. *commits* it everywhere; a member then drops the partitions it no longer holds.
+//! 3. *commits* it through the consensus log, which commits one table of each version at most (a deposed leader's
+//!    table does not commit), then sends it to every active member; every member also adopts each table its log
+//!    applies, and drops the partitions it no longer holds.
 //!
 //! A step that fails abandons the change; the next attempt starts again from the committed table (if the members
 //! are the table's again by then, a change to the same members replaces the prepared table left behind). Every member
 //! sends its committed table to members it sees appear and, from the coordinator, periodically to all, so a member
-//! that missed a commit catches up.
+//! outside the consensus group (one that joins) catches up. Only the first table, made before the group exists, is
+//! not committed through the log.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -340,6 +344,11 @@ impl Cluster {
         };
         let present = table.members.iter().filter(|m| present(m)).count();
         present * 2 > table.members.len()
+    }
+
+    /// Whether a run of worker `name` (its configured id) is an active member as this worker sees them.
+    pub fn sees(&self, name: &str) -> bool {
+        self.members.borrow().values().any(|n| n.name == name)
     }
 
     /// Whether this worker holds a primary lease from the consensus group (`coord::lease`): without one it
@@ -725,15 +734,6 @@ impl Cluster {
                     },
                     None => self.refused(Refusal::NotLeader),
                 },
-                Request::LeaseOf { worker } => {
-                    match self.coord.get().and_then(|c| c.lease_left(&worker)) {
-                        // rounded up: the asker must not count the lease as over before it is
-                        Some(left) => {
-                            Response::Lease { remaining_ms: left.as_micros().div_ceil(1000) as u64 }
-                        }
-                        None => self.refused(Refusal::NotLeader),
-                    }
-                }
                 Request::ReadLock { name } => {
                     let deadline = Instant::now() + self.config.request_timeout;
                     match self.coord.get() {
@@ -1137,6 +1137,13 @@ impl Cluster {
         Response::Done
     }
 
+    /// Adopts a table the consensus log committed (see [`Cluster::adopt`]).
+    pub fn adopt_record(&self, record: thingport_protocol::peer::TableRecord) {
+        if let Some(table) = Table::from_record(record) {
+            self.adopt(Arc::new(table));
+        }
+    }
+
     /// Makes `table` the committed table if it is newer, and drops the partitions this worker no longer holds.
     fn adopt(&self, table: Arc<Table>) {
         {
@@ -1180,8 +1187,7 @@ impl Cluster {
         let mut members = self.members.clone();
         let mut tick = tokio::time::interval(self.config.check_period);
         let mut seen: BTreeSet<String> = BTreeSet::new();
-        // when members left this worker's view, and where their peer ports were
-        let mut vanished: BTreeMap<String, Instant> = BTreeMap::new();
+        // where members' peer ports were
         let mut addrs: BTreeMap<String, std::net::SocketAddr> = BTreeMap::new();
         let mut stable_since = Instant::now();
         let mut last_push = Instant::now();
@@ -1202,15 +1208,9 @@ impl Cluster {
             // members that just appeared get the committed table
             let appeared: Vec<String> =
                 active.iter().filter(|m| !seen.contains(*m) && **m != self.me).cloned().collect();
-            let now = Instant::now();
-            for gone in seen.iter().filter(|m| !active.contains(m)) {
-                vanished.entry(gone.clone()).or_insert(now);
-            }
-            vanished.retain(|m, _| !active.contains(m));
             addrs.extend(self.members.borrow().iter().map(|(k, n)| (k.clone(), n.addr)));
             // only the active members and the table's are remembered
             let in_committed = |k: &String| self.table().is_some_and(|t| t.members.contains(k));
-            vanished.retain(|k, _| in_committed(k));
             addrs.retain(|k, _| active.contains(k) || in_committed(k));
             seen = active.iter().cloned().collect();
             if let Some(table) = self.table() {
@@ -1239,7 +1239,8 @@ impl Cluster {
                 if renames.is_empty() { (*table).clone() } else { table.renamed(&renames) };
             let in_table: Vec<&String> =
                 active.iter().filter(|m| effective.members.contains(m)).collect();
-            if in_table.first().is_none_or(|m| **m != self.me) {
+            // the coordinator is the consensus group's leader
+            if !self.coord.get().is_some_and(|c| c.leads()) {
                 // the coordinator's figure only
                 ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(0.0);
                 continue;
@@ -1285,18 +1286,16 @@ impl Cluster {
                 continue;
             }
             reported_unheld = unheld;
-            let departing: Vec<(String, Instant)> = effective
-                .members
-                .iter()
-                .filter(|m| !active.contains(m))
-                .map(|m| (m.clone(), *vanished.entry(m.clone()).or_insert(now)))
-                .collect();
-            let ended = join_all(departing.iter().map(|(member, since)| {
-                self.lease_ended(member, *since, addrs.get(member).copied())
-            }))
+            let departing: Vec<&String> =
+                effective.members.iter().filter(|m| !active.contains(m)).collect();
+            let ended = join_all(
+                departing
+                    .iter()
+                    .map(|member| self.lease_ended(member, addrs.get(*member).copied())),
+            )
             .await;
             let waiting: Vec<&String> =
-                departing.iter().zip(ended).filter(|(_, e)| !e).map(|((m, _), _)| m).collect();
+                departing.iter().zip(ended).filter(|(_, e)| !e).map(|(m, _)| *m).collect();
             if !waiting.is_empty() {
                 tracing::debug!(?waiting, "waiting for silent members' primary leases to run out");
                 continue;
@@ -1321,22 +1320,16 @@ impl Cluster {
         }
     }
 
-    /// How long after a member vanished its primary lease has certainly run out: one lease, and a tenth more for
-    /// clocks that run at different rates.
-    fn lease_wait(&self) -> Duration {
-        self.coord.get().map_or(Duration::ZERO, |c| c.lease_length() * 11 / 10)
-    }
-
-    /// Whether the primary lease of `member`, which vanished from this worker's view at `since`, has certainly run
-    /// out: one lease (and a tenth) has passed since, or its peer port refuses connections, or the consensus
-    /// group's leader says the lease it granted has run out.
-    async fn lease_ended(
-        &self,
-        member: &str,
-        since: Instant,
-        addr: Option<std::net::SocketAddr>,
-    ) -> bool {
-        if since.elapsed() >= self.lease_wait() {
+    /// Whether the primary lease of `member`, which left this worker's view, has certainly run out: a later run
+    /// of the same worker is active, or its peer port refuses connections (its process is gone), or, as the
+    /// consensus group's leader (which grants leases only to the workers it sees active), the lease this worker or
+    /// its predecessor granted it has run out.
+    async fn lease_ended(&self, member: &str, addr: Option<std::net::SocketAddr>) -> bool {
+        let name = membership::name_of(member);
+        let restarted = self.members.borrow().values().any(|n| {
+            n.name == name && membership::boot_of(member).is_some_and(|boot| n.boot > boot)
+        });
+        if restarted {
             return true;
         }
         if let Some(addr) = addr
@@ -1344,13 +1337,7 @@ impl Cluster {
         {
             return true;
         }
-        match self.coord.get() {
-            Some(coord) => coord
-                .lease_end_of(membership::name_of(member))
-                .await
-                .is_some_and(|end| end <= Instant::now()),
-            None => false,
-        }
+        self.coord.get().and_then(|c| c.lease_left(name)).is_some_and(|left| left.is_zero())
     }
 
     /// Whether a member's process is certainly gone: its peer port refuses connections (a worker keeps that port
@@ -1445,6 +1432,14 @@ impl Cluster {
         .await;
         if !pulled.iter().all(|a| matches!(a, Some(Response::Done))) {
             return Err("a new owner could not copy its partitions");
+        }
+        // the table commits through the consensus log: one table per version, proposed by the leader alone
+        if let Some(coord) = self.coord.get() {
+            match coord.commit_table(next.to_record(), timeout).await {
+                Ok(true) => {}
+                Ok(false) => return Err("a table of this version or a newer one committed first"),
+                Err(_) => return Err("the consensus group did not commit the table"),
+            }
         }
         if !self.commit_to(active, &next).await {
             tracing::warn!("a member missed the commit; it gets the table with the next push");
