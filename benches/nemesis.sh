@@ -5,13 +5,15 @@
 # Then ROUNDS faults, one at a time, each held FAULT seconds and healed for HEAL seconds, chosen by SEED from:
 #   halves  - two workers cut off from the other three (their links to the bridge down)
 #   leader  - the consensus group's leader cut off alone
+#   partial - a worker cut off from every other worker, and from the consensus group's leader for UDP only (SWIM):
+#             the pool declares it down while it still reaches the leader over TCP (leases, Raft, replication)
 #   kill    - kill -9 of a worker, started again with its store at the heal
 #   pause   - SIGSTOP of a worker, SIGCONT at the heal
 # After the last heal and the pool settling on all five: every write acknowledged anywhere is read back, and the
 # lock's history is checked (grants in the order of their tokens, and no grant before the previous holder's lease
 # ended: its release, or its ttl counted from its request). Needs root (ip netns); everything it creates is removed.
 #
-#   sudo benches/nemesis.sh [--rounds 4] [--fault 6] [--heal 6] [--seed N]
+#   sudo benches/nemesis.sh [--rounds 4] [--fault 6] [--heal 6] [--seed N] [--only partial,kill]
 #   sudo THINGPORT_BIN=target/debug benches/nemesis.sh --rounds 2   # binaries already built (as .ci/run does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ while [ $# -gt 0 ]; do
     --fault) FAULT=$2; shift 2 ;;
     --heal) HEAL=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
 done
@@ -109,9 +112,28 @@ RANDOM=$SEED
 echo "seed $SEED, $ROUNDS rounds of $FAULT s faults and $HEAL s heals"
 cut() { for i in "$@"; do ip -n "$BR" link set "v$i-br" down; done; }
 mend() { for i in "$@"; do ip -n "$BR" link set "v$i-br" up; done; }
-FAULTS=(halves leader kill pause)
+# blackhole <add|del> <worker> <leader>: rules that drop what the worker and every other send each other, except
+# TCP between the worker and the leader
+blackhole() {
+  local j proto
+  for j in $(seq 0 $((N - 1))); do
+    [ "$j" != "$2" ] || continue
+    proto=""
+    [ "$j" != "$3" ] || proto="ipproto udp"
+    # shellcheck disable=SC2086
+    ip -n "${NS[$2]}" rule "$1" to "10.78.0.$((j + 1))/32" $proto blackhole
+    # shellcheck disable=SC2086
+    ip -n "${NS[$j]}" rule "$1" to "10.78.0.$(($2 + 1))/32" $proto blackhole
+  done
+}
+leader_index() { view 0 "v['consensus']['leader'] or ''" | tr -dc '0-9'; }
+FAULTS=(halves leader kill pause partial)
+[ -z "${ONLY:-}" ] || IFS=, read -r -a FAULTS <<< "$ONLY"
+for fault in "${FAULTS[@]}"; do
+  case "$fault" in halves|leader|kill|pause|partial) ;; *) fail "unknown fault '$fault' in --only" ;; esac
+done
 for round in $(seq 1 "$ROUNDS"); do
-  fault=${FAULTS[$((RANDOM % 4))]}
+  fault=${FAULTS[$((RANDOM % ${#FAULTS[@]}))]}
   victim=$((RANDOM % N))
   case "$fault" in
     halves)
@@ -119,7 +141,7 @@ for round in $(seq 1 "$ROUNDS"); do
       echo "round $round: w$victim and w$other cut off from the other three"
       cut "$victim" "$other"; sleep "$FAULT"; mend "$victim" "$other" ;;
     leader)
-      leader=$(view 0 "v['consensus']['leader'] or ''" | tr -dc '0-9')
+      leader=$(leader_index)
       victim=${leader:-$victim}
       echo "round $round: the consensus leader w$victim cut off alone"
       cut "$victim"; sleep "$FAULT"; mend "$victim" ;;
@@ -130,6 +152,12 @@ for round in $(seq 1 "$ROUNDS"); do
     pause)
       echo "round $round: SIGSTOP of w$victim"
       kill -STOP "${PID[$victim]}"; sleep "$FAULT"; kill -CONT "${PID[$victim]}" ;;
+    partial)
+      leader=$(leader_index)
+      leader=${leader:-0}
+      [ "$victim" != "$leader" ] || victim=$(( (leader + 1) % N ))
+      echo "round $round: w$victim cut off from all, but for TCP to the consensus leader w$leader"
+      blackhole add "$victim" "$leader"; sleep "$FAULT"; blackhole del "$victim" "$leader" ;;
   esac
   sleep "$HEAL"
 done
