@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Faults under load (RELIABILITY, issue 14's nemesis): five foundation workers, each in its own network namespace,
 # joined by a bridge in a sixth, with mutual TLS on the ring. A client in each worker's namespace writes properties
-# no other write uses through that worker and takes and releases the lock `nemesis` (benches/nemesis_client.py).
+# no other write uses through that worker and takes and releases the lock `nemesis` (benches/nemesis_client.py);
+# a gateway in a seventh namespace links to all five, and ten devices (thingport-loadtest) send it a frame each 0.1 s,
+# every one a property of its own.
 # Then ROUNDS faults, one at a time, each held FAULT seconds and healed for HEAL seconds, chosen by SEED from:
 #   halves  - two workers cut off from the other three (their links to the bridge down)
 #   leader  - the consensus group's leader cut off alone
@@ -9,7 +11,7 @@
 #             the pool declares it down while it still reaches the leader over TCP (leases, Raft, replication)
 #   kill    - kill -9 of a worker, started again with its store at the heal
 #   pause   - SIGSTOP of a worker, SIGCONT at the heal
-# After the last heal and the pool settling on all five: every write acknowledged anywhere is read back, and the
+# After the last heal and the pool settling on all five: every write and device frame acknowledged is read back, and the
 # lock's history is checked (grants in the order of their tokens, and no grant before the previous holder's lease
 # ended: its release, or its ttl counted from its request). Needs root (ip netns); everything it creates is removed.
 #
@@ -33,28 +35,29 @@ done
 if [ -n "${THINGPORT_BIN:-}" ]; then
   B=$(cd "$THINGPORT_BIN" && pwd)
 else
-  cargo build --release -q -p thingport-foundation --bin thingport-foundation
+  cargo build --release -q -p thingport-foundation -p thingport-gateway -p thingport-loadtest
   B=$PWD/target/release
 fi
 N=5
 WORK=$(mktemp -d)
 NS=(tpn-0 tpn-1 tpn-2 tpn-3 tpn-4)
+GNS=tpn-g  # the gateway's and the devices', 10.78.0.6
 BR=tpn-br
 declare -A PID CLIENT
 cleanup() {
   local rc=$?
   # every process left in the test's namespaces (the workers and clients, whatever their pids are by now)
-  for ns in "${NS[@]}"; do
+  for ns in "${NS[@]}" "$GNS"; do
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
   done
   wait 2>/dev/null || true
-  netns_clear "${NS[@]}" "$BR"
+  netns_clear "${NS[@]}" "$GNS" "$BR"
   if [ -n "${KEEP:-}" ] || [ "$rc" != 0 ]; then echo "logs in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 fail() { echo "FAILED: $*" >&2; exit 1; }
-netns_clear "${NS[@]}" "$BR"
-netns_pool "$BR" 10.78.0 "${NS[@]}"
+netns_clear "${NS[@]}" "$GNS" "$BR"
+netns_pool "$BR" 10.78.0 "${NS[@]}" "$GNS"
 
 KEY=nemesis-key
 echo "sha256:$(printf %s "$KEY" | sha256sum | cut -d' ' -f1) role=admin name=nemesis" > "$WORK/api-keys"
@@ -100,12 +103,40 @@ ALL=w0,w1,w2,w3,w4
 wait_members 0 "$ALL" 60
 echo "pool of five formed"
 
+# the gateway, linked to every worker, and its devices
+DEVICES=10
+"$B/thingport-foundation" pool issue --dir "$WORK/pool-0" --out "$WORK/pool-g" --host gateway --role gateway >/dev/null
+"$B/thingport-gateway" gen-cert --cert "$WORK/cert.pem" --key "$WORK/key.pem" >/dev/null
+"$B/thingport-gateway" gen-secret --out "$WORK/secret" >/dev/null
+"$B/thingport-gateway" token issue --thing dev- --count "$DEVICES" --secret-file "$WORK/secret" > "$WORK/fleet.txt"
+cat > "$WORK/gateway.toml" <<TOML
+[listen]
+address = "10.78.0.6:8491"
+[tls]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+[auth]
+secret_file = "$WORK/secret"
+[upstream]
+foundations = ["10.78.0.1:7101", "10.78.0.2:7101", "10.78.0.3:7101", "10.78.0.4:7101", "10.78.0.5:7101"]
+pool_credentials = "$WORK/pool-g"
+TOML
+ip netns exec "$GNS" "$B/thingport-gateway" --config "$WORK/gateway.toml" >> "$WORK/gateway.log" 2>&1 &
+for _ in $(seq 1 100); do
+  ip netns exec "$GNS" bash -c 'exec 3<>/dev/tcp/10.78.0.6/8491' 2>/dev/null && break
+  sleep 0.1
+done
+
 TOTAL=$(( ROUNDS * (FAULT + HEAL) + 5 ))
 for i in $(seq 0 $((N - 1))); do
   ip netns exec "${NS[$i]}" python3 benches/nemesis_client.py "c$i" "http://10.78.0.$((i + 1)):8080" "$KEY" "$WORK" "$TOTAL" \
     2>> "$WORK/c$i.err" &
   CLIENT[$i]=$!
 done
+ip netns exec "$GNS" "$B/thingport-loadtest" run --target 10.78.0.6:8491 --ca "$WORK/cert.pem" \
+  --tokens "$WORK/fleet.txt" --rate 10 --values numbered --duration "${TOTAL}s" --acked "$WORK/devices.txt" \
+  --quiet > "$WORK/loadtest.out" 2>> "$WORK/loadtest.err" &
+FLEET=$!
 sleep 3
 
 RANDOM=$SEED
@@ -163,13 +194,17 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 for i in $(seq 0 $((N - 1))); do wait "${CLIENT[$i]}" 2>/dev/null || true; done
 CLIENT=()
+wait "$FLEET" || fail "the devices' load test failed (loadtest.err)"
+# every acknowledged device frame as a write for the checker
+awk '{ print "frame", $1, $2, $3 }' "$WORK/devices.txt" > "$WORK/cdev.log"
+echo "device frames: $(grep -m1 -i 'acked\|acknowledged' "$WORK/loadtest.out" | tr -s ' ' || true)"
 for i in $(seq 0 $((N - 1))); do wait_members "$i" "$ALL" 60; done
 echo "pool of five settled again"
 
 # every acknowledged write, read back through each worker in turn (a read that fails is tried again: only an answer
 # counts); the lock's history
 n=0
-for thing in $(cat "$WORK"/c*.log | awk '$1 == "write" { print $2 }' | sort -u); do
+for thing in $(cat "$WORK"/c*.log | awk '$1 == "write" || $1 == "frame" { print $2 }' | sort -u); do
   i=$((n % N)); n=$((n + 1))
   for _ in $(seq 1 50); do
     status=$(ip netns exec "${NS[$i]}" curl -s -m 5 -o "$WORK/read-$thing.json" -w '%{http_code}' \
@@ -182,18 +217,20 @@ done
 if python3 - "$WORK" <<'PY'
 import glob, json, os, sys
 work = sys.argv[1]
-writes, locks = [], []
+writes, locks, frames = [], [], []
 for path in glob.glob(f"{work}/c*.log"):
     holder = os.path.basename(path)[:-4]
     for line in open(path):
         f = line.split()
         if f[0] == "write":
             writes.append((f[1], f[2], int(f[3]), int(f[4])))
+        elif f[0] == "frame":
+            frames.append((f[1], f[2], int(f[3]), 200))
         elif f[0] == "lock":
             locks.append((holder, int(f[1]), float(f[2]), float(f[3]), float(f[4]), int(f[5]), int(f[6])))
 acked = [w for w in writes if w[3] == 200]
 lost = []
-for thing, prop, value, _ in acked:
+for thing, prop, value, _ in acked + frames:
     try:
         state = json.load(open(f"{work}/read-{thing}.json"))
         got = state["properties"].get(prop, {}).get("value")
@@ -205,7 +242,8 @@ statuses = {}
 for w in writes:
     statuses[w[3]] = statuses.get(w[3], 0) + 1
 print(f"writes: {len(writes)} sent, {len(acked)} acknowledged, answers {dict(sorted(statuses.items()))}")
-print(f"acknowledged writes missing after the heal: {len(lost)}")
+print(f"device frames acknowledged: {len(frames)}")
+print(f"acknowledged writes and frames missing after the heal: {len(lost)}")
 for l in lost[:10]:
     print("  lost", l)
 locks.sort(key=lambda l: l[3])
@@ -230,6 +268,6 @@ for holder, token, sent, granted, release, ttl_ms, _ in locks:
 print(f"lock grants: {len(locks)}; violations: {len(bad)}")
 for b in bad[:10]:
     print("  ", b)
-sys.exit(1 if lost or bad or not acked or not locks else 0)
+sys.exit(1 if lost or bad or not acked or not locks or not frames else 0)
 PY
 then echo "PASSED"; else fail "acknowledged writes missing or the lock's history broken (above)"; fi

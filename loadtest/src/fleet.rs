@@ -10,8 +10,8 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,6 +44,9 @@ pub enum TransportChoice {
     Ws,
 }
 
+/// Acknowledged messages as (thing, message number), gathered from every device.
+pub type Acked = Mutex<Vec<(String, u64)>>;
+
 /// Everything one process of a fleet needs.
 #[derive(Debug, Clone)]
 pub struct Fleet {
@@ -71,6 +74,8 @@ pub struct Fleet {
     pub api: Option<(std::net::SocketAddr, String)>,
     /// Service calls per second, all callers together (`service` scenario).
     pub call_rate: f64,
+    /// With [`ValueKind::Numbered`]: every acknowledged message as (thing, number), for a checker to read back.
+    pub acked: Option<Arc<Acked>>,
 }
 
 /// What each property of a load-test message carries.
@@ -80,6 +85,9 @@ pub enum ValueKind {
     Bytes,
     /// A float reading.
     Float,
+    /// One property per message, `n<N>` carrying the message's number N as an integer: every message writes its own
+    /// property, so each acknowledged one can be read back.
+    Numbered,
 }
 
 impl Fleet {
@@ -89,6 +97,15 @@ impl Fleet {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        if self.values == ValueKind::Numbered {
+            let update = PropertyUpdate {
+                name: ByteString::from(format!("n{n}")),
+                timestamp_ms: now,
+                quality: Quality::Good,
+                value: Value::Int(n as i64),
+            };
+            return Frame::Properties(Properties { seq: 1, updates: vec![update] });
+        }
         let updates = (0..self.batch)
             .map(|i| PropertyUpdate {
                 name: ByteString::from(format!("p{i}")),
@@ -98,7 +115,9 @@ impl Fleet {
                     ValueKind::Bytes => {
                         Value::Bytes(Bytes::from(vec![(n % 251) as u8; self.payload]))
                     }
-                    ValueKind::Float => Value::Float(20.0 + (n % 1000) as f64 / 10.0 + i as f64),
+                    ValueKind::Float | ValueKind::Numbered => {
+                        Value::Float(20.0 + (n % 1000) as f64 / 10.0 + i as f64)
+                    }
                 },
             })
             .collect();
@@ -178,8 +197,10 @@ impl Fleet {
                 None
             };
         let mut storm_done = false;
-        // messages sent and waiting for their ack, and messages due but not yet sent (window full)
-        let mut pending: VecDeque<(u64, TokioInstant)> = VecDeque::new();
+        // messages sent and waiting for their ack (sequence number, intended time, message number: 0 for an
+        // answer to a call), and messages due but not yet sent (window full)
+        let mut pending: VecDeque<(u64, TokioInstant, u64)> = VecDeque::new();
+        let mut acked = Vec::new();
         let mut backlog: VecDeque<TokioInstant> = VecDeque::new();
         let mut n = 0u64;
         loop {
@@ -213,7 +234,7 @@ impl Fleet {
             match event {
                 None | Some(Ok(None)) => {}
                 Some(Ok(Some(DeviceEvent::Acked { seq }))) => {
-                    record_acks(&mut pending, seq, index, stats);
+                    record_acks(&mut pending, &mut acked, seq, index, stats);
                 }
                 Some(Ok(Some(DeviceEvent::Data(Frame::ServiceRequest(call))))) => {
                     let answer = Frame::ServiceResponse(ServiceResponse {
@@ -222,7 +243,7 @@ impl Fleet {
                         result: ServiceResult::Ok(call.params),
                     });
                     if device.session.send(answer).is_ok() {
-                        pending.push_back((device.session.next_seq() - 1, TokioInstant::now()));
+                        pending.push_back((device.session.next_seq() - 1, TokioInstant::now(), 0));
                     }
                 }
                 Some(Ok(Some(DeviceEvent::Goaway(goaway)))) => {
@@ -233,7 +254,7 @@ impl Fleet {
                         loop {
                             match device.next_event().await {
                                 Ok(DeviceEvent::Acked { seq }) => {
-                                    record_acks(&mut pending, seq, index, stats);
+                                    record_acks(&mut pending, &mut acked, seq, index, stats);
                                 }
                                 Ok(_) => {}
                                 Err(_) => return,
@@ -263,7 +284,7 @@ impl Fleet {
                 n += 1;
                 match device.session.send(self.message(n)) {
                     Ok(seq) => {
-                        pending.push_back((seq, intended));
+                        pending.push_back((seq, intended, n));
                         stats.sent.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => {
@@ -278,7 +299,7 @@ impl Fleet {
             while !pending.is_empty() {
                 match device.next_event().await {
                     Ok(DeviceEvent::Acked { seq }) => {
-                        record_acks(&mut pending, seq, index, stats);
+                        record_acks(&mut pending, &mut acked, seq, index, stats);
                     }
                     Ok(_) => {}
                     Err(_) => return,
@@ -288,6 +309,10 @@ impl Fleet {
         .await;
         stats.unacked_at_end.fetch_add(pending.len() as u64, Ordering::Relaxed);
         device.disconnect().await;
+        if let Some(all) = &self.acked {
+            let mut all = all.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(acked.into_iter().map(|n| (thing.clone(), n)));
+        }
     }
 
     /// Calls `echo` on random devices through the API at `call_rate`, open loop, over a few keep-alive
@@ -395,13 +420,23 @@ async fn connect(
     }
 }
 
-/// Counts every pending message up to `seq` as acknowledged, with its latency from its intended send time.
-fn record_acks(pending: &mut VecDeque<(u64, TokioInstant)>, seq: u64, index: usize, stats: &Stats) {
+/// Counts every pending message up to `seq` as acknowledged, with its latency from its intended send time, and
+/// adds the numbers of the messages among them to `acked`.
+fn record_acks(
+    pending: &mut VecDeque<(u64, TokioInstant, u64)>,
+    acked: &mut Vec<u64>,
+    seq: u64,
+    index: usize,
+    stats: &Stats,
+) {
     let now = TokioInstant::now();
-    while pending.front().is_some_and(|(s, _)| *s <= seq) {
-        if let Some((_, intended)) = pending.pop_front() {
+    while pending.front().is_some_and(|(s, _, _)| *s <= seq) {
+        if let Some((_, intended, n)) = pending.pop_front() {
             stats.latency(index, now - intended);
             stats.acked.fetch_add(1, Ordering::Relaxed);
+            if n > 0 {
+                acked.push(n);
+            }
         }
     }
 }
@@ -410,5 +445,26 @@ async fn sleep_opt(at: Option<TokioInstant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_counts_every_message_up_to_its_sequence_and_keeps_their_numbers() {
+        let stats = Stats::default();
+        let now = TokioInstant::now();
+        // messages 1 and 2, an answer to a call (number 0), then message 3
+        let mut pending: VecDeque<(u64, TokioInstant, u64)> =
+            [(10, now, 1), (11, now, 2), (12, now, 0), (13, now, 3)].into();
+        let mut acked = Vec::new();
+        record_acks(&mut pending, &mut acked, 12, 0, &stats);
+        assert_eq!(acked, [1, 2], "the answer is acknowledged but is no message");
+        assert_eq!(stats.acked.load(Ordering::Relaxed), 3);
+        assert_eq!(pending.len(), 1);
+        record_acks(&mut pending, &mut acked, 13, 0, &stats);
+        assert_eq!(acked, [1, 2, 3]);
     }
 }

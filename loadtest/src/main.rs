@@ -155,6 +155,10 @@ struct RunArgs {
     /// Service calls per second (`service` scenario), all processes together.
     #[arg(long, default_value_t = 100.0)]
     call_rate: f64,
+    /// Write `thing property value` for every acknowledged message to this file at the end (needs `--values
+    /// numbered` and one process).
+    #[arg(long)]
+    acked: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -172,6 +176,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Run(args) = &cli.command {
+        let mut errors = Vec::new();
+        if args.acked.is_some() && args.values != ValueKind::Numbered {
+            errors.push("--acked needs --values numbered");
+        }
+        if args.acked.is_some() && args.processes > 1 {
+            errors.push("--acked needs --processes 1");
+        }
+        if !errors.is_empty() {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::from(64);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -309,16 +328,22 @@ async fn run(args: RunArgs) -> Result<()> {
         reconnect_share: args.reconnect_share,
         api: args.api.map(|a| (a, args.api_key.clone())),
         call_rate: args.call_rate / args.processes.max(1) as f64,
+        acked: args.acked.as_ref().map(|_| Arc::default()),
     });
     let frame_bytes = fleet.message(1).encoded_len();
     let stats = Arc::new(Stats::default());
     let started = Instant::now();
     let progress = (!args.quiet).then(|| tokio::spawn(progress(stats.clone(), label)));
-    fleet.run(stats.clone()).await;
+    fleet.clone().run(stats.clone()).await;
     if let Some(progress) = progress {
         progress.abort();
     }
     let report = stats.report(started.elapsed(), frame_bytes);
+    if let (Some(path), Some(acked)) = (&args.acked, &fleet.acked) {
+        let acked = acked.lock().unwrap_or_else(|e| e.into_inner());
+        let lines: String = acked.iter().map(|(thing, n)| format!("{thing} n{n} {n}\n")).collect();
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.shard.is_some() || args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
