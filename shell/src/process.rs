@@ -104,10 +104,15 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Logs to stderr (journald keeps it), `RUST_LOG` filters (default `info`), colours only on a terminal.
+/// The filter without `RUST_LOG`: `info`, but the consensus library's own progress (elections, replication
+/// steps, its state at start) only from `warn` up; thingport logs what the group does in its own words.
+const DEFAULT_LOG_FILTER: &str = "info,openraft=warn";
+
+/// Logs to stderr (journald keeps it), `RUST_LOG` filters (default [`DEFAULT_LOG_FILTER`]), colours only on a
+/// terminal.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

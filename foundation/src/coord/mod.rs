@@ -247,12 +247,13 @@ impl Consensus {
 
     /// Keeps this worker's lease: asks the leader (or, not knowing it, another worker of the table, which passes
     /// the ask on) every third of its length, at once when the leader changes, and again soon after an ask that
-    /// failed (through the next worker of the table), until `stop`.
+    /// failed (through the next worker of the table), until `stop`. Logs each change of leader.
     pub async fn keep_lease(self: Arc<Self>, stop: CancellationToken) {
         let every = (self.leases.length / 3).max(Duration::from_millis(10));
         let retry = (self.leases.length / 20).max(Duration::from_millis(10));
         let mut metrics = self.raft.metrics();
         let mut failures = 0usize;
+        let mut logged = None;
         loop {
             let wait = if let Some(until) = self.leader_lease() {
                 self.leases.extend(until);
@@ -271,7 +272,21 @@ impl Consensus {
                     }
                 }
             };
-            let leader = metrics.borrow_and_update().current_leader;
+            let (leader, term) = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader, m.current_term)
+            };
+            if leader != logged {
+                logged = leader;
+                match self.leader() {
+                    Some(name) => {
+                        tracing::info!(leader = %name, term, "the consensus group's leader")
+                    }
+                    None => {
+                        tracing::info!(term, "the consensus group has no leader this worker knows")
+                    }
+                }
+            }
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
