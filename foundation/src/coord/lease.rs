@@ -13,11 +13,12 @@
 //! when that has passed does the leader count its voters' acceptances again.
 //!
 //! A worker's lease therefore ends within one length of the last moment it could reach a leader that could reach
-//! a quorum. The leader is also the table coordinator. It grants leases only to the workers it sees as active
-//! members, and it moves a member's partitions to others only once the lease it (or its predecessor) granted that
-//! member has run out, or once the member's peer port refuses connections (its process is gone). So the side that
-//! takes the partitions over starts acknowledging only after the other side stopped, across a clean cut and across
-//! a partial one (a worker that still reaches the leader, but that the leader no longer sees).
+//! a quorum. The leader is also the table coordinator. Once it decides to move a departed member's partitions it
+//! withholds leases from that member ([`Leases::withhold`]), and it moves them only once the lease it (or its
+//! predecessor) granted that member has run out, with a tenth of a length more for clocks, or once the member's
+//! peer port refuses connections (its process is gone). So the side that takes the partitions over starts
+//! acknowledging only after the other side stopped, across a clean cut and across a partial one (a worker the pool
+//! declared down that still reaches the leader).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -39,8 +40,8 @@ pub struct Leases {
     /// its own as leader as last counted. Read on every write, so an atomic rather than a lock.
     held: AtomicU64,
     epoch: Instant,
-    /// As leader: the end of the lease it granted each worker (by id).
-    grants: Mutex<HashMap<String, Instant>>,
+    /// As leader: the end of the lease it granted each worker (by id), and the workers it grants none now.
+    grants: Mutex<Grants>,
     /// The term this worker was last seen to lead, and since when (as first seen, so perhaps later).
     led: Mutex<Option<(u64, Instant)>>,
     /// Set once the worker stops: it holds no lease any more, as leader or not.
@@ -142,21 +143,42 @@ impl Leases {
         }
     }
 
-    /// As leader: it granted `worker` a lease until `until`.
-    pub fn grant(&self, worker: &str, until: Instant) {
+    /// As leader: grants `worker` a lease until `until`, unless it is withheld from it; whether it did.
+    pub fn grant(&self, worker: &str, until: Instant) -> bool {
         let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        if grants.withheld.contains(worker) {
+            return false;
+        }
         let length = self.length;
-        grants.retain(|_, u| *u + length > until);
-        let entry = grants.entry(worker.to_string()).or_insert(until);
+        grants.until.retain(|_, u| *u + length > until);
+        let entry = grants.until.entry(worker.to_string()).or_insert(until);
         *entry = (*entry).max(until);
+        true
     }
 
-    /// As the leader since `since`: how long `worker`'s lease may still run at `now`. A worker that a previous leader
-    /// granted a lease may hold it until one length after this leader took over.
+    /// As leader: grants no lease to `workers` from now on (besides those withheld already).
+    pub fn withhold(&self, workers: &BTreeSet<String>) {
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        grants.withheld.extend(workers.iter().cloned());
+    }
+
+    /// As leader: grants leases again to every withheld worker not among `workers`.
+    pub fn withhold_only(&self, workers: &BTreeSet<String>) {
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        grants.withheld.retain(|w| workers.contains(w));
+    }
+
+    /// As the leader since `since`: how long `worker`'s lease may still run at `now`, and a tenth of a length more
+    /// for clocks that run at different rates. A worker that a previous leader granted a lease may hold it until one
+    /// length after this leader took over.
     pub fn left_of(&self, worker: &str, since: Instant, now: Instant) -> Duration {
         let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
-        let mine = grants.get(worker).map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
-        let before = (since + self.length).saturating_duration_since(now);
+        let margin = self.length / 10;
+        let mine = grants
+            .until
+            .get(worker)
+            .map_or(Duration::ZERO, |u| (*u + margin).saturating_duration_since(now));
+        let before = (since + self.length + margin).saturating_duration_since(now);
         mine.max(before)
     }
 
@@ -164,6 +186,15 @@ impl Leases {
     pub fn granted(&self, sent: Instant, remaining: Duration) {
         self.extend(sent + remaining.min(self.length));
     }
+}
+
+/// What a leader granted.
+#[derive(Debug, Default)]
+struct Grants {
+    /// The end of the lease granted to each worker.
+    until: HashMap<String, Instant>,
+    /// Workers that get no lease: the coordinator is waiting for theirs to run out, to move their partitions.
+    withheld: BTreeSet<String>,
 }
 
 /// The end of a lease of `length` counted from the time a quorum reached: the quorum-th latest of the voters'
@@ -235,12 +266,29 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(leases.leading(7, t), t);
         assert_eq!(leases.leading(7, t + ms(500)), t, "the same term");
-        // nobody granted by this leader: the predecessor's grants run at most one length from the take-over
-        assert_eq!(leases.left_of("w2", t, t + ms(500)), ms(1_500));
-        assert_eq!(leases.left_of("w2", t, t + ms(2_500)), Duration::ZERO);
-        leases.grant("w2", t + ms(3_000));
-        assert_eq!(leases.left_of("w2", t, t + ms(2_500)), ms(500));
+        // nobody granted by this leader: the predecessor's grants run at most one length from the take-over (and a
+        // tenth more for clocks)
+        assert_eq!(leases.left_of("w2", t, t + ms(500)), ms(1_700));
+        assert_eq!(leases.left_of("w2", t, t + ms(2_200)), Duration::ZERO);
+        assert!(leases.grant("w2", t + ms(3_000)));
+        assert_eq!(leases.left_of("w2", t, t + ms(2_500)), ms(700));
         assert_eq!(leases.left_of("w3", t, t + ms(2_500)), Duration::ZERO);
         assert_eq!(leases.leading(8, t + ms(4_000)), t + ms(4_000), "a new term");
+    }
+
+    #[test]
+    fn a_withheld_worker_gets_no_lease_until_it_is_let_go() {
+        let leases = Leases::new(Duration::from_secs(2));
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert!(leases.grant("w2", t + ms(1_000)));
+        leases.withhold(&names(&["w2", "w3"]));
+        assert!(!leases.grant("w2", t + ms(2_000)), "withheld");
+        // the grant made before still counts
+        assert_eq!(leases.left_of("w2", t - ms(5_000), t + ms(500)), ms(700));
+        leases.withhold_only(&names(&["w3"]));
+        assert!(leases.grant("w2", t + ms(2_000)), "back among the members");
+        assert!(!leases.grant("w3", t + ms(2_000)));
     }
 }

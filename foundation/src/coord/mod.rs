@@ -195,6 +195,17 @@ impl Consensus {
         Some(self.leases.left_of(worker, self.leases.leading(term, now), now))
     }
 
+    /// As the leader: grants no lease to these workers (by id) from now on, until [`Consensus::withhold_only`]
+    /// leaves them out.
+    pub fn withhold(&self, workers: &BTreeSet<String>) {
+        self.leases.withhold(workers);
+    }
+
+    /// As the leader: grants leases again to the withheld workers not among `workers`.
+    pub fn withhold_only(&self, workers: &BTreeSet<String>) {
+        self.leases.withhold_only(workers);
+    }
+
     /// How long a primary lease lasts.
     pub fn lease_length(&self) -> Duration {
         self.leases.length
@@ -220,20 +231,15 @@ impl Consensus {
     /// Answers a worker's request for a lease: what is left of this worker's lease as the leader; else, unless
     /// the request was passed on already, the leader's answer.
     ///
-    /// The leader grants a lease only to a worker it sees as an active member: one it lost sight of (cut off, or
-    /// declared down while it still reaches the leader) gets none, so its lease runs out before the leader, as the
-    /// table coordinator, moves its partitions.
+    /// The leader grants none to a worker it withholds leases from ([`Consensus::withhold`]): one whose partitions
+    /// it, as the table coordinator, is about to move, even if that worker still reaches it.
     pub async fn grant(&self, worker: &str, forwarded: bool) -> Option<u64> {
         if let Some(until) = self.leader_lease() {
-            if !self.cluster.upgrade().is_some_and(|c| c.sees(worker)) {
-                return None;
-            }
             let now = Instant::now();
             let left = until.saturating_duration_since(now).min(self.leases.length);
-            if left.is_zero() {
+            if left.is_zero() || !self.leases.grant(worker, now + left) {
                 return None;
             }
-            self.leases.grant(worker, now + left);
             return Some(left.as_millis() as u64);
         }
         let leader = self.leader().filter(|l| *l != self.name && !forwarded)?;
@@ -489,19 +495,36 @@ impl Consensus {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
-    /// Commits `table` through the log as the leader, within `timeout`: `Ok(true)` if it committed, `Ok(false)` if a
-    /// table of its version or a newer one had committed before it, `Err` if this worker does not lead or no
-    /// quorum took it in time.
-    pub async fn commit_table(
-        &self,
-        table: TableRecord,
-        timeout: Duration,
-    ) -> Result<bool, CoordError> {
+    /// Commits `table` through the log as the leader: `Ok(true)` once it committed, `Ok(false)` if a table of its
+    /// version or a newer one had committed before it, `Err` if this worker does not lead (or stopped leading
+    /// before the entry committed: a later leader may still commit it).
+    ///
+    /// It waits as long as the entry's fate is open, with no time limit: a coordinator that gave up on a table
+    /// that may still commit, and prepared another of the same version in its place, would let the first one
+    /// commit without its copies.
+    pub async fn commit_table(&self, table: TableRecord) -> Result<bool, CoordError> {
         let logged = Logged { now_ms: now_ms(), command: Command::Table(table) };
-        match tokio::time::timeout(timeout, self.raft.client_write(logged)).await {
-            Ok(Ok(written)) => Ok(matches!(written.data, Applied::Table { committed: true })),
+        match self.raft.client_write(logged).await {
+            Ok(written) => Ok(matches!(written.data, Applied::Table { committed: true })),
+            Err(_) => Err(CoordError::NoLeader),
+        }
+    }
+
+    /// As the leader, within `timeout`: the table the log committed, once this worker applied every entry that any
+    /// earlier leader's log committed (`None` before the first table change). `Err` if this worker does not lead.
+    pub async fn committed_table(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<TableRecord>, CoordError> {
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(self.machine.table().borrow().clone()),
             _ => Err(CoordError::NoLeader),
         }
+    }
+
+    /// The table the log last committed, as this worker applied it.
+    pub fn logged_table(&self) -> Option<TableRecord> {
+        self.machine.table().borrow().clone()
     }
 
     /// The version of the table last committed through the log on this worker (0 before the first).

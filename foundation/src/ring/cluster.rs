@@ -15,9 +15,10 @@
 //! 1. *prepares* it on every active member, after which primaries replicate writes to its owners too;
 //! 2. has every new owner of a partition *pull* a copy from a surviving holder, merging it with the writes it
 //!    already received;
-//! 3. *commits* it through the consensus log, which commits one table of each version at most (a deposed leader's
-//!    table does not commit), then sends it to every active member; every member also adopts each table its log
-//!    applies, and drops the partitions it no longer holds.
+//! 3. *commits* it through the consensus log, which commits one table of each version at most, waiting for the
+//!    entry's outcome however long it takes (an entry left open may still commit through a later leader), then
+//!    sends it to every active member; every member also adopts each table its log applies, and drops the
+//!    partitions it no longer holds. Before a change the leader applies every entry its predecessors committed.
 //!
 //! A step that fails abandons the change; the next attempt starts again from the committed table (if the members
 //! are the table's again by then, a change to the same members replaces the prepared table left behind). Every member
@@ -344,11 +345,6 @@ impl Cluster {
         };
         let present = table.members.iter().filter(|m| present(m)).count();
         present * 2 > table.members.len()
-    }
-
-    /// Whether a run of worker `name` (its configured id) is an active member as this worker sees them.
-    pub fn sees(&self, name: &str) -> bool {
-        self.members.borrow().values().any(|n| n.name == name)
     }
 
     /// Whether this worker holds a primary lease from the consensus group (`coord::lease`): without one it
@@ -1026,6 +1022,12 @@ impl Cluster {
         let Some(next) = Table::from_record(record) else {
             return self.refused(Refusal::Invalid);
         };
+        // a version the consensus log committed already is not prepared again
+        if let Some(logged) = self.coord.get().and_then(|c| c.logged_table())
+            && logged.version >= next.version
+        {
+            return Response::Prepared { newer: Some(logged) };
+        }
         let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
         if let Some(committed) = tables.committed.as_ref().filter(|c| c.version >= next.version) {
             return Response::Prepared { newer: Some(committed.to_record()) };
@@ -1239,6 +1241,21 @@ impl Cluster {
                 if renames.is_empty() { (*table).clone() } else { table.renamed(&renames) };
             let in_table: Vec<&String> =
                 active.iter().filter(|m| effective.members.contains(m)).collect();
+            // the ids of the table's members that are gone (with no later run active): the leader withholds leases
+            // from them while it waits to move their partitions, and lets go of the others it withheld
+            let departing: Vec<&String> =
+                effective.members.iter().filter(|m| !active.contains(m)).collect();
+            let departing_ids: BTreeSet<String> = {
+                let members = self.members.borrow();
+                departing
+                    .iter()
+                    .map(|m| membership::name_of(m).to_string())
+                    .filter(|id| !members.values().any(|n| n.name == *id))
+                    .collect()
+            };
+            if let Some(coord) = self.coord.get() {
+                coord.withhold_only(&departing_ids);
+            }
             // the coordinator is the consensus group's leader
             if !self.coord.get().is_some_and(|c| c.leads()) {
                 // the coordinator's figure only
@@ -1286,8 +1303,9 @@ impl Cluster {
                 continue;
             }
             reported_unheld = unheld;
-            let departing: Vec<&String> =
-                effective.members.iter().filter(|m| !active.contains(m)).collect();
+            if let Some(coord) = self.coord.get() {
+                coord.withhold(&departing_ids);
+            }
             let ended = join_all(
                 departing
                     .iter()
@@ -1300,6 +1318,17 @@ impl Cluster {
                 tracing::debug!(?waiting, "waiting for silent members' primary leases to run out");
                 continue;
             }
+            // the change follows the newest table the log committed, its predecessors' entries included: a table
+            // whose commit a previous leader left open may have committed since
+            let Some(coord) = self.coord.get() else { continue };
+            match coord.committed_table(self.config.request_timeout).await {
+                Err(_) => continue,
+                Ok(Some(logged)) if logged.version > table.version => {
+                    self.adopt_record(logged);
+                    continue;
+                }
+                Ok(_) => {}
+            }
             // every member prepares from the committed table: one that missed its commit would count only older
             // tables (or an abandoned prepared one) as held, and empty partitions it keeps
             if !self.commit_to(&active, &table).await {
@@ -1308,7 +1337,7 @@ impl Cluster {
             }
             let started = Instant::now();
             let inherited: BTreeSet<String> = renames.into_values().collect();
-            match self.change(&effective, &inherited, &active).await {
+            match self.change(&effective, &inherited, &active, &stop).await {
                 Ok((version, moved)) => tracing::info!(
                     version,
                     moved,
@@ -1322,8 +1351,8 @@ impl Cluster {
 
     /// Whether the primary lease of `member`, which left this worker's view, has certainly run out: a later run
     /// of the same worker is active, or its peer port refuses connections (its process is gone), or, as the
-    /// consensus group's leader (which grants leases only to the workers it sees active), the lease this worker or
-    /// its predecessor granted it has run out.
+    /// consensus group's leader (which withholds leases from it by now), the lease this worker or its predecessor
+    /// granted it has run out.
     async fn lease_ended(&self, member: &str, addr: Option<std::net::SocketAddr>) -> bool {
         let name = membership::name_of(member);
         let restarted = self.members.borrow().values().any(|n| {
@@ -1379,6 +1408,7 @@ impl Cluster {
         current: &Table,
         inherited: &BTreeSet<String>,
         active: &[String],
+        stop: &CancellationToken,
     ) -> Result<(u64, usize), &'static str> {
         let next = current.next_with(active, self.config.replicas);
         let record = next.to_record();
@@ -1433,12 +1463,17 @@ impl Cluster {
         if !pulled.iter().all(|a| matches!(a, Some(Response::Done))) {
             return Err("a new owner could not copy its partitions");
         }
-        // the table commits through the consensus log: one table per version, proposed by the leader alone
+        // the table commits through the consensus log: one table per version. The commit is waited for however
+        // long it takes (primaries go on copying to the prepared table's owners meanwhile)
         if let Some(coord) = self.coord.get() {
-            match coord.commit_table(next.to_record(), timeout).await {
+            let committed = tokio::select! {
+                _ = stop.cancelled() => return Err("the worker is stopping"),
+                committed = coord.commit_table(next.to_record()) => committed,
+            };
+            match committed {
                 Ok(true) => {}
                 Ok(false) => return Err("a table of this version or a newer one committed first"),
-                Err(_) => return Err("the consensus group did not commit the table"),
+                Err(_) => return Err("this worker stopped leading before the table committed"),
             }
         }
         if !self.commit_to(active, &next).await {
