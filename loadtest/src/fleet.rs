@@ -200,7 +200,8 @@ impl Fleet {
         // messages sent and waiting for their ack (sequence number, intended time, message number: 0 for an
         // answer to a call), and messages due but not yet sent (window full)
         let mut pending: VecDeque<(u64, TokioInstant, u64)> = VecDeque::new();
-        let mut acked = Vec::new();
+        // the numbers of the acknowledged messages, kept only when asked for
+        let mut acked = self.acked.as_ref().map(|_| Vec::new());
         let mut backlog: VecDeque<TokioInstant> = VecDeque::new();
         let mut n = 0u64;
         loop {
@@ -309,7 +310,7 @@ impl Fleet {
         .await;
         stats.unacked_at_end.fetch_add(pending.len() as u64, Ordering::Relaxed);
         device.disconnect().await;
-        if let Some(all) = &self.acked {
+        if let (Some(all), Some(acked)) = (&self.acked, acked) {
             let mut all = all.lock().unwrap_or_else(|e| e.into_inner());
             all.extend(acked.into_iter().map(|n| (thing.clone(), n)));
         }
@@ -421,10 +422,10 @@ async fn connect(
 }
 
 /// Counts every pending message up to `seq` as acknowledged, with its latency from its intended send time, and
-/// adds the numbers of the messages among them to `acked`.
+/// adds the numbers of the messages among them to `acked` (if kept).
 fn record_acks(
     pending: &mut VecDeque<(u64, TokioInstant, u64)>,
-    acked: &mut Vec<u64>,
+    acked: &mut Option<Vec<u64>>,
     seq: u64,
     index: usize,
     stats: &Stats,
@@ -434,7 +435,7 @@ fn record_acks(
         if let Some((_, intended, n)) = pending.pop_front() {
             stats.latency(index, now - intended);
             stats.acked.fetch_add(1, Ordering::Relaxed);
-            if n > 0 {
+            if let (Some(acked), true) = (acked.as_mut(), n > 0) {
                 acked.push(n);
             }
         }
@@ -459,12 +460,21 @@ mod tests {
         // messages 1 and 2, an answer to a call (number 0), then message 3
         let mut pending: VecDeque<(u64, TokioInstant, u64)> =
             [(10, now, 1), (11, now, 2), (12, now, 0), (13, now, 3)].into();
-        let mut acked = Vec::new();
+        let mut acked = Some(Vec::new());
         record_acks(&mut pending, &mut acked, 12, 0, &stats);
-        assert_eq!(acked, [1, 2], "the answer is acknowledged but is no message");
+        assert_eq!(
+            acked.as_deref(),
+            Some(&[1, 2][..]),
+            "the answer is acknowledged but is no message"
+        );
         assert_eq!(stats.acked.load(Ordering::Relaxed), 3);
         assert_eq!(pending.len(), 1);
         record_acks(&mut pending, &mut acked, 13, 0, &stats);
-        assert_eq!(acked, [1, 2, 3]);
+        assert_eq!(acked.as_deref(), Some(&[1, 2, 3][..]));
+        // without --acked nothing is kept
+        let mut pending: VecDeque<(u64, TokioInstant, u64)> = [(14, now, 4)].into();
+        let mut none = None;
+        record_acks(&mut pending, &mut none, 14, 0, &stats);
+        assert_eq!((none, stats.acked.load(Ordering::Relaxed)), (None, 5));
     }
 }

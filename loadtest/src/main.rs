@@ -184,6 +184,9 @@ fn main() -> ExitCode {
         if args.acked.is_some() && args.processes > 1 {
             errors.push("--acked needs --processes 1");
         }
+        if args.values == ValueKind::Numbered && args.batch != 1 {
+            errors.push("--values numbered sends one property per message: leave --batch at 1");
+        }
         if !errors.is_empty() {
             for e in errors {
                 eprintln!("error: {e}");

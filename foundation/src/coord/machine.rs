@@ -180,6 +180,16 @@ impl Machine {
         self.table.subscribe()
     }
 
+    /// The table committed through the log, as this worker applied it.
+    pub fn committed_table(&self) -> Option<TableRecord> {
+        self.table.borrow().clone()
+    }
+
+    /// The version of that table (0 before the first).
+    pub fn table_version(&self) -> u64 {
+        self.table.borrow().as_ref().map_or(0, |t| t.version)
+    }
+
     /// Stores `snapshot` unless the stored one is as new or newer; returns whether it stored it.
     async fn keep(&self, snapshot: &Stored) -> Result<bool> {
         let _one = self.snapshots.lock().await;

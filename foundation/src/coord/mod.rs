@@ -517,19 +517,19 @@ impl Consensus {
         timeout: Duration,
     ) -> Result<Option<TableRecord>, CoordError> {
         match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Ok(self.machine.table().borrow().clone()),
+            Ok(Ok(_)) => Ok(self.machine.committed_table()),
             _ => Err(CoordError::NoLeader),
         }
     }
 
     /// The table the log last committed, as this worker applied it.
     pub fn logged_table(&self) -> Option<TableRecord> {
-        self.machine.table().borrow().clone()
+        self.machine.committed_table()
     }
 
     /// The version of the table last committed through the log on this worker (0 before the first).
     pub fn table_version(&self) -> u64 {
-        self.machine.table().borrow().as_ref().map_or(0, |t| t.version)
+        self.machine.table_version()
     }
 
     /// Hands the ring every table the log commits, founds the group when it falls to this worker, and, while this

@@ -1253,11 +1253,10 @@ impl Cluster {
                     .filter(|id| !members.values().any(|n| n.name == *id))
                     .collect()
             };
-            if let Some(coord) = self.coord.get() {
-                coord.withhold_only(&departing_ids);
-            }
-            // the coordinator is the consensus group's leader
-            if !self.coord.get().is_some_and(|c| c.leads()) {
+            // the coordinator is the consensus group's leader (attached before this task starts)
+            let Some(coord) = self.coord.get() else { continue };
+            coord.withhold_only(&departing_ids);
+            if !coord.leads() {
                 // the coordinator's figure only
                 ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(0.0);
                 continue;
@@ -1303,9 +1302,7 @@ impl Cluster {
                 continue;
             }
             reported_unheld = unheld;
-            if let Some(coord) = self.coord.get() {
-                coord.withhold(&departing_ids);
-            }
+            coord.withhold(&departing_ids);
             let ended = join_all(
                 departing
                     .iter()
@@ -1320,7 +1317,6 @@ impl Cluster {
             }
             // the change follows the newest table the log committed, its predecessors' entries included: a table
             // whose commit a previous leader left open may have committed since
-            let Some(coord) = self.coord.get() else { continue };
             match coord.committed_table(self.config.request_timeout).await {
                 Err(_) => continue,
                 Ok(Some(logged)) if logged.version > table.version => {
@@ -1468,7 +1464,7 @@ impl Cluster {
         if let Some(coord) = self.coord.get() {
             let committed = tokio::select! {
                 _ = stop.cancelled() => return Err("the worker is stopping"),
-                committed = coord.commit_table(next.to_record()) => committed,
+                committed = coord.commit_table(record.clone()) => committed,
             };
             match committed {
                 Ok(true) => {}

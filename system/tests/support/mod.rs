@@ -127,6 +127,7 @@ pub async fn until_writable(api: SocketAddr) {
     within("the first acknowledged write", async {
         while !matches!(http(api, "PUT", "/v1/things/warm-up", Some(KEY), None).await.0, 200 | 201)
         {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
