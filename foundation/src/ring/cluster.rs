@@ -32,7 +32,9 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use thingport_protocol::peer::{
     CallOutcome as CallWire, ChangeRecord, ConsensusRpc, EventRecord, HistoryQuery, ListQuery, Op,
     Refusal, Request, Response, StreamPosition, ThingRecord, ThingSummary, UpdateRecord,
@@ -44,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::calls::{CallOutcome, Calls, tag_of, tag_of_call};
 use crate::model::ThingState;
+use crate::ring::coordinator::{self, Coordinator, Facts, Input, Output, Settings};
 use crate::ring::hub::{Hub, Page};
 use crate::ring::membership::{self, Members, Membership};
 use crate::ring::ops::{self, Refused};
@@ -270,22 +273,10 @@ impl Cluster {
         }
     }
 
-    /// Members of `table` that are gone while a later run of the same worker is active: each is renamed to that run,
-    /// which inherits its slots.
+    /// Members of `table` that are gone while a later run of the same worker is active (see
+    /// [`coordinator::renewals`]).
     fn renewals(&self, table: &Table) -> BTreeMap<String, String> {
-        let members = self.members.borrow();
-        table
-            .members
-            .iter()
-            .filter(|m| !members.contains_key(*m))
-            .filter_map(|old| {
-                let boot = membership::boot_of(old)?;
-                members
-                    .values()
-                    .find(|n| n.name == membership::name_of(old) && n.boot > boot)
-                    .map(|n| (old.clone(), n.key()))
-            })
-            .collect()
+        coordinator::renewals(table, &self.members.borrow())
     }
 
     /// Whether the committed table is current: it exists, a majority of its members is active, and none of them
@@ -335,16 +326,7 @@ impl Cluster {
     /// present: its old run is certainly gone, not cut off, so a pool of two whose second worker was restarted can
     /// replace it.
     pub fn has_quorum(&self, table: &Table) -> bool {
-        let members = self.members.borrow();
-        let present = |key: &String| {
-            members.contains_key(key)
-                || members.values().any(|n| {
-                    n.name == membership::name_of(key)
-                        && membership::boot_of(key).is_some_and(|boot| n.boot > boot)
-                })
-        };
-        let present = table.members.iter().filter(|m| present(m)).count();
-        present * 2 > table.members.len()
+        coordinator::has_quorum(table, &self.members.borrow())
     }
 
     /// Whether this worker holds a primary lease from the consensus group (`coord::lease`): without one it
@@ -359,9 +341,7 @@ impl Cluster {
         if self.storage.provider().is_some_and(|p| p.shared()) {
             return 0;
         }
-        (0..PARTITIONS as u16)
-            .filter(|&p| table.owners(p).all(|o| !active.iter().any(|a| a == o)))
-            .count()
+        coordinator::unheld_in(table, active)
     }
 
     /// Partitions of the committed table with no active holder, as this worker sees the members (0 with a shared
@@ -1022,34 +1002,26 @@ impl Cluster {
         let Some(next) = Table::from_record(record) else {
             return self.refused(Refusal::Invalid);
         };
-        // a version the consensus log committed already is not prepared again
-        if let Some(logged) = self.coord.get().and_then(|c| c.logged_table())
-            && logged.version >= next.version
-        {
-            return Response::Prepared { newer: Some(logged) };
-        }
+        let logged = self.coord.get().and_then(|c| c.logged_table());
         let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(committed) = tables.committed.as_ref().filter(|c| c.version >= next.version) {
-            return Response::Prepared { newer: Some(committed.to_record()) };
-        }
-        // a partition this worker gains starts empty: a copy it kept from an earlier table (it was cut off, or
-        // paused, and is coming back) would be stale. No write for it can have arrived yet: a backup accepts copies
-        // only for partitions of its committed or prepared table. A table older than the one `next` follows does
-        // not count as held: this worker missed changes since. The slots of this worker's previous run, which it
-        // recovered from its store, count as held: the coordinator gives them to it (`Table::renamed`).
-        let recent = |t: &&Arc<Table>| t.version + 1 >= next.version;
         let previous = self.previous_run.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut dropped = Vec::new();
-        for p in 0..PARTITIONS as u16 {
-            let mut tables_held =
-                tables.committed.iter().chain(tables.pending.iter()).filter(recent);
-            let held = tables_held.any(|t| {
-                t.holds(p, &self.me) || previous.as_ref().is_some_and(|prev| t.holds(p, prev))
-            });
-            if next.holds(p, &self.me) && !held && self.store.clear(p) > 0 {
-                dropped.push(Change::DropPartition(p));
-            }
-        }
+        let empty = coordinator::prepare(
+            &self.me,
+            previous.as_deref(),
+            tables.committed.as_deref(),
+            tables.pending.as_deref(),
+            logged,
+            &next,
+        );
+        let empty = match empty {
+            Ok(empty) => empty,
+            Err(newer) => return Response::Prepared { newer: Some(newer) },
+        };
+        let dropped: Vec<Change> = empty
+            .into_iter()
+            .filter(|&p| self.store.clear(p) > 0)
+            .map(Change::DropPartition)
+            .collect();
         if self.writes_store(false) {
             self.keep(dropped);
         }
@@ -1162,13 +1134,15 @@ impl Cluster {
             if previous.as_ref().is_some_and(|prev| !table.members.contains(prev)) {
                 *previous = None;
             }
-            let still_held = |p: u16| {
-                tables.pending.as_ref().is_some_and(|t| t.holds(p, &self.me))
-                    || previous.as_ref().is_some_and(|prev| table.holds(p, prev))
-            };
             let mut changes = vec![Change::Table(table.to_record())];
-            for p in 0..PARTITIONS as u16 {
-                if !table.holds(p, &self.me) && !still_held(p) && self.store.clear(p) > 0 {
+            let dropped = coordinator::dropped_by(
+                &self.me,
+                previous.as_deref(),
+                &table,
+                tables.pending.as_deref(),
+            );
+            for p in dropped {
+                if self.store.clear(p) > 0 {
                     changes.push(Change::DropPartition(p));
                 }
             }
@@ -1184,184 +1158,124 @@ impl Cluster {
         self.version.send_replace(table.version);
     }
 
-    /// Runs the coordinator's checks until `stop`. Every member runs this; only the coordinator changes tables.
+    /// Runs the coordinator's checks until `stop`: drives this worker's [`Coordinator`] with the members, the
+    /// tables, the consensus group and the peers. Every member runs this; only the coordinator changes tables.
     pub async fn coordinate(self: Arc<Self>, stop: CancellationToken) {
+        let settings = Settings {
+            replicas: self.config.replicas,
+            bootstrap_members: self.config.bootstrap_members,
+            settle: self.config.settle,
+            check_period: self.config.check_period,
+            request_timeout: self.config.request_timeout,
+            copy_timeout: self.config.write_timeout.max(Duration::from_secs(60)),
+            partition_loss: self.config.partition_loss,
+            shared_store: self.storage.provider().is_some_and(|p| p.shared()),
+        };
+        let mut machine = Coordinator::new(self.me.clone(), settings, Instant::now());
         let mut members = self.members.clone();
         let mut tick = tokio::time::interval(self.config.check_period);
-        let mut seen: BTreeSet<String> = BTreeSet::new();
-        // where members' peer ports were
-        let mut addrs: BTreeMap<String, std::net::SocketAddr> = BTreeMap::new();
-        let mut stable_since = Instant::now();
-        let mut last_push = Instant::now();
-        let mut reported_unheld = 0;
+        // the coordinator's open questions: at most one per active member at a time
+        let mut pending: FuturesUnordered<BoxFuture<'_, Input>> = FuturesUnordered::new();
         loop {
+            while let Some(output) = machine.poll_output() {
+                self.perform(output, &mut pending);
+            }
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = members.changed() => {
                     if changed.is_err() { return }
-                    stable_since = Instant::now();
+                    machine.members_changed(Instant::now());
                 }
                 _ = tick.tick() => {}
-            }
-            let active: Vec<String> = members.borrow().keys().cloned().collect();
-            if active.is_empty() {
-                continue; // this worker left the pool
-            }
-            // members that just appeared get the committed table
-            let appeared: Vec<String> =
-                active.iter().filter(|m| !seen.contains(*m) && **m != self.me).cloned().collect();
-            addrs.extend(self.members.borrow().iter().map(|(k, n)| (k.clone(), n.addr)));
-            // only the active members and the table's are remembered
-            let in_committed = |k: &String| self.table().is_some_and(|t| t.members.contains(k));
-            addrs.retain(|k, _| active.contains(k) || in_committed(k));
-            seen = active.iter().cloned().collect();
-            if let Some(table) = self.table() {
-                for member in appeared {
-                    self.send_table(member, &table);
-                }
-            }
-            let Some(table) = self.table() else {
-                let first = active.first().is_some_and(|m| *m == self.me);
-                let settled = stable_since.elapsed() >= self.config.settle;
-                if first && settled && active.len() >= self.config.bootstrap_members {
-                    let mut initial = Table::initial(&active, self.config.replicas);
-                    initial.version = 1;
-                    let initial = Arc::new(initial);
-                    tracing::info!(members = ?active, "first partition table");
-                    self.adopt(initial.clone());
-                    for member in active.iter().filter(|m| **m != self.me) {
-                        self.send_table(member.clone(), &initial);
-                    }
-                }
-                continue;
-            };
-            // a restarted worker (with its store) stands in for its previous run
-            let renames = self.renewals(&table);
-            let effective =
-                if renames.is_empty() { (*table).clone() } else { table.renamed(&renames) };
-            let in_table: Vec<&String> =
-                active.iter().filter(|m| effective.members.contains(m)).collect();
-            // the ids of the table's members that are gone (with no later run active): the leader withholds leases
-            // from them while it waits to move their partitions, and lets go of the others it withheld
-            let departing: Vec<&String> =
-                effective.members.iter().filter(|m| !active.contains(m)).collect();
-            let departing_ids: BTreeSet<String> = {
-                let members = self.members.borrow();
-                departing
-                    .iter()
-                    .map(|m| membership::name_of(m).to_string())
-                    .filter(|id| !members.values().any(|n| n.name == *id))
-                    .collect()
-            };
-            // the coordinator is the consensus group's leader (attached before this task starts)
-            let Some(coord) = self.coord.get() else { continue };
-            coord.withhold_only(&departing_ids);
-            if !coord.leads() {
-                // the coordinator's figure only
-                ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(0.0);
-                continue;
-            }
-            let unheld = self.unheld_in(&effective, &active);
-            ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(unheld as f64);
-            // an abandoned change leaves its prepared table on the members (primaries keep copying to its owners):
-            // with nothing else to change, a change to the same members replaces and commits it
-            if active == table.members {
-                if last_push.elapsed() >= self.config.check_period * 10 {
-                    last_push = Instant::now();
-                    for member in active.iter().filter(|m| **m != self.me) {
-                        self.send_table(member.clone(), &table);
-                    }
-                }
-                if !self.changing() {
+                Some(input) = pending.next() => {
+                    machine.handle(input);
                     continue;
                 }
             }
-            if !self.has_quorum(&table) {
-                tracing::warn!(
-                    active = in_table.len(),
-                    members = table.members.len(),
-                    "no majority of the table's members is active; the table stays"
-                );
-                continue;
-            }
-            // a coordinator cut off from the consensus group changes nothing: the other side may hold leases
-            if !self.in_contact() {
-                tracing::debug!("no primary lease from the consensus group; the table stays");
-                continue;
-            }
-            // every holder of some partition gone: wait for one to come back, or give them up
-            if unheld > 0 && self.config.partition_loss == PartitionLoss::Wait {
-                if unheld != reported_unheld {
-                    tracing::warn!(
-                        partitions = unheld,
-                        "every holder of some partitions is gone; the table waits for one of them to come back \
-                         (partition_loss = \"wait\")"
-                    );
-                    reported_unheld = unheld;
+            let active = self.members.borrow().clone();
+            let table = self.table();
+            let coord = self.coord.get();
+            machine.check(Facts {
+                now: Instant::now(),
+                members: &active,
+                table: table.as_ref(),
+                changing: self.changing(),
+                leads: coord.is_some_and(|c| c.leads()),
+                in_contact: self.in_contact(),
+            });
+        }
+    }
+
+    /// Does what the coordinator asked for; what needs an answer joins `pending`.
+    fn perform<'a>(
+        self: &'a Arc<Self>,
+        output: Output,
+        pending: &mut FuturesUnordered<BoxFuture<'a, Input>>,
+    ) {
+        let coord = self.coord.get();
+        match output {
+            Output::SendTable { to, table } => self.send_table(to, &table),
+            Output::Adopt(table) => self.adopt(table),
+            Output::WithholdOnly(ids) => {
+                if let Some(coord) = coord {
+                    coord.withhold_only(&ids);
                 }
-                continue;
             }
-            reported_unheld = unheld;
-            coord.withhold(&departing_ids);
-            let ended = join_all(
-                departing
-                    .iter()
-                    .map(|member| self.lease_ended(member, addrs.get(*member).copied())),
-            )
-            .await;
-            let waiting: Vec<&String> =
-                departing.iter().zip(ended).filter(|(_, e)| !e).map(|(m, _)| *m).collect();
-            if !waiting.is_empty() {
-                tracing::debug!(?waiting, "waiting for silent members' primary leases to run out");
-                continue;
-            }
-            // the change follows the newest table the log committed, its predecessors' entries included: a table
-            // whose commit a previous leader left open may have committed since
-            match coord.committed_table(self.config.request_timeout).await {
-                Err(_) => continue,
-                Ok(Some(logged)) if logged.version > table.version => {
-                    self.adopt_record(logged);
-                    continue;
+            Output::Withhold(ids) => {
+                if let Some(coord) = coord {
+                    coord.withhold(&ids);
                 }
-                Ok(_) => {}
             }
-            // every member prepares from the committed table: one that missed its commit would count only older
-            // tables (or an abandoned prepared one) as held, and empty partitions it keeps
-            if !self.commit_to(&active, &table).await {
-                tracing::warn!("a member did not take the committed table; the change waits");
-                continue;
+            Output::AskEnded { id, member, addr } => pending.push(Box::pin(async move {
+                Input::Ended { id, ended: self.lease_ended(&member, addr).await }
+            })),
+            Output::ReadLog { id } => {
+                let timeout = self.config.request_timeout;
+                pending.push(Box::pin(async move {
+                    let table = match coord {
+                        Some(coord) => coord.committed_table(timeout).await.map_err(|_| ()),
+                        None => Err(()),
+                    };
+                    Input::Log { id, table }
+                }))
             }
-            let started = Instant::now();
-            let inherited: BTreeSet<String> = renames.into_values().collect();
-            match self.change(&effective, &inherited, &active, &stop).await {
-                Ok((version, moved)) => tracing::info!(
+            Output::Request { id, to, request, timeout } => pending.push(Box::pin(async move {
+                Input::Answer { id, answer: self.call(&to, request, timeout).await }
+            })),
+            Output::CommitLog { id, table } => pending.push(Box::pin(async move {
+                let committed = match coord {
+                    Some(coord) => coord.commit_table(table).await.map_err(|_| ()),
+                    None => Err(()),
+                };
+                Input::Logged { id, committed }
+            })),
+            Output::Unheld(unheld) => {
+                ::metrics::gauge!(crate::telemetry::RING_PARTITIONS_UNHELD).set(unheld as f64)
+            }
+            Output::Changed { version, moved, started } => {
+                tracing::info!(
                     version,
                     moved,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "partition table changed"
-                ),
-                Err(why) => tracing::warn!(why, "partition table change abandoned; retrying"),
+                );
+                ::metrics::counter!(crate::telemetry::RING_TABLE_CHANGES_TOTAL).increment(1);
+                ::metrics::counter!(crate::telemetry::RING_PARTITIONS_MOVED_TOTAL)
+                    .increment(moved as u64);
             }
         }
     }
 
-    /// Whether the primary lease of `member`, which left this worker's view, has certainly run out: a later run
-    /// of the same worker is active, or its peer port refuses connections (its process is gone), or, as the
-    /// consensus group's leader (which withholds leases from it by now), the lease this worker or its predecessor
-    /// granted it has run out.
+    /// Whether the primary lease of `member`, which left this worker's view, has certainly run out: its peer port
+    /// refuses connections (its process is gone), or, as the consensus group's leader (which withholds leases from
+    /// it by now), the lease this worker or its predecessor granted it has run out.
     async fn lease_ended(&self, member: &str, addr: Option<std::net::SocketAddr>) -> bool {
-        let name = membership::name_of(member);
-        let restarted = self.members.borrow().values().any(|n| {
-            n.name == name && membership::boot_of(member).is_some_and(|boot| n.boot > boot)
-        });
-        if restarted {
-            return true;
-        }
         if let Some(addr) = addr
             && self.gone_for_sure(member, addr).await
         {
             return true;
         }
+        let name = membership::name_of(member);
         self.coord.get().and_then(|c| c.lease_left(name)).is_some_and(|left| left.is_zero())
     }
 
@@ -1373,20 +1287,6 @@ impl Cluster {
         matches!(answer, Err(PeerError::Refused))
     }
 
-    /// Sends `table` as committed to the other `members`; whether every one of them took it.
-    async fn commit_to(&self, members: &[String], table: &Table) -> bool {
-        let record = table.to_record();
-        let timeout = self.config.request_timeout;
-        let answers = join_all(
-            members
-                .iter()
-                .filter(|m| **m != self.me)
-                .map(|m| self.call(m, Request::Commit { table: record.clone() }, timeout)),
-        )
-        .await;
-        answers.iter().all(|a| matches!(a, Some(Response::Done)))
-    }
-
     fn send_table(self: &Arc<Self>, member: String, table: &Table) {
         let this = self.clone();
         let record = table.to_record();
@@ -1394,91 +1294,5 @@ impl Cluster {
             let request = Request::Table { table: record };
             this.call(&member, request, this.config.request_timeout).await;
         });
-    }
-
-    /// Prepares, copies and commits the table for `active`; returns its version and the replica slots copied.
-    /// `current` is the committed table with restarted workers standing in for their previous runs (`inherited`):
-    /// each keeps the slots it recovered from its store, and merges the newer copies of any surviving holder.
-    async fn change(
-        &self,
-        current: &Table,
-        inherited: &BTreeSet<String>,
-        active: &[String],
-        stop: &CancellationToken,
-    ) -> Result<(u64, usize), &'static str> {
-        let next = current.next_with(active, self.config.replicas);
-        let record = next.to_record();
-        let timeout = self.config.request_timeout;
-        let prepared = join_all(
-            active
-                .iter()
-                .map(|m| self.call(m, Request::Prepare { table: record.clone() }, timeout)),
-        )
-        .await;
-        for answer in prepared {
-            match answer {
-                Some(Response::Prepared { newer: None }) => {}
-                Some(Response::Prepared { newer: Some(newer) }) => {
-                    if let Some(newer) = Table::from_record(newer) {
-                        self.adopt(Arc::new(newer));
-                    }
-                    return Err("a member has a newer table");
-                }
-                _ => return Err("a member did not prepare"),
-            }
-        }
-        let mut pulls: BTreeMap<&str, Vec<(u16, String)>> = BTreeMap::new();
-        let mut moved = 0;
-        let shared = self.storage.provider().is_some_and(|p| p.shared());
-        for p in 0..PARTITIONS as u16 {
-            let alive = |o: &&str| active.iter().any(|a| a == o);
-            // a holder that kept running has the newest copy; else one that recovered it from its store
-            let survivor = current.owners(p).filter(alive).find(|o| !inherited.contains(*o));
-            let source = survivor.or_else(|| current.owners(p).find(alive));
-            for owner in next.owners(p) {
-                if current.holds(p, owner) {
-                    if let Some(survivor) = survivor.filter(|_| inherited.contains(owner)) {
-                        pulls.entry(owner).or_default().push((p, survivor.to_string()));
-                    }
-                    continue;
-                }
-                moved += 1;
-                match source {
-                    Some(source) => pulls.entry(owner).or_default().push((p, source.to_string())),
-                    // a shared store has it: the new owner loads it from there
-                    None if shared => pulls.entry(owner).or_default().push((p, owner.to_string())),
-                    None => tracing::error!(partition = p, "every holder of the partition is gone"),
-                }
-            }
-        }
-        let copy_timeout = self.config.write_timeout.max(Duration::from_secs(60));
-        let pulled = join_all(pulls.into_iter().map(|(member, sources)| {
-            self.call(member, Request::Pull { version: next.version, sources }, copy_timeout)
-        }))
-        .await;
-        if !pulled.iter().all(|a| matches!(a, Some(Response::Done))) {
-            return Err("a new owner could not copy its partitions");
-        }
-        // the table commits through the consensus log: one table per version. The commit is waited for however
-        // long it takes (primaries go on copying to the prepared table's owners meanwhile)
-        if let Some(coord) = self.coord.get() {
-            let committed = tokio::select! {
-                _ = stop.cancelled() => return Err("the worker is stopping"),
-                committed = coord.commit_table(record.clone()) => committed,
-            };
-            match committed {
-                Ok(true) => {}
-                Ok(false) => return Err("a table of this version or a newer one committed first"),
-                Err(_) => return Err("this worker stopped leading before the table committed"),
-            }
-        }
-        if !self.commit_to(active, &next).await {
-            tracing::warn!("a member missed the commit; it gets the table with the next push");
-        }
-        let version = next.version;
-        self.adopt(Arc::new(next));
-        ::metrics::counter!(crate::telemetry::RING_TABLE_CHANGES_TOTAL).increment(1);
-        ::metrics::counter!(crate::telemetry::RING_PARTITIONS_MOVED_TOTAL).increment(moved as u64);
-        Ok((version, moved))
     }
 }

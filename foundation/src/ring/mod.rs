@@ -5,10 +5,12 @@
 //! - [`store`]: the partitions this worker holds; [`ops`]: operations on them and copies of them.
 //! - [`membership`]: active members, with SWIM failure detection.
 //! - [`peers`]: requests between workers.
-//! - [`cluster`]: the write and read paths and table changes.
+//! - [`cluster`]: the write and read paths, and the I/O of table changes.
+//! - [`coordinator`]: the decisions of table changes (sans-IO), driven by `cluster` and by the simulation.
 //! - [`hub`]: the change log that streams of changes read.
 
 pub mod cluster;
+pub mod coordinator;
 pub mod hub;
 pub mod membership;
 pub mod ops;
