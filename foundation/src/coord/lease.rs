@@ -50,11 +50,17 @@ pub struct Leases {
 
 impl Leases {
     pub fn new(length: Duration) -> Leases {
+        Leases::with_epoch(length, Instant::now())
+    }
+
+    /// Leases counted from `epoch`, which must not be later than any time they are told (a simulated clock's
+    /// start).
+    pub fn with_epoch(length: Duration, epoch: Instant) -> Leases {
         Leases {
             length,
             accepted: Mutex::default(),
             held: AtomicU64::new(0),
-            epoch: Instant::now(),
+            epoch,
             grants: Mutex::default(),
             led: Mutex::default(),
             stopping: Default::default(),

@@ -25,6 +25,11 @@
 //! sends its committed table to members it sees appear and, from the coordinator, periodically to all, so a member
 //! outside the consensus group (one that joins) catches up. Only the first table, made before the group exists, is
 //! not committed through the log.
+//!
+//! The decisions of a table change, and the rules a member follows to prepare and adopt a table and to accept a
+//! copy, are in [`coordinator`](super::coordinator), without I/O: [`Cluster::coordinate`] feeds it what this worker
+//! observes and the answers to its requests, and does what it returns. `ring::simulation` drives the same code on a
+//! simulated clock and network.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -927,14 +932,14 @@ impl Cluster {
     /// Has every other holder of the partition (in the committed table and a prepared one) apply `op`; true once all
     /// did.
     async fn copy_to_holders(&self, partition: u16, op: Op) -> bool {
-        let (targets, version): (BTreeSet<String>, u64) = {
+        let (targets, version) = {
             let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-            let known = || tables.committed.iter().chain(tables.pending.iter());
-            let targets = known()
-                .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
-                .filter(|o| *o != self.me)
-                .collect();
-            (targets, known().map(|t| t.version).max().unwrap_or(0))
+            coordinator::copy_targets(
+                &self.me,
+                tables.committed.as_deref(),
+                tables.pending.as_deref(),
+                partition,
+            )
         };
         let request = |op: Op| Request::Write { partition, replica: true, version, op };
         let answers = join_all(
@@ -968,19 +973,18 @@ impl Cluster {
     /// acknowledged that the change's new owners would miss. With `durability = disk` and a store of its own, it
     /// answers once its store committed the write.
     async fn replicate(&self, partition: u16, version: u64, mut op: Op) -> Response {
-        let (stale, holds) = {
+        let accepted = {
             let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-            let newest =
-                tables.committed.iter().chain(tables.pending.iter()).map(|t| t.version).max();
-            let stale = newest.is_some_and(|v| v > version);
-            let mut tables_held = tables.committed.iter().chain(tables.pending.iter());
-            (stale, tables_held.any(|t| t.holds(partition, &self.me)))
+            coordinator::accepts_copy(
+                &self.me,
+                tables.committed.as_deref(),
+                tables.pending.as_deref(),
+                partition,
+                version,
+            )
         };
-        if stale {
-            return self.refused(Refusal::Stale);
-        }
-        if !holds {
-            return self.refused(Refusal::NotOwner);
+        if let Err(refusal) = accepted {
+            return self.refused(refusal);
         }
         let deadline = Instant::now() + self.config.request_timeout;
         let ticket = match self.apply_and_keep(partition, &mut op, true, None, deadline).await {

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use thingport_protocol::peer::{Request, Response, TableRecord};
+use thingport_protocol::peer::{Refusal, Request, Response, TableRecord};
 
 use super::cluster::PartitionLoss;
 use super::membership::{self, Node};
@@ -712,4 +712,41 @@ pub fn dropped_by(
                 && !previous.is_some_and(|prev| table.holds(p, prev))
         })
         .collect()
+}
+
+/// As a partition's primary: the other holders a write is copied to (the owners in the committed table and in a
+/// prepared one), and the newest table version the primary knows, which the copies carry.
+pub fn copy_targets(
+    me: &str,
+    committed: Option<&Table>,
+    pending: Option<&Table>,
+    partition: u16,
+) -> (BTreeSet<String>, u64) {
+    let known = || committed.into_iter().chain(pending);
+    let targets = known()
+        .flat_map(|t| t.owners(partition).map(String::from).collect::<Vec<_>>())
+        .filter(|o| *o != me)
+        .collect();
+    (targets, known().map(|t| t.version).max().unwrap_or(0))
+}
+
+/// As a backup: whether to apply a primary's copy of a write to `partition` that carries table `version`. Only if
+/// this member holds the partition in its committed or prepared table, and the primary knows a table at least as
+/// new as this member's newest: a primary that was left out of a change (it was paused or cut off while the others
+/// prepared it) cannot have a write acknowledged that the change's new owners would miss.
+pub fn accepts_copy(
+    me: &str,
+    committed: Option<&Table>,
+    pending: Option<&Table>,
+    partition: u16,
+    version: u64,
+) -> Result<(), Refusal> {
+    let known = || committed.into_iter().chain(pending);
+    if known().map(|t| t.version).max().is_some_and(|newest| newest > version) {
+        return Err(Refusal::Stale);
+    }
+    if !known().any(|t| t.holds(partition, me)) {
+        return Err(Refusal::NotOwner);
+    }
+    Ok(())
 }

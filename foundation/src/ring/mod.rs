@@ -6,7 +6,8 @@
 //! - [`membership`]: active members, with SWIM failure detection.
 //! - [`peers`]: requests between workers.
 //! - [`cluster`]: the write and read paths, and the I/O of table changes.
-//! - [`coordinator`]: the decisions of table changes (sans-IO), driven by `cluster` and by the simulation.
+//! - [`coordinator`]: the decisions of table changes (sans-IO), driven by `cluster` and by [`simulation`].
+//! - [`simulation`]: a deterministic simulation of a pool on a simulated clock and network.
 //! - [`hub`]: the change log that streams of changes read.
 
 pub mod cluster;
@@ -16,6 +17,7 @@ pub mod membership;
 pub mod ops;
 pub mod peers;
 pub mod placement;
+pub mod simulation;
 pub mod store;
 
 pub use cluster::{Cluster, PartitionLoss, RingConfig, RingError};
