@@ -76,6 +76,9 @@ fn main() -> ExitCode {
     let (mut runs, mut bad, mut acked, mut lost) = (0, 0, 0, 0);
     let mut took: Vec<Duration> = Vec::new();
     let mut moved: Vec<usize> = Vec::new();
+    // from a kill -9 to the next table committed (the one without the killed run), when that came before the next
+    // fault
+    let mut after_kill: Vec<Duration> = Vec::new();
     let started = Instant::now();
     for seed in seeds {
         let report = simulation::run(Params { seed, ..base.clone() });
@@ -83,6 +86,13 @@ fn main() -> ExitCode {
         acked += report.acknowledged;
         lost += report.lost.len();
         took.extend(report.changes.iter().map(|c| c.took));
+        for (i, (at, fault)) in report.faults.iter().enumerate() {
+            let next_fault = report.faults.get(i + 1).map_or(Duration::MAX, |(t, _)| *t);
+            if fault.starts_with("kill") {
+                let change = report.changes.iter().find(|c| c.at > *at && c.at < next_fault);
+                after_kill.extend(change.map(|c| c.at - *at));
+            }
+        }
         moved.extend(report.changes.iter().map(|c| c.moved));
         let sound = report.safe() && report.unsettled.is_empty();
         if !sound {
@@ -127,18 +137,23 @@ fn main() -> ExitCode {
     }
     took.sort();
     moved.sort();
+    after_kill.sort();
     let pct = |v: &[Duration], q: f64| {
         v.get(((v.len() as f64 - 1.0) * q) as usize).map_or(0, |d| d.as_millis())
     };
     println!(
         "{runs} runs, {bad} unsound; {acked} writes acknowledged, {lost} lost; {} table changes: time from the \
-         check to the commit p50 {} ms, p99 {} ms, max {} ms; slots moved per change median {}, max {}; {:.1} s",
+         check to the commit p50 {} ms, p99 {} ms, max {} ms; slots moved per change median {}, max {}; from a \
+         kill -9 to the next table ({} kills) p50 {} ms, max {} ms; {:.1} s",
         took.len(),
         pct(&took, 0.5),
         pct(&took, 0.99),
         took.last().map_or(0, |d| d.as_millis()),
         moved.get(moved.len() / 2).copied().unwrap_or(0),
         moved.last().copied().unwrap_or(0),
+        after_kill.len(),
+        pct(&after_kill, 0.5),
+        after_kill.last().map_or(0, |d| d.as_millis()),
         started.elapsed().as_secs_f64()
     );
     if bad > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }

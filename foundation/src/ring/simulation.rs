@@ -102,6 +102,9 @@ pub struct Params {
     pub settle: Duration,
     pub writes_per_second: u32,
     pub kinds: Vec<Fault>,
+    /// Backups accept copies from a primary with an older table (the rule of [`coordinator::accepts_copy`] left
+    /// out): a broken pool, to show that the checks find what it loses.
+    pub accept_stale_copies: bool,
 }
 
 impl Params {
@@ -118,6 +121,7 @@ impl Params {
             settle: Duration::from_secs(15),
             writes_per_second: 1_000,
             kinds: Fault::ALL.to_vec(),
+            accept_stale_copies: false,
         }
     }
 }
@@ -1026,7 +1030,10 @@ impl World {
 
     fn copy(&mut self, write: u64, target: usize, target_boot: u64) {
         let Some(flight) = self.writes.get(&write) else { return };
-        let (partition, version, primary) = (flight.partition, flight.version, flight.primary);
+        let (partition, mut version, primary) = (flight.partition, flight.version, flight.primary);
+        if self.params.accept_stale_copies {
+            version = u64::MAX;
+        }
         let worker = &self.workers[target];
         let accepted = worker.boot == target_boot
             && worker.running
