@@ -3,7 +3,10 @@
 //!
 //! `cargo run --release -p thingport-foundation --example simulate -- [--seeds 1..100] [--workers 5] [--joins 2]
 //! [--voters 5] [--replicas 2] [--seconds 40] [--writes 1000] [--faults kill,pause,halves,minority,leader,join]
-//! [--verbose]`
+//! [--accept-stale-copies] [--verbose]`
+//!
+//! `--accept-stale-copies` breaks the pool on purpose (backups accept copies from a primary with an older table),
+//! to show what the checks find.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -55,6 +58,7 @@ fn params(args: &[String]) -> Result<(std::ops::RangeInclusive<u64>, Params), St
         faults: Duration::from_secs(number(args, "--seconds", 40)?),
         writes_per_second: number(args, "--writes", 1_000)? as u32,
         kinds: faults(value(args, "--faults").unwrap_or("kill,pause,halves,minority,leader,join"))?,
+        accept_stale_copies: args.iter().any(|a| a == "--accept-stale-copies"),
         ..Params::short(0)
     };
     if workers < 2 || params.voters == 0 || params.replicas == 0 {

@@ -77,7 +77,7 @@ fn a_pool_of_three_with_three_copies_survives_kills_and_pauses() {
 
 #[test]
 fn the_checks_find_the_writes_a_pool_without_the_stale_copy_rule_loses() {
-    let lost: usize = [19, 26, 30]
+    let lost: usize = [11, 19, 30]
         .into_iter()
         .map(|seed| {
             simulation::run(Params { accept_stale_copies: true, ..Params::short(seed) }).lost.len()

@@ -1178,7 +1178,7 @@ impl Cluster {
         let mut machine = Coordinator::new(self.me.clone(), settings, Instant::now());
         let mut members = self.members.clone();
         let mut tick = tokio::time::interval(self.config.check_period);
-        // the coordinator's open questions: at most one per active member at a time
+        // the coordinator's open requests: those of its current phase, at most one per active member
         let mut pending: FuturesUnordered<BoxFuture<'_, Input>> = FuturesUnordered::new();
         loop {
             while let Some(output) = machine.poll_output() {
@@ -1192,8 +1192,12 @@ impl Cluster {
                 }
                 _ = tick.tick() => {}
                 Some(input) = pending.next() => {
+                    let busy = machine.busy();
                     machine.handle(input);
-                    continue;
+                    // a change that ended (done or abandoned) is followed by a check at once
+                    if !busy || machine.busy() {
+                        continue;
+                    }
                 }
             }
             let active = self.members.borrow().clone();

@@ -1,8 +1,8 @@
 //! The table coordinator's decisions, without I/O: a state machine that is fed what its worker observes (the
 //! active members, the committed table, whether it leads the consensus group) and the answers to what it asked
 //! for, and that returns what to send and to whom. [`Cluster::coordinate`](super::Cluster::coordinate) drives it
-//! with real peers and the real consensus group; `tests/simulation.rs` drives many of them on a simulated clock
-//! and network.
+//! with real peers and the real consensus group; [`simulation`](super::simulation) drives many of them on a
+//! simulated clock and network.
 //!
 //! A check ([`Coordinator::check`]) runs every `check_period` and whenever the members change. As the leader of
 //! the consensus group, when the active members differ from the committed table's, the coordinator goes through
@@ -43,9 +43,9 @@ pub struct Settings {
     pub settle: Duration,
     /// How often the coordinator checks.
     pub check_period: Duration,
-    /// How long a request to a member may take; a copy gets at least a minute.
+    /// How long a request to a member may take.
     pub request_timeout: Duration,
-    /// How long a copy may take.
+    /// How long a new owner's copy of its partitions may take (the worker gives it at least a minute).
     pub copy_timeout: Duration,
     /// What to do when every holder of a partition is gone.
     pub partition_loss: PartitionLoss,

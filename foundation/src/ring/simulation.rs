@@ -546,11 +546,20 @@ impl World {
         }
     }
 
+    /// An answer reaches a worker's coordinator, a late one too (after its timeout, or to a phase it abandoned):
+    /// the coordinator must ignore those itself.
     fn answer(&mut self, to: usize, input: Input) {
         let id = input_id(&input);
-        if self.workers[to].outstanding.remove(&id) {
-            self.workers[to].coordinator.handle(input);
-            self.drain(to);
+        if id == 0 {
+            return; // a table sent without waiting for the answer
+        }
+        self.workers[to].outstanding.remove(&id);
+        let busy = self.workers[to].coordinator.busy();
+        self.workers[to].coordinator.handle(input);
+        self.drain(to);
+        // as `Cluster::coordinate`: a change that ended is followed by a check at once
+        if busy && !self.workers[to].coordinator.busy() {
+            self.check(to);
         }
     }
 
