@@ -78,6 +78,7 @@ fn main() -> ExitCode {
     };
     let verbose = args.iter().any(|a| a == "--verbose");
     let (mut runs, mut bad, mut acked, mut lost) = (0, 0, 0, 0);
+    let (mut reads, mut stale_reads) = (0, 0);
     let mut took: Vec<Duration> = Vec::new();
     let mut moved: Vec<usize> = Vec::new();
     // from a kill -9 to the next table committed (the one without the killed run), when that came before the next
@@ -89,6 +90,8 @@ fn main() -> ExitCode {
         runs += 1;
         acked += report.acknowledged;
         lost += report.lost.len();
+        reads += report.reads;
+        stale_reads += report.stale_reads;
         took.extend(report.changes.iter().map(|c| c.took));
         for (i, (at, fault)) in report.faults.iter().enumerate() {
             let next_fault = report.faults.get(i + 1).map_or(Duration::MAX, |(t, _)| *t);
@@ -146,7 +149,8 @@ fn main() -> ExitCode {
         v.get(((v.len() as f64 - 1.0) * q) as usize).map_or(0, |d| d.as_millis())
     };
     println!(
-        "{runs} runs, {bad} unsound; {acked} writes acknowledged, {lost} lost; {} table changes: time from the \
+        "{runs} runs, {bad} unsound; {acked} writes acknowledged, {lost} lost; {reads} reads, {stale_reads} stale; \
+         {} table changes: time from the \
          check to the commit p50 {} ms, p99 {} ms, max {} ms; slots moved per change median {}, max {}; from a \
          kill -9 to the next table ({} kills) p50 {} ms, max {} ms; {:.1} s",
         took.len(),

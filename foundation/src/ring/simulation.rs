@@ -156,6 +156,11 @@ pub struct Report {
     /// Writes acknowledged by a primary whose committed table was older than the log's (safe as long as every
     /// holder of the newer table got the copy; counted to show the runs reach such states).
     pub stale_acks: usize,
+    /// Reads answered, one per write attempt, each through a random worker to its table's primary.
+    pub reads: usize,
+    /// Reads that missed a write acknowledged before they started (reads are answered by a primary alone, without
+    /// a lease: `docs/CONSISTENCY.md`).
+    pub stale_reads: usize,
 }
 
 impl Report {
@@ -296,6 +301,10 @@ struct World {
     writes: BTreeMap<u64, Flight>,
     next_write: u64,
     acked: Vec<(u16, u64)>,
+    /// The acknowledged writes of each partition.
+    acked_in: Vec<Vec<u64>>,
+    /// Draws for reads apart, so that reads leave the rest of a run as it would be without them.
+    reads_rng: StdRng,
     faulting: bool,
     joins_left: usize,
     report: Report,
@@ -327,6 +336,8 @@ impl World {
             writes: BTreeMap::new(),
             next_write: 0,
             acked: Vec::new(),
+            acked_in: vec![Vec::new(); PARTITIONS],
+            reads_rng: StdRng::seed_from_u64(params.seed ^ 0xA5A5_A5A5_A5A5_A5A5),
             faulting: true,
             joins_left: params.joins,
             report: Report { seed: params.seed, ..Report::default() },
@@ -515,6 +526,7 @@ impl World {
             }
             Event::Write => {
                 self.write();
+                self.read();
                 let every = Duration::from_secs(1) / self.params.writes_per_second.max(1);
                 if self.faulting || self.now < self.params.faults + self.params.settle / 2 {
                     self.schedule(every, Event::Write);
@@ -1037,6 +1049,37 @@ impl World {
         self.schedule(Duration::from_millis(9), Event::Ack { write });
     }
 
+    /// A read through a random worker, answered as `Cluster::handle` answers `Read`: by the primary of its committed
+    /// table, from its copy.
+    fn read(&mut self) {
+        let running: Vec<usize> = (0..self.workers.len())
+            .filter(|&w| self.workers[w].running && !self.workers[w].paused)
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let entry = running[self.reads_rng.random_range(0..running.len())];
+        let partition = self.reads_rng.random_range(0..PARTITIONS as u16);
+        let Some(table) = self.workers[entry].committed.clone() else { return };
+        let Some((p, boot)) = table.primary(partition).and_then(|k| self.index_of(k)) else {
+            return;
+        };
+        let primary = &self.workers[p];
+        if !self.reach(entry, p) || primary.boot != boot {
+            return;
+        }
+        if primary.committed.as_ref().and_then(|t| t.primary(partition))
+            != Some(primary.key().as_str())
+        {
+            return;
+        }
+        self.report.reads += 1;
+        let held = &primary.data[partition as usize];
+        if self.acked_in[partition as usize].iter().any(|w| !held.contains(w)) {
+            self.report.stale_reads += 1;
+        }
+    }
+
     fn copy(&mut self, write: u64, target: usize, target_boot: u64) {
         let Some(flight) = self.writes.get(&write) else { return };
         let (partition, mut version, primary) = (flight.partition, flight.version, flight.primary);
@@ -1074,6 +1117,7 @@ impl World {
         // the lease may have run out while the copies were made: then nothing is acknowledged
         if flight.waiting == 0 && !flight.failed && alive && self.holds_lease(p) {
             self.acked.push((flight.partition, write));
+            self.acked_in[flight.partition as usize].push(write);
             // acknowledged by a primary whose table the log has replaced
             let logged = self.log.as_ref().map_or(0, |l| l.version);
             if self.workers[p].committed.as_ref().is_some_and(|t| t.version < logged) {
