@@ -1004,22 +1004,25 @@ impl World {
 
     // writes
 
-    fn write(&mut self) {
+    /// A random partition and a random running worker to enter through (with the reads' draws or the others'),
+    /// and the run of the partition's primary in that worker's table, if it reaches it.
+    fn route(&mut self, read: bool) -> Option<(u16, usize, u64)> {
         let running: Vec<usize> = (0..self.workers.len())
             .filter(|&w| self.workers[w].running && !self.workers[w].paused)
             .collect();
         if running.is_empty() {
-            return;
+            return None;
         }
-        let entry = running[self.rng.random_range(0..running.len())];
-        let partition = self.rng.random_range(0..PARTITIONS as u16);
-        let Some(table) = self.workers[entry].committed.clone() else { return };
-        let Some((p, boot)) = table.primary(partition).and_then(|k| self.index_of(k)) else {
-            return;
-        };
-        if !self.reach(entry, p) || self.workers[p].boot != boot {
-            return;
-        }
+        let rng = if read { &mut self.reads_rng } else { &mut self.rng };
+        let entry = running[rng.random_range(0..running.len())];
+        let partition = rng.random_range(0..PARTITIONS as u16);
+        let table = self.workers[entry].committed.clone()?;
+        let (p, boot) = table.primary(partition).and_then(|k| self.index_of(k))?;
+        (self.reach(entry, p) && self.workers[p].boot == boot).then_some((partition, p, boot))
+    }
+
+    fn write(&mut self) {
+        let Some((partition, p, boot)) = self.route(false) else { return };
         // `Cluster::lead`
         let Some(own) = self.workers[p].committed.clone() else { return };
         if own.primary(partition) != Some(self.workers[p].key().as_str())
@@ -1052,22 +1055,8 @@ impl World {
     /// A read through a random worker, answered as `Cluster::handle` answers `Read`: by the primary of its committed
     /// table, from its copy.
     fn read(&mut self) {
-        let running: Vec<usize> = (0..self.workers.len())
-            .filter(|&w| self.workers[w].running && !self.workers[w].paused)
-            .collect();
-        if running.is_empty() {
-            return;
-        }
-        let entry = running[self.reads_rng.random_range(0..running.len())];
-        let partition = self.reads_rng.random_range(0..PARTITIONS as u16);
-        let Some(table) = self.workers[entry].committed.clone() else { return };
-        let Some((p, boot)) = table.primary(partition).and_then(|k| self.index_of(k)) else {
-            return;
-        };
+        let Some((partition, p, _)) = self.route(true) else { return };
         let primary = &self.workers[p];
-        if !self.reach(entry, p) || primary.boot != boot {
-            return;
-        }
         if primary.committed.as_ref().and_then(|t| t.primary(partition))
             != Some(primary.key().as_str())
         {
