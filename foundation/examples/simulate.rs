@@ -3,10 +3,10 @@
 //!
 //! `cargo run --release -p thingport-foundation --example simulate -- [--seeds 1..100] [--workers 5] [--joins 2]
 //! [--voters 5] [--replicas 2] [--seconds 40] [--writes 1000] [--faults kill,pause,halves,minority,leader,join]
-//! [--accept-stale-copies] [--verbose]`
+//! [--accept-stale-copies] [--ignore-lease-table] [--verbose]`
 //!
-//! `--accept-stale-copies` breaks the pool on purpose (backups accept copies from a primary with an older table),
-//! to show what the checks find.
+//! The last two break the pool on purpose, to show what the checks find: backups accept copies from a primary with
+//! an older table, and workers lead under a table older than the one their lease grant names.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -59,6 +59,7 @@ fn params(args: &[String]) -> Result<(std::ops::RangeInclusive<u64>, Params), St
         writes_per_second: number(args, "--writes", 1_000)? as u32,
         kinds: faults(value(args, "--faults").unwrap_or("kill,pause,halves,minority,leader,join"))?,
         accept_stale_copies: args.iter().any(|a| a == "--accept-stale-copies"),
+        ignore_lease_table: args.iter().any(|a| a == "--ignore-lease-table"),
         ..Params::short(0)
     };
     if workers < 2 || params.voters == 0 || params.replicas == 0 {

@@ -15,7 +15,7 @@ use crate::error::DecodeError;
 use crate::stream;
 
 /// Version of the peer format.
-pub const PEER_VERSION: u8 = 8;
+pub const PEER_VERSION: u8 = 9;
 
 /// One message on a peer connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -464,9 +464,11 @@ pub enum Response {
     /// The answer to a consensus message: the postcard encoding of openraft's `Result` for that RPC.
     Consensus(Bytes),
     Lock(LockOutcome),
-    /// A primary lease: the asker may acknowledge writes until `remaining_ms` after it *sent* its request.
+    /// A primary lease: the asker may acknowledge writes until `remaining_ms` after it *sent* its request, as the
+    /// primary of partition tables of `table_version` or later only (the newest table the leader's log committed).
     Lease {
         remaining_ms: u64,
+        table_version: u64,
     },
 }
 

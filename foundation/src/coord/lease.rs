@@ -46,6 +46,8 @@ pub struct Leases {
     led: Mutex<Option<(u64, Instant)>>,
     /// Set once the worker stops: it holds no lease any more, as leader or not.
     stopping: AtomicBool,
+    /// The newest table version a leader's grant named: this worker leads no partition under an older table.
+    table: AtomicU64,
 }
 
 impl Leases {
@@ -64,6 +66,7 @@ impl Leases {
             grants: Mutex::default(),
             led: Mutex::default(),
             stopping: Default::default(),
+            table: AtomicU64::new(0),
         }
     }
 
@@ -192,6 +195,17 @@ impl Leases {
     pub fn granted(&self, sent: Instant, remaining: Duration) {
         self.extend(sent + remaining.min(self.length));
     }
+
+    /// A leader's grant named `version` as the newest table its log committed.
+    pub fn table_at_least(&self, version: u64) {
+        self.table.fetch_max(version, SeqCst);
+    }
+
+    /// The newest table version a grant named (0 before any): a worker whose committed table is older has not
+    /// caught up with the log (it was paused or cut off), and must not act as a primary under it.
+    pub fn table_version(&self) -> u64 {
+        self.table.load(SeqCst)
+    }
 }
 
 /// What a leader granted.
@@ -233,6 +247,21 @@ mod tests {
         // five: the third latest; four voters need three
         assert_eq!(quorum_until(&[s(5), s(4), s(3), s(2), s(1)], len), s(2_003));
         assert_eq!(quorum_until(&[s(9), s(8), None, None], len), None);
+    }
+
+    #[test]
+    fn the_table_version_a_grant_names_only_grows() {
+        let leases = Leases::new(Duration::from_secs(2));
+        assert_eq!(leases.table_version(), 0);
+        leases.table_at_least(7);
+        leases.table_at_least(5);
+        assert_eq!(
+            leases.table_version(),
+            7,
+            "a grant from a leader that is behind does not lower it"
+        );
+        leases.table_at_least(9);
+        assert_eq!(leases.table_version(), 9);
     }
 
     #[test]

@@ -211,6 +211,12 @@ impl Consensus {
         self.leases.length
     }
 
+    /// The newest table version a leader's grant named: a committed table older than that is one this worker
+    /// has not caught up from (`Leases::table_version`).
+    pub fn lease_table_version(&self) -> u64 {
+        self.leases.table_version()
+    }
+
     /// Whether this worker may acknowledge writes as a primary now: it holds a lease as the group's leader, or one
     /// the leader granted it (`lease`).
     pub fn holds_lease(&self) -> bool {
@@ -228,25 +234,27 @@ impl Consensus {
         }
     }
 
-    /// Answers a worker's request for a lease: what is left of this worker's lease as the leader; else, unless
-    /// the request was passed on already, the leader's answer.
+    /// Answers a worker's request for a lease: what is left of this worker's lease as the leader, and the newest
+    /// table version its log committed; else, unless the request was passed on already, the leader's answer.
     ///
     /// The leader grants none to a worker it withholds leases from ([`Consensus::withhold`]): one whose partitions
     /// it, as the table coordinator, is about to move, even if that worker still reaches it.
-    pub async fn grant(&self, worker: &str, forwarded: bool) -> Option<u64> {
+    pub async fn grant(&self, worker: &str, forwarded: bool) -> Option<(u64, u64)> {
         if let Some(until) = self.leader_lease() {
             let now = Instant::now();
             let left = until.saturating_duration_since(now).min(self.leases.length);
             if left.is_zero() || !self.leases.grant(worker, now + left) {
                 return None;
             }
-            return Some(left.as_millis() as u64);
+            return Some((left.as_millis() as u64, self.table_version()));
         }
         let leader = self.leader().filter(|l| *l != self.name && !forwarded)?;
         let cluster = self.cluster.upgrade()?;
         let request = Request::Lease { worker: worker.to_string(), forwarded: true };
         match cluster.call_worker(&leader, request, self.leases.length / 4).await {
-            Some(Response::Lease { remaining_ms }) => Some(remaining_ms),
+            Some(Response::Lease { remaining_ms, table_version }) => {
+                Some((remaining_ms, table_version))
+            }
             _ => None,
         }
     }
@@ -324,8 +332,9 @@ impl Consensus {
             answer = cluster.call_worker(&ask, request, self.leases.length / 4) => answer,
         };
         match answer {
-            Some(Response::Lease { remaining_ms }) => {
+            Some(Response::Lease { remaining_ms, table_version }) => {
                 self.leases.granted(sent, Duration::from_millis(remaining_ms));
+                self.leases.table_at_least(table_version);
                 Some(true)
             }
             _ => Some(false),

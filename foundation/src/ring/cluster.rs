@@ -334,6 +334,12 @@ impl Cluster {
         coordinator::has_quorum(table, &self.members.borrow())
     }
 
+    /// Whether `table` is older than the newest table a leader's lease grant named: this worker missed a change
+    /// (it was paused or cut off) and has not caught up with the log yet, so it leads no partition under `table`.
+    fn behind_log(&self, table: &Table) -> bool {
+        self.coord.get().is_some_and(|c| table.version < c.lease_table_version())
+    }
+
     /// Whether this worker holds a primary lease from the consensus group (`coord::lease`): without one it
     /// acknowledges no write.
     pub fn in_contact(&self) -> bool {
@@ -686,9 +692,15 @@ impl Cluster {
                     let partition = partition_of(thing.as_bytes());
                     match self.table() {
                         Some(t) if t.primary(partition) == Some(self.me.as_str()) => {
-                            Response::Thing(
-                                self.store.get(&thing).map(|state| ops::to_record(&thing, &state)),
-                            )
+                            if self.behind_log(&t) {
+                                self.refused(Refusal::NotPrimary)
+                            } else {
+                                Response::Thing(
+                                    self.store
+                                        .get(&thing)
+                                        .map(|state| ops::to_record(&thing, &state)),
+                                )
+                            }
                         }
                         Some(_) => self.refused(Refusal::NotPrimary),
                         None => self.refused(Refusal::NoTable),
@@ -710,7 +722,9 @@ impl Cluster {
                 }
                 Request::Lease { worker, forwarded } => match self.coord.get() {
                     Some(coord) => match coord.grant(&worker, forwarded).await {
-                        Some(remaining_ms) => Response::Lease { remaining_ms },
+                        Some((remaining_ms, table_version)) => {
+                            Response::Lease { remaining_ms, table_version }
+                        }
                         None => self.refused(Refusal::NotLeader),
                     },
                     None => self.refused(Refusal::NotLeader),
@@ -814,7 +828,7 @@ impl Cluster {
         if table.primary(partition) != Some(self.me.as_str()) {
             return self.refused(Refusal::NotPrimary);
         }
-        if !self.has_quorum(&table) || !self.in_contact() {
+        if !self.has_quorum(&table) || !self.in_contact() || self.behind_log(&table) {
             return self.refused(Refusal::Unavailable);
         }
         let deadline = Instant::now() + self.config.request_timeout;

@@ -105,6 +105,9 @@ pub struct Params {
     /// Backups accept copies from a primary with an older table (the rule of [`coordinator::accepts_copy`] left
     /// out): a broken pool, to show that the checks find what it loses.
     pub accept_stale_copies: bool,
+    /// Workers ignore the table version a lease grant names (`Leases::table_at_least`), and lead under older
+    /// tables: with `accept_stale_copies`, a pool with neither fence.
+    pub ignore_lease_table: bool,
 }
 
 impl Params {
@@ -122,6 +125,7 @@ impl Params {
             writes_per_second: 1_000,
             kinds: Fault::ALL.to_vec(),
             accept_stale_copies: false,
+            ignore_lease_table: false,
         }
     }
 }
@@ -180,6 +184,7 @@ enum Event {
         boot: u64,
         sent: Instant,
         remaining: Duration,
+        table_version: u64,
     },
     Deliver {
         from: usize,
@@ -499,8 +504,11 @@ impl World {
                 self.schedule(CHECK, Event::Check(w, boot));
             }
             Event::AskLease(w, boot) => self.ask_lease(w, boot),
-            Event::Granted { to, sent, remaining, .. } => {
+            Event::Granted { to, sent, remaining, table_version, .. } => {
                 self.workers[to].leases.granted(sent, remaining);
+                if !self.params.ignore_lease_table {
+                    self.workers[to].leases.table_at_least(table_version);
+                }
             }
             Event::Deliver { from, from_boot, to, id, request, .. } => {
                 // a request that crossed a cut is lost; the sender times out
@@ -960,14 +968,16 @@ impl World {
         let granted = leader.filter(|&l| self.reach(w, l)).and_then(|l| {
             let left = self.leader_lease(l)?.saturating_duration_since(self.at()).min(LEASE);
             let until = self.at() + left;
+            let table_version = self.workers[l].applied_log.as_ref().map_or(0, |t| t.version);
             (!left.is_zero() && self.workers[l].leases.grant(&self.workers[w].name, until))
-                .then_some(left)
+                .then_some((left, table_version))
         });
         match granted {
-            Some(remaining) => {
+            Some((remaining, table_version)) => {
                 let lat = self.latency() * 2;
                 let sent = self.at();
-                self.schedule(lat, Event::Granted { to: w, boot, sent, remaining });
+                let grant = Event::Granted { to: w, boot, sent, remaining, table_version };
+                self.schedule(lat, grant);
                 self.schedule(every, Event::AskLease(w, boot));
             }
             None => self.schedule(LEASE / 20, Event::AskLease(w, boot)),
@@ -1026,6 +1036,7 @@ impl World {
         // `Cluster::lead`
         let Some(own) = self.workers[p].committed.clone() else { return };
         if own.primary(partition) != Some(self.workers[p].key().as_str())
+            || own.version < self.workers[p].leases.table_version()
             || !coordinator::has_quorum(&own, &self.workers[p].view)
             || !self.holds_lease(p)
         {
@@ -1057,8 +1068,9 @@ impl World {
     fn read(&mut self) {
         let Some((partition, p, _)) = self.route(true) else { return };
         let primary = &self.workers[p];
-        if primary.committed.as_ref().and_then(|t| t.primary(partition))
-            != Some(primary.key().as_str())
+        let Some(own) = primary.committed.as_ref() else { return };
+        if own.primary(partition) != Some(primary.key().as_str())
+            || own.version < primary.leases.table_version()
         {
             return;
         }
