@@ -1,12 +1,13 @@
 //! Runs the deterministic simulation of a pool (`ring::simulation`) over many seeds, and prints for each what it
 //! found; exits 1 if any run lost an acknowledged write, saw another safety violation or did not settle.
 //!
-//! `cargo run --release -p thingport-foundation --example simulate -- [--seeds 1..100] [--workers 5] [--joins 2]
+//! `cargo run --release -p thingport-foundation --example simulate -- [--seeds 1..20] [--workers 5] [--joins 2]
 //! [--voters 5] [--replicas 2] [--seconds 40] [--writes 1000] [--faults kill,pause,halves,minority,leader,join]
 //! [--accept-stale-copies] [--ignore-lease-table] [--verbose]`
 //!
-//! The last two break the pool on purpose, to show what the checks find: backups accept copies from a primary with
-//! an older table, and workers lead under a table older than the one their lease grant names.
+//! `--seeds N` is `1..N`. The last two options break the pool on purpose, to show what the checks find: backups
+//! accept copies from a primary with an older table, and workers lead under a table older than the one their lease
+//! grant names.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
     // from a kill -9 to the next table committed (the one without the killed run), when that came before the next
     // fault
     let mut after_kill: Vec<Duration> = Vec::new();
+    let mut kills = 0;
     let started = Instant::now();
     for seed in seeds {
         let report = simulation::run(Params { seed, ..base.clone() });
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
         for (i, (at, fault)) in report.faults.iter().enumerate() {
             let next_fault = report.faults.get(i + 1).map_or(Duration::MAX, |(t, _)| *t);
             if fault.starts_with("kill") {
+                kills += 1;
                 let change = report.changes.iter().find(|c| c.at > *at && c.at < next_fault);
                 after_kill.extend(change.map(|c| c.at - *at));
             }
@@ -153,7 +156,7 @@ fn main() -> ExitCode {
         "{runs} runs, {bad} unsound; {acked} writes acknowledged, {lost} lost; {reads} reads, {stale_reads} stale; \
          {} table changes: time from the \
          check to the commit p50 {} ms, p99 {} ms, max {} ms; slots moved per change median {}, max {}; from a \
-         kill -9 to the next table ({} kills) p50 {} ms, max {} ms; {:.1} s",
+         kill -9 to the next table ({} of {kills} kills were followed by one before the next fault) p50 {} ms, max {} ms; {:.1} s",
         took.len(),
         pct(&took, 0.5),
         pct(&took, 0.99),

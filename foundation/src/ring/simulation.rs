@@ -281,6 +281,8 @@ struct Flight {
 }
 
 struct Entry {
+    /// Decided by an election after its leader's term: committed with that election, or never.
+    decided: bool,
     term: u64,
     from: usize,
     boot: u64,
@@ -740,7 +742,7 @@ impl World {
                 Output::CommitLog { id, table } => {
                     self.workers[w].outstanding.insert(id);
                     let term = self.workers[w].led_term.unwrap_or(0);
-                    self.open.push(Entry { term, from: w, boot, id, table });
+                    self.open.push(Entry { decided: false, term, from: w, boot, id, table });
                     self.resolve_entries();
                 }
                 Output::Unheld(_) => {}
@@ -827,6 +829,13 @@ impl World {
         let mut kept = Vec::new();
         for entry in std::mem::take(&mut self.open) {
             let from = &self.workers[entry.from];
+            // a killed leader's entry is in its followers' logs or not: the next election decides it
+            if !from.running || from.boot != entry.boot {
+                if !entry.decided {
+                    kept.push(entry);
+                }
+                continue;
+            }
             let leads =
                 from.running && from.boot == entry.boot && from.led_term == Some(entry.term);
             if !leads {
@@ -933,9 +942,9 @@ impl World {
             // the new term: a deposed leader's open entries commit with it, or are dropped
             self.term += 1;
             let term = self.term;
-            for entry in &self.open {
-                if entry.term < term
-                    && self.rng.random_bool(0.5)
+            for entry in self.open.iter_mut().filter(|e| e.term < term && !e.decided) {
+                entry.decided = true;
+                if self.rng.random_bool(0.5)
                     && self.log.as_ref().is_none_or(|l| entry.table.version > l.version)
                 {
                     self.log = Some(entry.table.clone());
@@ -1199,7 +1208,6 @@ impl World {
     }
 
     fn kill(&mut self, w: usize) {
-        self.step_down(w);
         let worker = &mut self.workers[w];
         worker.running = false;
         worker.paused = false;
